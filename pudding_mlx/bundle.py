@@ -1,0 +1,241 @@
+"""The bundle manifest (`pudding.json`): the one contract between the PyTorch side and the device.
+
+A bundle is a folder:
+    pudding.json        this manifest
+    model/              an mlx-lm model folder (config.json, *.safetensors, tokenizer files)
+    router/             router weights (model.safetensors), router_config.json, encoder
+                        config.json and tokenizer files
+    router.mlpackage/   optional Core ML router
+
+Only the standard library is imported here so both sides can use it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import BundleError
+
+FORMAT_VERSION = 1
+MANIFEST = "pudding.json"
+LOSSES = ("likelihood", "margin", "perplexity")
+
+
+@dataclass
+class Candidate:
+    """One omission set: the blocks skipped (0-based) and where it came from."""
+
+    name: str
+    skip: list[int]
+    task: str = ""
+    loss: str = ""
+    k: int = 0
+
+
+@dataclass
+class RouterInfo:
+    backbone: str
+    max_length: int
+    outputs: list[str]  # candidate names, in the order of the router's outputs
+    pooling: str = "mean"
+    target: str = "likelihood"
+
+
+@dataclass
+class Manifest:
+    base_model: str
+    num_blocks: int
+    candidates: list[Candidate]
+    static: Candidate
+    router: RouterInfo
+    files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256
+    protected: list[int] = field(default_factory=list)  # blocks no set may skip
+    format_version: int = FORMAT_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = MANIFEST) -> Manifest:
+        if not isinstance(d, dict):
+            raise BundleError(f"{where}: expected a JSON object")
+        version = d.get("format_version")
+        if not isinstance(version, int):
+            raise BundleError(f"{where}: missing or invalid format_version")
+        if version > FORMAT_VERSION:
+            raise BundleError(
+                f"{where}: format version {version} is newer than this pudding-mlx "
+                f"understands ({FORMAT_VERSION}); upgrade pudding-mlx"
+            )
+        try:
+            m = cls(
+                base_model=str(d["base_model"]),
+                num_blocks=_int(d["num_blocks"], "num_blocks", where),
+                candidates=[_candidate(c, where) for c in d["candidates"]],
+                static=_candidate(d["static"], where),
+                router=RouterInfo(**d["router"]),
+                files=dict(d.get("files", {})),
+                protected=[_int(i, "protected", where) for i in d.get("protected", [])],
+                format_version=version,
+                extra=dict(d.get("extra", {})),
+            )
+        except KeyError as e:
+            raise BundleError(f"{where}: missing field {e.args[0]!r}") from None
+        except (TypeError, ValueError) as e:
+            raise BundleError(f"{where}: malformed field ({e})") from None
+        m.validate(where)
+        return m
+
+    def validate(self, where: str = MANIFEST) -> None:
+        """Check internal consistency (not the files: see `verify_files`)."""
+        if self.num_blocks < 1:
+            raise BundleError(f"{where}: num_blocks must be positive, got {self.num_blocks}")
+        if not self.candidates:
+            raise BundleError(f"{where}: no candidate omission sets")
+        names = [c.name for c in self.candidates]
+        if len(set(names)) != len(names):
+            raise BundleError(f"{where}: duplicate candidate names {sorted(names)}")
+        for c in [*self.candidates, self.static]:
+            self._check_set(c, where)
+        r = self.router
+        if len(r.outputs) != len(self.candidates):
+            raise BundleError(
+                f"{where}: router has {len(r.outputs)} outputs but there are "
+                f"{len(self.candidates)} candidates"
+            )
+        unknown = [o for o in r.outputs if o not in names]
+        if unknown:
+            raise BundleError(f"{where}: router outputs name unknown candidates {unknown}")
+        if len(set(r.outputs)) != len(r.outputs):
+            raise BundleError(f"{where}: router outputs repeat a candidate")
+        if not isinstance(r.max_length, int) or r.max_length < 2:
+            raise BundleError(f"{where}: router max_length must be an integer >= 2")
+        if r.pooling not in ("mean", "cls"):
+            raise BundleError(f"{where}: router pooling must be 'mean' or 'cls', got {r.pooling!r}")
+        for rel in self.files:
+            safe_relpath(rel, where)
+
+    def _check_set(self, c: Candidate, where: str) -> None:
+        label = f"candidate {c.name!r}"
+        if len(set(c.skip)) != len(c.skip):
+            raise BundleError(f"{where}: {label} repeats a block: {c.skip}")
+        bad = [i for i in c.skip if not 0 <= i < self.num_blocks]
+        if bad:
+            raise BundleError(
+                f"{where}: {label} skips block(s) {bad} out of range 0..{self.num_blocks - 1}"
+            )
+        hit = sorted(set(c.skip) & set(self.protected))
+        if hit:
+            raise BundleError(
+                f"{where}: {label} skips protected block(s) {hit} (the attention mask is "
+                "built from them)"
+            )
+
+    def candidate(self, name: str) -> Candidate:
+        for c in self.candidates:
+            if c.name == name:
+                return c
+        if name == self.static.name:
+            return self.static
+        raise BundleError(f"{MANIFEST}: no candidate named {name!r}")
+
+    def ordered_candidates(self) -> list[Candidate]:
+        """Candidates in the order of the router's outputs."""
+        return [self.candidate(n) for n in self.router.outputs]
+
+
+def _int(v: Any, what: str, where: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise BundleError(f"{where}: {what} must be an integer, got {v!r}")
+    return v
+
+
+def _candidate(d: Any, where: str) -> Candidate:
+    if not isinstance(d, dict):
+        raise BundleError(f"{where}: a candidate must be an object, got {d!r}")
+    c = Candidate(**d)
+    c.skip = [_int(i, f"candidate {c.name!r} skip", where) for i in c.skip]
+    return c
+
+
+def safe_relpath(rel: str, where: str = MANIFEST) -> str:
+    """A manifest path must stay inside the bundle: no absolute paths, no '..'."""
+    p = Path(rel)
+    if p.is_absolute() or ".." in p.parts or rel.startswith(("/", "\\")):
+        raise BundleError(f"{where}: path {rel!r} leaves the bundle folder")
+    return rel
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def bundle_files(root: Path) -> list[str]:
+    """Posix paths, relative to `root`, of every file except the manifest, sorted."""
+    names = []
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            rel = (Path(dirpath) / name).relative_to(root).as_posix()
+            if rel != MANIFEST:
+                names.append(rel)
+    return sorted(names)
+
+
+def hash_tree(root: Path) -> dict[str, str]:
+    """sha256 of every file under `root` except the manifest."""
+    return {rel: sha256_file(root / rel) for rel in bundle_files(root)}
+
+
+def read_manifest(bundle: str | Path) -> Manifest:
+    bundle = Path(bundle)
+    path = bundle / MANIFEST
+    if not bundle.is_dir():
+        raise BundleError(f"{bundle}: not a folder (expected a PuDDing bundle)")
+    if not path.is_file():
+        raise BundleError(f"{path}: missing (not a PuDDing bundle)")
+    try:
+        d = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BundleError(f"{path}: not valid JSON ({e})") from None
+    return Manifest.from_dict(d, str(path))
+
+
+def verify_files(bundle: str | Path, manifest: Manifest, hashes: bool = True) -> None:
+    """Every listed file exists (and matches its sha256); no unlisted file sits beside them."""
+    bundle = Path(bundle).resolve()
+    required = ("model/config.json", "router/router_config.json", "router/model.safetensors")
+    for rel in required:
+        if rel not in manifest.files:
+            raise BundleError(f"{bundle / MANIFEST}: file list lacks {rel}")
+    for rel, digest in manifest.files.items():
+        p = (bundle / safe_relpath(rel)).resolve()
+        if bundle not in p.parents:
+            raise BundleError(f"{bundle / rel}: resolves outside the bundle")
+        if not p.is_file():
+            raise BundleError(f"{bundle / rel}: missing (listed in {MANIFEST})")
+        if hashes and sha256_file(p) != digest:
+            raise BundleError(f"{bundle / rel}: sha256 mismatch (corrupted or modified)")
+    on_disk = set(bundle_files(bundle))
+    extra = sorted(on_disk - set(manifest.files))
+    if extra:
+        raise BundleError(f"{bundle / extra[0]}: not listed in {MANIFEST} (unexpected file)")
+
+
+def write_manifest(bundle: str | Path, manifest: Manifest) -> Path:
+    """Hash every file of the bundle into the manifest, validate it and write pudding.json."""
+    bundle = Path(bundle)
+    manifest.files = hash_tree(bundle)
+    manifest.validate(str(bundle / MANIFEST))
+    path = bundle / MANIFEST
+    path.write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
+    return path

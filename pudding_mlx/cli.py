@@ -1,0 +1,91 @@
+"""The `pudding` command: one click group; each subcommand lives in its own module.
+
+Subcommands are imported only when run, so `pudding generate` never imports torch and
+`pudding --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import click
+
+from .errors import PuddingError
+
+# name -> "module:attribute" of a click.Command
+COMMANDS = {
+    "generate": "pudding_mlx.generate_cli:generate",
+    "chat": "pudding_mlx.chat:chat",
+    "info": "pudding_mlx.info:info",
+    "bench": "pudding_mlx.bench:bench",
+    "eval": "pudding_mlx.evaluate:evaluate",
+    "demo": "convert.demo:demo",
+    "search": "convert.search_cli:search",
+    "label": "convert.labels:label",
+    "train-router": "convert.train_router:train_router",
+    "convert": "convert.to_bundle:convert",
+    "build": "convert.build:build",
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        target = COMMANDS.get(name)
+        if target is None:
+            return None
+        module, attr = target.split(":")
+        try:
+            return getattr(importlib.import_module(module), attr)
+        except ImportError as e:
+            return _missing(name, e)
+
+
+def _missing(name: str, error: ImportError) -> click.Command:
+    @click.command(name, context_settings={"ignore_unknown_options": True})
+    @click.argument("args", nargs=-1, type=click.UNPROCESSED)
+    def stub(args):
+        raise PuddingError(
+            f"`pudding {name}` needs a package that is not installed ({error}); "
+            "install the extra it belongs to, e.g. pip install 'pudding-mlx[train,coreml]'"
+        )
+
+    stub.help = f"(unavailable: {error})"
+    return stub
+
+
+@click.group(cls=LazyGroup)
+@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+@click.version_option(package_name="pudding-mlx")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """Prompt-routed dynamic depth pruning (PuDDing) on MLX."""
+    ctx.obj = {"debug": debug}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv
+    try:
+        cli.main(args=argv, prog_name="pudding", standalone_mode=False)
+    except PuddingError as e:
+        if debug:
+            raise
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
