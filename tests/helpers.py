@@ -1,0 +1,125 @@
+"""Tiny random models and tokenizers built in-test (no downloads), shared by the test modules."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+CORPUS = [
+    "Question: Which gas do plants absorb from the air?\nAnswer: carbon dioxide",
+    "Question: How do you boil an egg?\nAnswer: put it in boiling water for ten minutes",
+    "The capital of France is Paris. Is it true that the sky is blue? yes no",
+    "She poured the water into the glass because the glass was empty.",
+    "hello, how are you today? I am fine, thank you very much!",
+    "0 1 2 3 4 5 6 7 8 9 . , ; : ! ? ' \" ( ) [ ] - _ + = / \\ @ # $ % & *",
+]
+
+
+def tiny_bpe_tokenizer(vocab_size: int = 320):
+    """A byte-level BPE tokenizer (like LLaMA-family ones) trained on a few sentences."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        bos_token="<|im_start|>",
+        pad_token="<|endoftext|>",
+    )
+    fast.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    return fast
+
+
+def tiny_wordpiece_tokenizer():
+    """A BERT-style WordPiece tokenizer over the words of CORPUS (plus characters)."""
+    import re
+
+    from transformers import BertTokenizerFast
+
+    words = sorted({w.lower() for s in CORPUS for w in re.findall(r"\w+|[^\w\s]", s)})
+    chars = sorted({c.lower() for s in CORPUS for c in s if not c.isspace()})
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *dict.fromkeys(words + chars)]
+    vocab += [f"##{c}" for c in chars]
+    return BertTokenizerFast(vocab=dict((t, i) for i, t in enumerate(vocab)), do_lower_case=True)
+
+
+def tiny_llama(
+    path: str | Path,
+    num_layers: int = 6,
+    rope_theta: float = 50000.0,
+    seed: int = 0,
+    model_type: str = "llama",
+):
+    """Save a random tiny HF causal LM (llama, qwen2 or mistral) with its tokenizer to `path`.
+
+    Returns (torch model in fp32 eval mode, tokenizer).
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    tok = tiny_bpe_tokenizer()
+    torch.manual_seed(seed)
+    config = AutoConfig.for_model(
+        model_type,
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        rope_theta=rope_theta,
+        tie_word_embeddings=model_type != "mistral",
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    model = AutoModelForCausalLM.from_config(config).float().eval()
+    # Random init with std 0.02 gives near-uniform logits; widen it so tests can tell sets apart.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.15)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return model, tok
+
+
+def tiny_router(path: str | Path | None, outputs: list[str], max_length: int = 32, seed: int = 0,
+                pooling: str = "mean"):
+    """A random tiny BERT router (convert.router_model.Router); saved to `path` when given."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    from convert.router_model import Router, RouterConfig
+
+    tok = tiny_wordpiece_tokenizer()
+    torch.manual_seed(seed)
+    enc = BertModel(
+        BertConfig(
+            vocab_size=len(tok),
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=128,
+        ),
+        add_pooling_layer=False,
+    )
+    cfg = RouterConfig(backbone="tiny-bert", num_outputs=len(outputs), max_length=max_length,
+                       pooling=pooling, outputs=list(outputs))
+    router = Router(enc, cfg).eval()
+    if path is not None:
+        router.save(path, tok)
+    return router, tok
