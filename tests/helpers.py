@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 CORPUS = [
@@ -123,3 +124,63 @@ def tiny_router(path: str | Path | None, outputs: list[str], max_length: int = 3
     if path is not None:
         router.save(path, tok)
     return router, tok
+
+
+DEFAULT_SETS = {"early": [1, 2], "middle": [2, 3], "late": [3, 4]}
+
+
+@dataclass
+class TinyBundle:
+    """What `tiny_bundle` built: the folder, its manifest, and the torch models behind it."""
+
+    path: Path
+    manifest: object  # pudding_mlx.bundle.Manifest
+    model: object  # HF torch causal LM (fp32, eval)
+    tokenizer: object  # its HF tokenizer
+    router: object  # convert.router_model.Router (eval)
+    router_tokenizer: object
+
+
+def tiny_bundle(
+    path: str | Path,
+    sets: dict[str, list[int]] | None = None,
+    static: list[int] | None = None,
+    num_layers: int = 6,
+    model_type: str = "llama",
+    rope_theta: float = 50000.0,
+    pooling: str = "mean",
+    max_length: int = 32,
+    protected: list[int] | None = None,
+    seed: int = 0,
+) -> TinyBundle:
+    """Build a complete, valid bundle folder at `path` from tiny random models.
+
+    `model/` is tiny_llama's HF folder as saved (config keeps rope_theta under
+    `rope_parameters`, as the runtime must handle), `router/` is tiny_router with one output
+    per set, in the order of `sets` (default DEFAULT_SETS); `static` defaults to the first set;
+    `protected` defaults to [0] (the block mlx-lm builds the attention mask from).
+    The manifest (with sha256 of every file) is written by pudding_mlx.bundle.write_manifest.
+    """
+    from pudding_mlx.bundle import Candidate, Manifest, RouterInfo, write_manifest
+
+    path = Path(path)
+    sets = dict(DEFAULT_SETS if sets is None else sets)
+    names = list(sets)
+    model, tok = tiny_llama(path / "model", num_layers=num_layers, rope_theta=rope_theta,
+                            seed=seed, model_type=model_type)
+    router, rtok = tiny_router(path / "router", names, max_length=max_length, seed=seed,
+                               pooling=pooling)
+    static_skip = list(sets[names[0]] if static is None else static)
+    manifest = Manifest(
+        base_model=f"tiny-random-{model_type}",
+        num_blocks=num_layers,
+        candidates=[Candidate(n, list(s), task="tiny", loss="likelihood", k=len(s))
+                    for n, s in sets.items()],
+        static=Candidate("static", static_skip, task="tiny", loss="likelihood",
+                         k=len(static_skip)),
+        router=RouterInfo(backbone="tiny-bert", max_length=max_length, outputs=names,
+                          pooling=pooling),
+        protected=[0] if protected is None else list(protected),
+    )
+    write_manifest(path, manifest)
+    return TinyBundle(path, manifest, model, tok, router, rtok)
