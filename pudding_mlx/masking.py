@@ -1,0 +1,156 @@
+"""Run an mlx-lm model with some of its blocks skipped, without copying any weight.
+
+A skipped block is the identity on the residual stream. `SkipView` presents the base model
+with `model.layers` temporarily shortened to the kept blocks (the very same block objects), so
+mlx-lm's forward, `make_prompt_cache`, `generate_step` and `stream_generate` work unchanged and
+make caches only for the kept blocks.
+
+mlx-lm models build the attention mask from one block's cache: `cache[0]`, or `cache[self.X]`
+for an index attribute X such as `fa_idx` / `swa_idx`. Those blocks are protected (no skip set
+may contain them) and their indices are remapped into the shortened list while the view runs.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from functools import cache
+
+import mlx.nn as nn
+
+from .errors import PuddingError
+
+_CACHE_INDEX = re.compile(r"cache\[self\.(\w+)\]")
+
+
+def layer_owner(model: nn.Module) -> nn.Module:
+    """The module whose `layers` attribute is the list of transformer blocks."""
+    for owner in (getattr(model, "model", None), model):
+        if isinstance(owner, nn.Module) and isinstance(owner.get("layers"), list):
+            return owner
+    raise PuddingError(
+        f"{type(model).__module__}.{type(model).__name__} has no `model.layers` list of "
+        "blocks; block skipping needs an mlx-lm model built that way"
+    )
+
+
+def num_blocks(model: nn.Module) -> int:
+    return len(layer_owner(model).layers)
+
+
+@cache
+def _mask_index_attrs(cls: type) -> tuple[tuple[str, ...], bool]:
+    """(attributes X used as `cache[self.X]`, whether `cache[0]` is used) in cls's forward."""
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return (), True
+    return tuple(dict.fromkeys(_CACHE_INDEX.findall(source))), "cache[0]" in source
+
+
+def protected_blocks(model: nn.Module) -> set[int]:
+    """The blocks whose cache the model's mask code reads; no skip set may contain them."""
+    owner = layer_owner(model)
+    attrs, uses_first = _mask_index_attrs(type(owner))
+    blocks = {0} if uses_first else set()
+    for name in attrs:
+        value = getattr(owner, name, None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            blocks.add(value)
+    return blocks
+
+
+def check_skip(model: nn.Module, skip: Iterable[int]) -> tuple[int, ...]:
+    """Validate a skip set against the model; returns it sorted."""
+    skip = list(skip)
+    n = num_blocks(model)
+    if len(set(skip)) != len(skip):
+        raise PuddingError(f"skip set {skip} repeats a block")
+    bad = [i for i in skip if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n]
+    if bad:
+        raise PuddingError(f"skip set {skip}: block(s) {bad} out of range 0..{n - 1}")
+    hit = sorted(set(skip) & protected_blocks(model))
+    if hit:
+        raise PuddingError(
+            f"skip set {skip} contains protected block(s) {hit}: mlx-lm builds the attention "
+            "mask from their cache"
+        )
+    if len(skip) == n:
+        raise PuddingError(f"skip set {skip} skips every block")
+    return tuple(sorted(skip))
+
+
+class SkipView(nn.Module):
+    """The base model running only its kept blocks; shares every array with it.
+
+    Call it like the base model (`view(tokens, cache=cache)`); `view.layers` are the kept
+    blocks, and `make_prompt_cache(view)` gives one cache per kept block. The base model is
+    only altered for the duration of each call, so don't run two views of one model at once
+    from different threads.
+    """
+
+    def __init__(self, model: nn.Module, skip: Iterable[int]):
+        super().__init__()
+        self.base = model
+        skip = check_skip(model, skip)
+        owner = layer_owner(model)
+        kept = tuple(i for i in range(len(owner.layers)) if i not in set(skip))
+        # Plain attributes, outside the module tree: its only child is `base`.
+        object.__setattr__(self, "skip", skip)
+        object.__setattr__(self, "kept", kept)
+        object.__setattr__(self, "_owner", owner)
+        object.__setattr__(self, "_blocks", [owner.layers[i] for i in self.kept])
+        position = {b: j for j, b in enumerate(kept)}
+        attrs, _ = _mask_index_attrs(type(owner))
+        object.__setattr__(self, "_indices", {
+            name: position[getattr(owner, name)]
+            for name in attrs
+            if isinstance(getattr(owner, name, None), int)
+        })
+        if hasattr(model, "make_cache"):
+            # Only then: make_prompt_cache honours max_kv_size when a model has no make_cache.
+            object.__setattr__(self, "make_cache", self._kept_caches)
+
+    @property
+    def layers(self) -> list:
+        return self._blocks
+
+    def _kept_caches(self) -> list:
+        full = self.base.make_cache()
+        if len(full) != len(self._owner.layers):
+            raise PuddingError(
+                f"{type(self.base).__name__}.make_cache() gave {len(full)} caches for "
+                f"{len(self._owner.layers)} blocks; cannot pick the kept blocks' caches"
+            )
+        return [full[i] for i in self.kept]
+
+    @contextmanager
+    def active(self) -> Iterator[None]:
+        """Within this context the base model itself runs only the kept blocks."""
+        owner = self._owner
+        saved_layers = owner.layers
+        saved = {name: getattr(owner, name) for name in self._indices}
+        owner.layers = self._blocks
+        for name, value in self._indices.items():
+            setattr(owner, name, value)
+        try:
+            yield
+        finally:
+            owner.layers = saved_layers
+            for name, value in saved.items():
+                setattr(owner, name, value)
+
+    def __call__(self, *args, **kwargs):
+        with self.active():
+            return self.base(*args, **kwargs)
+
+
+def skip_view(model: nn.Module, skip: Iterable[int]) -> nn.Module:
+    """`model` itself when nothing is skipped, else a `SkipView`."""
+    skip = list(skip)
+    if not skip:
+        layer_owner(model)
+        return model
+    return SkipView(model, skip)

@@ -1,0 +1,210 @@
+"""A loaded bundle: the mlx-lm model, its router, and generation with the routed blocks skipped."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlx.nn as nn
+import numpy as np
+from mlx_lm.generate import GenerationResponse
+from mlx_lm.generate import generate as lm_generate
+from mlx_lm.generate import stream_generate as lm_stream_generate
+from mlx_lm.models.cache import make_prompt_cache
+
+from .bundle import Candidate, Manifest, read_manifest, verify_files
+from .errors import BundleError, PuddingError
+from .masking import check_skip, num_blocks, protected_blocks, skip_view
+from .router import Router, load_router
+
+MODES = ("router", "dense", "static")
+
+
+@dataclass
+class Route:
+    """Which blocks one request skips, and why."""
+
+    index: int | None  # position in the router's outputs; None when not chosen by the router
+    name: str  # candidate name, "dense", the static set's name, or "skip:3,7,9"
+    skip: list[int]  # 0-based blocks skipped, sorted
+    scores: np.ndarray | None = None  # the router's scores, in manifest.router.outputs order
+    seconds: float = 0.0  # time spent routing (tokenize + router forward)
+    truncated: bool = False  # the prompt was cut to the router's max_length tokens
+    reason: str = "router"  # "router", "dense", "static", "skip", or "empty prompt"
+
+
+@dataclass
+class PuddingModel:
+    path: Path
+    manifest: Manifest
+    model: nn.Module  # the mlx-lm model (all blocks)
+    tokenizer: object  # mlx-lm TokenizerWrapper
+    router: Router
+    config: dict = field(default_factory=dict)
+
+    # --- routing -------------------------------------------------------------------------------
+
+    def route(self, prompt: str, mode: str = "router", skip: Sequence[int] | None = None) -> Route:
+        """Choose the blocks to skip for `prompt` (the raw user text, not the templated one).
+
+        mode "router" asks the router (an empty or whitespace-only prompt gets the static
+        fallback set without asking it), "dense" skips nothing, "static" takes the bundle's
+        static set; an explicit `skip` list overrides the mode.
+        """
+        if skip is not None:
+            s = list(check_skip(self.model, skip))
+            return Route(None, "skip:" + ",".join(map(str, s)), s, reason="skip")
+        if mode not in MODES:
+            raise PuddingError(f"route mode must be one of {MODES}, got {mode!r}")
+        if mode == "dense":
+            return Route(None, "dense", [], reason="dense")
+        if mode == "static" or not prompt.strip():
+            static = self.manifest.static
+            return Route(None, static.name, sorted(static.skip),
+                         reason="static" if mode == "static" else "empty prompt")
+        tic = time.perf_counter()
+        enc = self.router.encode([prompt])
+        scores = self.router.forward(enc)[0]
+        seconds = time.perf_counter() - tic
+        index = int(np.argmax(scores))
+        c = self.candidates[index]
+        return Route(index, c.name, sorted(c.skip), scores, seconds, enc.truncated[0])
+
+    @property
+    def candidates(self) -> list[Candidate]:
+        """Candidate sets in the order of the router's outputs."""
+        return self.manifest.ordered_candidates()
+
+    # --- the model under a route ---------------------------------------------------------------
+
+    def view(self, skip: Sequence[int] | Route) -> nn.Module:
+        """The model running without the blocks `skip` (shares every weight with `model`)."""
+        return skip_view(self.model, skip.skip if isinstance(skip, Route) else skip)
+
+    def make_cache(self, skip: Sequence[int] | Route, max_kv_size: int | None = None) -> list:
+        """A fresh prompt cache for the kept blocks only."""
+        return make_prompt_cache(self.view(skip), max_kv_size=max_kv_size)
+
+    def encode(self, prompt: str, chat_template: bool = True,
+               system_prompt: str | None = None) -> list[int]:
+        """Prompt token ids, with the chat template applied like mlx_lm.generate does."""
+        tok = self.tokenizer
+        if chat_template and getattr(tok, "has_chat_template", False):
+            messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+            messages.append({"role": "user", "content": prompt})
+            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            return list(tok.encode(text, add_special_tokens=False))
+        return list(tok.encode(prompt))
+
+    # --- generation ----------------------------------------------------------------------------
+
+    def _prepare(self, prompt: str | list[int], route: Route | None, mode: str,
+                 skip: Sequence[int] | None, chat_template: bool, system_prompt: str | None):
+        if route is None:
+            route = self.route(prompt if isinstance(prompt, str) else "", mode, skip)
+        tokens = (
+            self.encode(prompt, chat_template, system_prompt) if isinstance(prompt, str)
+            else list(prompt)
+        )
+        if not tokens:
+            raise PuddingError("the prompt is empty (and the tokenizer has no chat template)")
+        return route, tokens
+
+    def stream_generate(
+        self,
+        prompt: str | list[int],
+        max_tokens: int = 256,
+        route: Route | None = None,
+        mode: str = "router",
+        skip: Sequence[int] | None = None,
+        chat_template: bool = True,
+        system_prompt: str | None = None,
+        **kwargs,
+    ) -> Generator[GenerationResponse, None, None]:
+        """mlx_lm.stream_generate with the routed blocks skipped for prefill and decode.
+
+        `prompt` is the user's text (routed raw, then templated) or token ids (then pass
+        `route`, or it is routed as an empty prompt). Other kwargs (sampler, prompt_cache,
+        max_kv_size, ...) go to mlx-lm; a given prompt_cache must come from `make_cache(route)`.
+        """
+        route, tokens = self._prepare(prompt, route, mode, skip, chat_template, system_prompt)
+        yield from lm_stream_generate(self.view(route), self.tokenizer, tokens,
+                                      max_tokens=max_tokens, **kwargs)
+
+    def generate(
+        self,
+        prompt: str | list[int],
+        max_tokens: int = 256,
+        route: Route | None = None,
+        mode: str = "router",
+        skip: Sequence[int] | None = None,
+        chat_template: bool = True,
+        system_prompt: str | None = None,
+        verbose: bool = False,
+        **kwargs,
+    ) -> str:
+        """mlx_lm.generate with the routed blocks skipped; returns the text."""
+        route, tokens = self._prepare(prompt, route, mode, skip, chat_template, system_prompt)
+        return lm_generate(self.view(route), self.tokenizer, tokens, verbose=verbose,
+                           max_tokens=max_tokens, **kwargs)
+
+
+def rope_theta_fix(config: dict) -> dict:
+    """mlx-lm overrides for a config whose rope_theta sits only under `rope_parameters`.
+
+    mlx-lm 0.32 reads the top-level key and silently falls back to 1e4 otherwise.
+    """
+    params = config.get("rope_parameters")
+    if "rope_theta" not in config and isinstance(params, dict) and "rope_theta" in params:
+        return {"rope_theta": float(params["rope_theta"])}
+    return {}
+
+
+def load_lm(folder: str | Path, lazy: bool = False):
+    """mlx_lm.load of an mlx-lm (or plain HF) folder, with `rope_theta_fix` applied."""
+    from mlx_lm import load as lm_load
+
+    folder = Path(folder)
+    config_path = folder / "config.json"
+    try:
+        config = json.loads(config_path.read_text())
+    except FileNotFoundError:
+        raise BundleError(f"{config_path}: missing") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BundleError(f"{config_path}: not valid JSON ({e})") from None
+    try:
+        model, tokenizer = lm_load(str(folder), model_config=rope_theta_fix(config), lazy=lazy)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        raise BundleError(f"{folder}: mlx-lm cannot load this model ({e})") from None
+    return model, tokenizer, config
+
+
+def load(path: str | Path, router_backend: str = "auto", verify: bool = True,
+         lazy: bool = False) -> PuddingModel:
+    """Load a PuDDing bundle: check it, load the model with mlx-lm and the router.
+
+    `verify` checks every file's sha256 (files are always checked to exist).
+    """
+    path = Path(path)
+    manifest = read_manifest(path)
+    verify_files(path, manifest, hashes=verify)
+    model, tokenizer, config = load_lm(path / "model", lazy=lazy)
+    where = path / "model"
+    n = num_blocks(model)
+    if n != manifest.num_blocks:
+        raise BundleError(f"{where}: model has {n} blocks but the manifest says "
+                          f"{manifest.num_blocks}")
+    protected = protected_blocks(model)
+    for c in [*manifest.candidates, manifest.static]:
+        hit = sorted(set(c.skip) & protected)
+        if hit:
+            raise BundleError(
+                f"{path / 'pudding.json'}: candidate {c.name!r} skips protected block(s) {hit} "
+                "(mlx-lm builds the attention mask from them)"
+            )
+    r = manifest.router
+    router = load_router(path, r.outputs, r.max_length, r.pooling, router_backend)
+    return PuddingModel(path, manifest, model, tokenizer, router, config)
