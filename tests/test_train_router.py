@@ -1,0 +1,202 @@
+"""Router targets, split, metrics and training (resume, determinism) on tiny label tables."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from convert.label_store import write_json, write_shard
+from convert.router_metrics import (
+    baseline_metrics,
+    decision_metrics,
+    group_questions,
+    question_context,
+    split_questions,
+)
+
+# Three questions, two candidates. Rows: (task, qid, choice, gold, text, loglik per candidate).
+ROWS = [
+    ("arc_easy", "q1", 0, 1, "Question: Which gas?\nAnswer: oxygen", [-2.0, -1.0]),
+    ("arc_easy", "q1", 1, 1, "Question: Which gas?\nAnswer: carbon dioxide", [-1.5, -3.0]),
+    ("arc_easy", "q1", 2, 1, "Question: Which gas?\nAnswer: carbon monoxide", [-2.5, -0.5]),
+    ("piqa", "q1", 0, 0, "Question: Boil an egg?\nAnswer: in water", [-1.0, -2.0]),
+    ("piqa", "q1", 1, 0, "Question: Boil an egg?\nAnswer: in the fridge", [-4.0, -1.0]),
+    ("piqa", "q2", 1, 1, "Question: Open a jar?\nAnswer: twist", [-0.5, -0.25]),
+    ("piqa", "q2", 0, 1, "Question: Open a jar?\nAnswer: push", [-1.0, -0.75]),
+]
+
+
+def _questions(rows=ROWS):
+    task, qid, choice, gold, text, ll = zip(*rows, strict=True)
+    context = [t[: t.index("Answer:") + 7] for t in text]
+    return group_questions(list(task), list(qid), np.array(choice), np.array(gold),
+                           np.array(ll, dtype=np.float32), context)
+
+
+def test_targets_by_hand():
+    q = _questions()
+    assert q.keys == [("arc_easy", "q1"), ("piqa", "q1"), ("piqa", "q2")]
+    np.testing.assert_allclose(q.targets("likelihood"), [[-1.5, -3.0], [-1.0, -2.0],
+                                                          [-0.5, -0.25]])
+    # correct minus the mean of the distractors, per candidate
+    np.testing.assert_allclose(q.targets("margin"), [[-1.5 - (-2.25), -3.0 - (-0.75)],
+                                                     [-1.0 + 4.0, -2.0 + 1.0],
+                                                     [-0.5 + 1.0, -0.25 + 0.75]])
+    np.testing.assert_array_equal(q.correct, [[True, False], [True, False], [True, True]])
+    assert q.row_question.tolist() == [0, 0, 0, 1, 1, 2, 2]
+    assert q.contexts == ["Question: Which gas?\nAnswer:", "Question: Boil an egg?\nAnswer:",
+                          "Question: Open a jar?\nAnswer:"]
+
+
+def test_question_context_cuts_at_a_word():
+    assert question_context(["Q: x\nAnswer: 1990", "Q: x\nAnswer: 1995"]) == "Q: x\nAnswer:"
+    assert question_context(["Q: x\nAnswer:", "Q: x\nAnswer:"]) == "Q: x\nAnswer:"
+    wino = ["The trophy did not fit because the trophy", "The trophy did not fit because the tree"]
+    assert question_context(wino) == "The trophy did not fit because the"
+    assert question_context(["only one"]) == "only one"
+
+
+def test_malformed_question_is_an_error():
+    from pudding_mlx.errors import PuddingError
+
+    with pytest.raises(PuddingError, match="q1"):
+        _questions(ROWS[:1] + ROWS[2:])  # arc_easy q1 lost choice 1
+
+
+def test_decision_metrics_by_hand():
+    q = _questions()
+    # likelihood target: oracle = [0, 0, 1]; choose candidate 1 for every question
+    m = decision_metrics(q, "likelihood", np.array([0, 1, 2]), np.array([1, 1, 1]))
+    assert m["top1"] == pytest.approx(1 / 3)
+    assert m["regret"] == pytest.approx((1.5 + 1.0 + 0.0) / 3)
+    assert m["loglik_regret"] == pytest.approx(m["regret"])
+    assert m["acc"] == pytest.approx(1 / 3)
+    # question 0 routed twice (candidates 0 and 1) counts once, its two decisions averaged
+    m = decision_metrics(q, "margin", np.array([0, 0, 2]), np.array([0, 1, 0]))
+    assert m["top1"] == pytest.approx((0.5 + 1.0) / 2)
+    assert m["regret"] == pytest.approx((0.5 * (0.75 + 2.25) + 0.0) / 2)
+    assert m["loglik_regret"] == pytest.approx((0.5 * 1.5 + 0.25) / 2)
+    base = baseline_metrics(q, "likelihood", np.array([0, 1]), np.array([2]))
+    assert base["best_fixed"]["candidate"] == 0  # train means: [-1.25, -2.5]
+    assert base["best_fixed"]["regret"] == pytest.approx(0.25)
+    assert base["random"]["regret"] == pytest.approx(0.125)
+    assert base["random"]["top1"] == pytest.approx(0.5)
+    assert base["oracle"]["regret"] == 0.0
+
+
+def test_split_has_no_question_in_both_sides():
+    keys = [(t, f"q{i}") for t in ("arc_easy", "piqa", "hellaswag") for i in range(37)]
+    is_eval = split_questions(keys, 0.2, seed=42)
+    train = {k for k, e in zip(keys, is_eval, strict=True) if not e}
+    evals = {k for k, e in zip(keys, is_eval, strict=True) if e}
+    assert not train & evals and len(train) + len(evals) == len(keys)
+    for t in ("arc_easy", "piqa", "hellaswag"):  # each task split 80/20
+        assert sum(1 for k in evals if k[0] == t) == round(37 * 0.2)
+    np.testing.assert_array_equal(is_eval, split_questions(keys, 0.2, seed=42))
+    assert not np.array_equal(is_eval, split_questions(keys, 0.2, seed=1))
+
+
+# -- training on a tiny BERT --
+
+WORDS = ["water", "plants", "gas", "sky", "blue", "egg", "glass", "empty", "paris", "france",
+         "boil", "fine", "hello", "today", "carbon", "dioxide", "minutes", "capital", "true"]
+
+
+def write_labels(folder, num_questions=30, num_candidates=3, seed=0, shard_size=8):
+    """A random label table in the `pudding label` layout."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True)
+    rows = []
+    for i in range(num_questions):
+        task = ("arc_easy", "piqa")[i % 2]
+        question = " ".join(rng.choice(WORDS, 5))
+        gold = int(rng.integers(2))
+        for c in range(2):
+            context = f"Question: {question}?\nAnswer:"
+            rows.append({"task": task, "qid": f"{task}:{i}", "choice": c, "gold": gold,
+                         "text": f"{context} {rng.choice(WORDS)}", "context": context,
+                         "loglik": (rng.normal(-2, 1, num_candidates)).tolist()})
+    shards = [rows[i : i + 2 * shard_size] for i in range(0, len(rows), 2 * shard_size)]
+    for s, chunk in enumerate(shards):
+        write_shard(folder, s, {k: [r[k] for r in chunk] for k in chunk[0]})
+    write_json(folder / "meta.json", {
+        "candidates": [{"name": f"c{i}", "skip": [i + 1]} for i in range(num_candidates)],
+        "num_shards": len(shards), "complete": True,
+    })
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_encoder(tmp_path_factory):
+    import torch
+    from helpers import tiny_wordpiece_tokenizer
+    from transformers import BertConfig, BertModel
+
+    path = tmp_path_factory.mktemp("encoder")
+    tok = tiny_wordpiece_tokenizer()
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2,
+                         num_attention_heads=4, intermediate_size=64,
+                         max_position_embeddings=128)).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def _weights(path):
+    from safetensors.numpy import load_file
+
+    return load_file(str(path / "router" / "model.safetensors"))
+
+
+def test_resume_equals_uninterrupted(tmp_path, tiny_encoder):
+    from convert.train_router import TrainConfig, train
+
+    labels = write_labels(tmp_path / "labels")
+    cfg = {"backbone": tiny_encoder, "epochs": 3, "batch_size": 4, "lr": 1e-3,
+           "warmup_steps": 3, "max_length": 24, "head_init": "random"}
+    full = train(labels, tmp_path / "full", TrainConfig(**cfg), device="cpu")
+    assert train(labels, tmp_path / "part", TrainConfig(**cfg), device="cpu",
+                 stop_after_epoch=1) is None
+    ckpt = tmp_path / "part" / "checkpoint"
+    assert sorted(p.name for p in ckpt.iterdir()) == [
+        "epoch-1.model.safetensors", "epoch-1.optimizer.safetensors", "state.json"]
+    resumed = train(labels, tmp_path / "part", TrainConfig(**cfg), device="cpu")
+    a, b = _weights(tmp_path / "full"), _weights(tmp_path / "part")
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    assert full["history"] == resumed["history"]
+    assert full["eval_mse"] == resumed["eval_mse"]
+    assert not ckpt.exists()
+    # training moved the weights away from the backbone
+    init = train(labels, tmp_path / "zero", TrainConfig(**{**cfg, "epochs": 1, "lr": 0.0}),
+                 device="cpu")
+    assert not np.array_equal(_weights(tmp_path / "zero")["head.weight"], a["head.weight"])
+    assert init["settings"]["lr"] == 0.0
+
+
+def test_untrained_router_predicts_train_mean(tmp_path, tiny_encoder):
+    """lr 0 with the mean head init: every prediction is the train mean target, so eval MSE,
+    the router's choice and its metrics can be computed by hand from the table."""
+    from convert.label_store import read_labels
+    from convert.train_router import TrainConfig, train
+
+    labels = write_labels(tmp_path / "labels", num_questions=20, seed=3)
+    for target in ("likelihood", "margin"):
+        cfg = TrainConfig(backbone=tiny_encoder, epochs=1, lr=0.0, max_length=24, target=target)
+        m = train(labels, tmp_path / target, cfg, device="cpu")
+        t = read_labels(labels)
+        q = _questions([(a, b, c, d, e, f.tolist()) for a, b, c, d, e, f in zip(
+            t.task, t.qid, t.choice, t.gold, t.text, t.loglik, strict=True)])
+        is_eval = split_questions(q.keys, 0.2, 42)
+        y = q.targets(target)
+        rows_train = ~is_eval[q.row_question]
+        mean = y[q.row_question][rows_train].mean(0)
+        rows_eval = q.row_question[~rows_train]
+        assert m["eval_mse"] == pytest.approx(np.mean((y[rows_eval] - mean) ** 2), rel=1e-5)
+        assert m["questions"] == {"train": 16, "eval": 4}
+        best = int(np.argmax(mean))
+        assert m["best_fixed"]["candidate"] == f"c{best}"
+        fixed = {k: v for k, v in m["best_fixed"].items() if k != "candidate"}
+        assert m["router_context"] == pytest.approx(fixed)
+        assert m["router_rows"] == pytest.approx(fixed)
