@@ -1,0 +1,124 @@
+"""`pudding chat`: a conversation with one KV cache, like `mlx_lm.chat`, under a routed mask.
+
+A skipped block has no cache, so the route cannot change freely between turns. By default the
+conversation is routed once, on its first user turn. With `route_each_turn`, every user turn is
+routed; when the set changes, the whole conversation so far is prefilled again under the new
+mask into a fresh cache.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass, field
+
+import click
+
+from .errors import PuddingError
+from .generate_cli import describe_route, route_options
+from .model import PuddingModel, Route
+
+HELP = "Commands: 'q' quits, 'r' starts a new conversation, 'h' shows this help."
+
+
+@dataclass
+class Conversation:
+    pm: PuddingModel
+    mode: str = "router"
+    skip: Sequence[int] | None = None
+    route_each_turn: bool = False
+    system_prompt: str | None = None
+    max_kv_size: int | None = None
+    route: Route | None = None
+    cache: list | None = None
+    tokens: list[int] = field(default_factory=list)  # everything in the cache, in order
+    reprefilled: int = 0  # tokens of history prefilled again in the last turn
+
+    def reset(self) -> None:
+        self.route, self.cache, self.tokens, self.reprefilled = None, None, [], 0
+
+    def ask(self, query: str, max_tokens: int = 256, **kwargs) -> Generator:
+        """Stream the answer to one user turn (mlx-lm GenerationResponse objects).
+
+        Like mlx_lm.chat, each turn's chat template is applied to that turn alone and appended
+        to the cache.
+        """
+        if not query.strip():
+            raise PuddingError("empty message")
+        new = self.pm.encode(query, system_prompt=self.system_prompt)
+        self.reprefilled = 0
+        if self.route is None or self.route_each_turn:
+            route = self.pm.route(query, self.mode, self.skip)
+            if self.route is None or route.skip != self.route.skip:
+                self.reprefilled = len(self.tokens)
+                new = self.tokens + new
+                self.tokens = []
+                self.cache = self.pm.make_cache(route, self.max_kv_size)
+            self.route = route
+        self.tokens += new
+        produced = 0
+        for response in self.pm.stream_generate(new, max_tokens=max_tokens, route=self.route,
+                                                prompt_cache=self.cache, **kwargs):
+            # Every generated token is fed to the cache (EOS too) before it is reported.
+            if response.generation_tokens > produced:
+                self.tokens.append(response.token)
+                produced = response.generation_tokens
+            yield response
+
+
+@click.command()
+@click.option("--bundle", "-b", required=True, type=click.Path(), help="PuDDing bundle folder.")
+@click.option("--max-tokens", "-m", default=256, show_default=True, type=int)
+@click.option("--temp", default=0.0, show_default=True, type=float)
+@click.option("--top-p", default=1.0, show_default=True, type=float)
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--system-prompt", default=None)
+@click.option("--max-kv-size", default=None, type=int, help="Rotating KV cache size.")
+@click.option("--route-each-turn", is_flag=True,
+              help="Route every user turn; a changed set re-prefills the conversation.")
+@click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the bundle files.")
+@route_options
+def chat(bundle, max_tokens, temp, top_p, seed, system_prompt, max_kv_size, route_each_turn,
+         no_verify, route_mode, skip, router_backend):
+    """Chat with a bundle; one KV cache per conversation (routed on its first turn by default).
+
+    Empty lines are ignored.
+    """
+    import mlx.core as mx
+    from mlx_lm.sample_utils import make_sampler
+
+    from .model import load
+
+    if max_tokens < 1:
+        raise PuddingError("--max-tokens must be at least 1")
+    mx.random.seed(seed)
+    pm = load(bundle, router_backend=router_backend, verify=not no_verify)
+    conv = Conversation(pm, route_mode, skip, route_each_turn, system_prompt, max_kv_size)
+    sampler = make_sampler(temp, top_p)
+    stdin = click.get_text_stream("stdin")
+    click.echo(f"[pudding chat: {pm.manifest.base_model}, {pm.manifest.num_blocks} blocks, "
+               f"router on {pm.router.backend}] {HELP}")
+    while True:
+        click.echo(">> ", nl=False)
+        line = stdin.readline()
+        if not line:
+            click.echo()
+            break
+        query = line.strip()
+        if query == "q":
+            break
+        if query == "r":
+            conv.reset()
+            click.echo("[new conversation]")
+            continue
+        if query == "h":
+            click.echo(HELP)
+            continue
+        if not query:
+            continue
+        last = None
+        for last in conv.ask(line.rstrip("\n"), max_tokens=max_tokens, sampler=sampler):
+            click.echo(last.text, nl=False)
+        click.echo()
+        note = f"; re-prefilled {conv.reprefilled} tokens" if conv.reprefilled else ""
+        click.echo(f"[{describe_route(conv.route, pm.manifest.num_blocks)}; "
+                   f"{last.generation_tps:.1f} tokens/s{note}]")
