@@ -1,0 +1,312 @@
+"""`pudding label`: router labels, one row per (question, answer choice), for every candidate.
+
+For each training question of each task and each candidate omission set S, the row of choice a
+gets l_S(x, a): the mean answer-token log-probability of a with S's blocks skipped (in the
+order of candidates.json). The router's targets are derived from these rows at training time
+(`router_metrics`). Storage: `label_store` (parquet shards + meta.json).
+
+Shared prefixes: candidates that skip the same blocks up to some block share the hidden state
+entering it, so each batch walks the candidates as a trie over blocks (`_walk`) and every
+distinct prefix runs once. The counts of block evaluations, with and without sharing, go into
+meta.json.
+
+Data-parallel: under `torchrun`/`accelerate launch` each rank labels the shards whose index is
+its rank modulo the world size; shards depend only on their questions, so the folder ends
+identical to a single process's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import click
+import numpy as np
+
+from pudding_mlx.errors import PuddingError
+
+from .label_store import META, read_meta, shard_path, write_json, write_shard
+from .tasks import CALIBRATION_TASKS, Example
+
+FORMAT = 1
+
+
+@dataclass
+class LabelConfig:
+    model: str
+    candidates: list[dict]  # {"name", "skip"} in candidates.json order
+    tasks: list[str] = field(default_factory=lambda: list(CALIBRATION_TASKS))
+    max_examples_per_task: int | None = None
+    seed: int = 42
+    dtype: str = "auto"  # resolved to a torch dtype name before it is recorded
+    batch_size: int = 16
+    shard_size: int = 64  # questions per shard
+    data_dir: str | None = None
+    split: str = "train"
+
+
+def read_candidates(path: str | Path) -> list[dict]:
+    """[{"name", "skip"}] from a `pudding search` candidates.json, in file order."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+        out = [{"name": str(c["name"]), "skip": sorted(int(b) for b in c["skip"])}
+               for c in data["candidates"]]
+    except FileNotFoundError:
+        raise PuddingError(f"{path}: no such candidates file (run `pudding search`)") from None
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise PuddingError(f"{path}: not a candidates file ({type(e).__name__}: {e})") from None
+    names = [c["name"] for c in out]
+    if not out or len(set(names)) != len(names):
+        raise PuddingError(f"{path}: expected distinct candidate names, got {names}")
+    return out
+
+
+def label_examples(cfg: LabelConfig) -> list[Example]:
+    """The questions to label: a seeded sample of each task's split, task after task."""
+    from .data import load_examples, sample_examples
+
+    return [ex for task in cfg.tasks
+            for ex in sample_examples(load_examples(task, cfg.split, cfg.data_dir),
+                                      cfg.max_examples_per_task, cfg.seed)]
+
+
+# -- the candidate trie --
+
+
+def _walk(runner, batch, h, start: int, group: list[tuple[int, frozenset]], out: dict) -> None:
+    """Run blocks from `start` for candidates that agree on every block before it (sharing
+    hidden state h); split the group at the first block they disagree on."""
+    b = start
+    while b < runner.num_blocks and len({b in s for _, s in group}) == 1:
+        b += 1
+    h = runner.run(h, batch, [i for i in range(start, b) if i not in group[0][1]])
+    if b == runner.num_blocks:
+        sums = runner.head(h, batch)
+        for c, _ in group:
+            out[c] = sums
+        return
+    _walk(runner, batch, h, b + 1, [g for g in group if b in g[1]], out)
+    _walk(runner, batch, runner.run(h, batch, [b]), b + 1, [g for g in group if b not in g[1]],
+          out)
+
+
+def score_candidates(runner, batches, n_requests: int, skips: list[list[int]],
+                     share_prefix: bool = True) -> np.ndarray:
+    """(requests, candidates) mean answer-token log-probs, each candidate skipping its blocks."""
+    import torch
+
+    out = np.zeros((n_requests, len(skips)))
+    sets = [(c, frozenset(s)) for c, s in enumerate(skips)]
+    with torch.inference_mode():
+        for batch in batches:
+            sums: dict[int, np.ndarray] = {}
+            h = runner.embed(batch)
+            for group in [sets] if share_prefix else [[s] for s in sets]:
+                _walk(runner, batch, h, 0, group, sums)
+            for c in range(len(skips)):
+                out[batch.requests, c] = sums[c] / batch.counts
+    return out
+
+
+# -- multi-process --
+
+
+@dataclass
+class Ranks:
+    rank: int = 0
+    world: int = 1
+
+    @classmethod
+    def from_env(cls, device) -> Ranks:
+        """Join the process group torchrun / accelerate launch set up in the environment."""
+        import torch.distributed as td
+
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world == 1:
+            return cls()
+        if not td.is_initialized():
+            td.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        return cls(td.get_rank(), td.get_world_size())
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as td
+
+            td.barrier()
+
+    def sum(self, values: list[int]) -> list[int]:
+        if self.world == 1:
+            return values
+        import torch
+        import torch.distributed as td
+
+        t = torch.tensor(values, dtype=torch.float64)
+        td.all_reduce(t)
+        return [int(v) for v in t.tolist()]
+
+
+def _device_for(device: str, ranks_hint: int):
+    import torch
+
+    from .device import resolve_device
+
+    dev = resolve_device(device)
+    if dev.type == "cuda" and ranks_hint > 1:
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return dev
+
+
+def _check_meta(out: Path, settings: dict) -> bool:
+    """True when out/meta.json exists with the same settings; error when they differ."""
+    if not (out / META).is_file():
+        return False
+    old = read_meta(out).get("settings")
+    if old != settings:
+        diff = sorted(k for k in settings if (old or {}).get(k) != settings[k])
+        raise PuddingError(f"{out / META}: labels made with other settings ({', '.join(diff)});"
+                           " pass --overwrite or another --out")
+    return True
+
+
+def make_labels(out: str | Path, cfg: LabelConfig, device: str = "auto",
+                overwrite: bool = False, share_prefix: bool = True) -> dict:
+    """Write the label folder (resuming a partial one); returns its meta."""
+    import torch
+
+    from .assets import load_causal_lm
+    from .device import choose_dtype
+    from .scoring import BlockRunner, encode_requests
+
+    out = Path(out)
+    dev = _device_for(device, int(os.environ.get("WORLD_SIZE", "1")))
+    dtype = choose_dtype(dev, cfg.dtype)
+    cfg.dtype = str(dtype).removeprefix("torch.")
+    settings = {"format": FORMAT, **asdict(cfg)}
+    ranks = Ranks.from_env(dev)
+    if overwrite and ranks.rank == 0 and out.exists():
+        shutil.rmtree(out)
+    ranks.barrier()
+    done = _check_meta(out, settings)  # every rank raises the same error on a mismatch
+    if done and read_meta(out).get("complete"):
+        return read_meta(out)
+
+    t0 = time.perf_counter()
+    examples = label_examples(cfg)
+    if not examples:
+        raise PuddingError(f"no examples to label for tasks {cfg.tasks}")
+    shards = [examples[i : i + cfg.shard_size] for i in range(0, len(examples), cfg.shard_size)]
+    meta = {"settings": settings, "candidates": cfg.candidates, "num_shards": len(shards),
+            "num_questions": len(examples), "rows": sum(len(e.prompt) for e in examples),
+            "complete": False}
+    if ranks.rank == 0 and not done:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / META, meta)
+    ranks.barrier()
+
+    model, tokenizer = load_causal_lm(cfg.model, dtype=dtype, device=dev)
+    runner = BlockRunner(model)
+    skips = [c["skip"] for c in cfg.candidates]
+    bad = [c["name"] for c in cfg.candidates if any(not 0 <= b < runner.num_blocks
+                                                      for b in c["skip"])]
+    if bad:
+        raise PuddingError(f"candidates {bad} skip blocks outside 0..{runner.num_blocks - 1}")
+    mine = [i for i in range(len(shards)) if i % ranks.world == ranks.rank]
+    todo = [i for i in mine if not shard_path(out, i).is_file()]
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=sum(len(shards[i]) for i in mine), desc=f"labels (rank {ranks.rank})"
+               if ranks.world > 1 else "labels", unit="q",
+               initial=sum(len(shards[i]) for i in mine if i not in todo))
+    rows_run = 0  # packed rows this process ran, for the cost without prefix sharing
+    for i in todo:
+        exs = shards[i]
+        requests = [r for ex in exs for r in ex.prompt]
+        batches = runner.prepare(encode_requests(tokenizer, requests), cfg.batch_size)
+        ll = score_candidates(runner, batches, len(requests), skips, share_prefix)
+        rows_run += sum(b.rows for b in batches)
+        write_shard(out, i, {
+            "task": [ex.task for ex in exs for _ in ex.prompt],
+            "qid": [ex.qid for ex in exs for _ in ex.prompt],
+            "choice": [c for ex in exs for c in range(len(ex.prompt))],
+            "gold": [ex.gold for ex in exs for _ in ex.prompt],
+            "text": [t for ex in exs for t in ex.texts],
+            "context": [c for ex in exs for c, _ in ex.prompt],
+            "loglik": ll.astype(np.float32).tolist(),
+        })
+        bar.update(len(exs))
+        bar.set_postfix(block_evals=runner.evals)
+    bar.close()
+    seconds = time.perf_counter() - t0
+    naive = rows_run * sum(runner.num_blocks - len(s) for s in skips)
+    evals, naive = ranks.sum([runner.evals, naive])
+    ranks.barrier()
+    missing = [i for i in range(len(shards)) if not shard_path(out, i).is_file()]
+    if missing:
+        raise PuddingError(f"{out}: shards {missing[:5]} were not written")
+    meta.update(complete=True, stats={
+        "seconds": round(seconds, 1), "processes": ranks.world, "dtype": cfg.dtype,
+        "device": str(dev.type), "block_evals": evals, "naive_block_evals": naive,
+        "share_prefix": share_prefix, "torch_threads": torch.get_num_threads()})
+    if ranks.rank == 0:
+        write_json(out / META, meta)
+    ranks.barrier()
+    return meta
+
+
+@click.command("label")
+@click.option("--candidates", "candidates_path", required=True, type=click.Path(dir_okay=False),
+              help="candidates.json from `pudding search`.")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Label folder: meta.json and parquet shards.")
+@click.option("--model", default=None, help="HF id, HF folder or GGUF file [default: the "
+              "model in candidates.json's settings, else the packaged SmolLM2-135M].")
+@click.option("--tasks", default=",".join(CALIBRATION_TASKS), show_default=True,
+              help="Comma-separated task names.")
+@click.option("--max-examples-per-task", type=int, default=None,
+              help="A seeded sample of this many questions per task [default: all].")
+@click.option("--split", default="train", show_default=True,
+              help="Split to label (HellaSwag 'train' is the fixed validation holdout).")
+@click.option("--seed", type=int, default=42, show_default=True)
+@click.option("--dtype", default="auto", show_default=True,
+              help="auto (bf16 on CPUs with fast bf16 and on GPUs), float32, bfloat16, float16.")
+@click.option("--batch-size", type=int, default=16, show_default=True,
+              help="Packed rows (one question, all choices) per forward pass.")
+@click.option("--shard-size", type=int, default=64, show_default=True,
+              help="Questions per shard (an interruption loses at most one shard).")
+@click.option("--data-dir", default=None, type=click.Path(file_okay=False),
+              help="A folder laid out like shared/data (<task>/<split>.arrow).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, mps.")
+@click.option("--no-share-prefix", is_flag=True,
+              help="Run every candidate from the embeddings (for timing the prefix sharing).")
+@click.option("--overwrite", is_flag=True, help="Discard labels already in --out.")
+def label(candidates_path, out, model, tasks, max_examples_per_task, split, seed, dtype,
+          batch_size, shard_size, data_dir, device, no_share_prefix, overwrite):
+    """Label training questions with every candidate's answer log-likelihoods (router data).
+
+    Runs data-parallel under torchrun / accelerate launch (one set of shards per process)."""
+    from .assets import default_model
+
+    if model is None:
+        model = json.loads(Path(candidates_path).read_text()).get("settings", {}).get(
+            "model") if Path(candidates_path).is_file() else None
+        model = model or default_model()
+    cfg = LabelConfig(model=str(model), candidates=read_candidates(candidates_path),
+                      tasks=[t.strip() for t in tasks.split(",") if t.strip()],
+                      max_examples_per_task=max_examples_per_task, seed=seed, dtype=dtype,
+                      batch_size=batch_size, shard_size=shard_size, data_dir=data_dir,
+                      split=split)
+    meta = make_labels(out, cfg, device=device, overwrite=overwrite,
+                       share_prefix=not no_share_prefix)
+    s = meta.get("stats", {})
+    if int(os.environ.get("RANK", "0")) == 0:
+        click.echo(f"{out}: {meta['num_questions']} questions, {meta['rows']} rows, "
+                   f"{len(cfg.candidates)} candidates, {meta['num_shards']} shards")
+        if s:
+            click.echo(f"{s['seconds']:.0f} s on {s['processes']} process(es), {s['dtype']}; "
+                       f"block evaluations {s['block_evals']} (without prefix sharing "
+                       f"{s['naive_block_evals']})")
