@@ -1,0 +1,94 @@
+"""Write a folder atomically: build it in a temporary folder beside the destination, then rename.
+
+The destination appears complete or not at all. An existing folder is swapped out only once
+the new one is complete (two renames on one file system; between them, for microseconds, the
+path is absent, but never half-written). A crash leaves a `.NAME.tmp-*` folder to delete.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from pudding_mlx.errors import PuddingError
+
+
+def _existing_ancestor(path: Path) -> Path:
+    for p in (path, *path.parents):
+        if p.exists():
+            return p
+    return Path("/")
+
+
+def check_writable(dest: str | Path) -> Path:
+    """The folder `dest` can be created or replaced; returns its absolute path.
+
+    Creates the parent folder if needed and probes it with a temporary folder (os.access
+    alone says yes to root on read-only file systems).
+    """
+    dest = Path(dest).absolute()
+    if dest.exists() and not dest.is_dir():
+        raise PuddingError(f"{dest}: exists and is not a folder")
+    base = _existing_ancestor(dest.parent)
+    if not base.is_dir():
+        raise PuddingError(f"{dest}: cannot create it, {base} is not a folder")
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.rmdir(tempfile.mkdtemp(prefix=f".{dest.name}.probe-", dir=dest.parent))
+    except OSError as e:
+        raise PuddingError(f"{dest}: output folder is not writable ({e.strerror})") from None
+    return dest
+
+
+def check_free_space(dest: str | Path, needed: int) -> None:
+    """At least `needed` bytes are free on the file system that will hold `dest`."""
+    base = _existing_ancestor(Path(dest).absolute().parent)
+    free = shutil.disk_usage(base).free
+    if free < needed:
+        raise PuddingError(
+            f"{dest}: needs about {needed / 1e9:.2f} GB free, "
+            f"only {free / 1e9:.2f} GB left on {base}"
+        )
+
+
+def scratch_folder(dest: str | Path, tag: str) -> tempfile.TemporaryDirectory:
+    """A temporary folder on the same file system as `dest` (removed when closed)."""
+    dest = Path(dest).absolute()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    return tempfile.TemporaryDirectory(prefix=f".{dest.name}.{tag}-", dir=dest.parent)
+
+
+def replace_folder(new: Path, dest: Path) -> None:
+    """Move the complete folder `new` to `dest`, replacing what was there only now."""
+    if not dest.exists():
+        os.rename(new, dest)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
+    os.rename(dest, old / "x")
+    try:
+        os.rename(new, dest)
+    except OSError:
+        os.rename(old / "x", dest)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def atomic_folder(dest: str | Path, needed: int = 0) -> Iterator[Path]:
+    """Yield an empty temporary folder; on success it becomes `dest`, on error it is deleted.
+
+    Checks that `dest` is writable and that `needed` bytes are free before anything is written.
+    """
+    dest = check_writable(dest)
+    check_free_space(dest, needed)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        yield tmp
+        replace_folder(tmp, dest)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
