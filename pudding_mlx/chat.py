@@ -8,6 +8,7 @@ mask into a fresh cache.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
 
@@ -94,12 +95,11 @@ def chat(bundle, max_tokens, temp, top_p, seed, system_prompt, max_kv_size, rout
     pm = load(bundle, router_backend=router_backend, verify=not no_verify)
     conv = Conversation(pm, route_mode, skip, route_each_turn, system_prompt, max_kv_size)
     sampler = make_sampler(temp, top_p)
-    stdin = click.get_text_stream("stdin")
     click.echo(f"[pudding chat: {pm.manifest.base_model}, {pm.manifest.num_blocks} blocks, "
                f"router on {pm.router.backend}] {HELP}")
     while True:
         click.echo(">> ", nl=False)
-        line = stdin.readline()
+        line = sys.stdin.readline()
         if not line:
             click.echo()
             break

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import sys
 
 import click
 
@@ -57,7 +58,7 @@ def describe_route(route, num_blocks: int) -> str:
 def read_prompt(prompt: str) -> str:
     """`-` reads stdin (invalid UTF-8 replaced); `\\n` and `\\t` escapes expand like mlx-lm."""
     if prompt == "-":
-        return click.get_binary_stream("stdin").read().decode("utf-8", errors="replace")
+        return sys.stdin.buffer.read().decode("utf-8", errors="replace")
     return prompt.replace("\\n", "\n").replace("\\t", "\t")
 
 
