@@ -1,0 +1,207 @@
+"""Batched answer log-likelihoods of an HF causal LM with a set of skipped blocks.
+
+A request is (context, continuation); the scored span is exactly the continuation's tokens.
+Context and continuation are tokenised separately (lm-eval's convention: trailing whitespace
+of the context moves to the continuation; no special tokens), so the span is known from the
+token counts and never searched for in the text.
+
+Requests whose contexts tokenise identically are packed into one row: the context once, then
+each continuation (minus its last token, whose prediction is never needed) with a tree mask
+(a continuation sees the context and its own earlier tokens) and position ids restarting after
+the context. That is the same computation as one row per request, with the context run once.
+
+The blocks are run one by one (`BlockRunner`) instead of through `model.forward`, so callers
+can keep hidden states between blocks (the search reuses shared prefixes). This follows the
+LLaMA/Qwen2/Mistral decoder forward: embed_tokens, rotary_emb, blocks, norm, lm_head; models
+that add embedding scaling or logit soft-capping are not covered.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from pudding_mlx.errors import PuddingError
+
+from .skip import check_skip, decoder_layers
+
+TokenRequest = tuple[list[int], list[int]]
+
+
+def encode_requests(tokenizer, requests: Sequence[tuple[str, str]]) -> list[TokenRequest]:
+    """Token ids (context, continuation) per request, lm-eval style."""
+    out = []
+    for context, continuation in requests:
+        n_space = len(context) - len(context.rstrip())
+        if n_space:
+            context, continuation = context[:-n_space], context[-n_space:] + continuation
+        ctx = tokenizer.encode(context, add_special_tokens=False)
+        cont = tokenizer.encode(continuation, add_special_tokens=False)
+        if not cont:
+            raise PuddingError(f"empty continuation for context {context[:60]!r}")
+        if not ctx:  # lm-eval scores an empty context after the end-of-text token
+            ctx = [tokenizer.bos_token_id if tokenizer.bos_token_id is not None
+                   else tokenizer.eos_token_id]
+        out.append((ctx, cont))
+    return out
+
+
+@dataclass
+class Batch:
+    input_ids: object  # [B, T]
+    position_ids: object  # [B, T]
+    mask: object  # [B, 1, T, T] additive, model dtype
+    pred_index: object  # [P] flat index into B*T of the hidden state that predicts a target
+    targets: object  # [P]
+    pred_request: object  # [P] index into `requests`
+    requests: list[int]  # global request indices scored in this batch
+    counts: np.ndarray  # answer tokens per request in `requests`
+    rows: int
+    position_embeddings: tuple | None = field(default=None, repr=False)
+
+
+def _pack_rows(token_requests: list[TokenRequest], max_length: int) -> list[list[int]]:
+    """Group request indices into rows: same context ids, total length within max_length."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, (ctx, _) in enumerate(token_requests):
+        groups.setdefault(tuple(ctx), []).append(i)
+    rows = []
+    for ctx, members in groups.items():
+        row, length = [], len(ctx)
+        for i in members:
+            extra = len(token_requests[i][1]) - 1
+            if row and length + extra > max_length:
+                rows.append(row)
+                row, length = [], len(ctx)
+            row.append(i)
+            length += extra
+        rows.append(row)
+    return rows
+
+
+class BlockRunner:
+    """Runs an HF decoder block by block on packed request batches."""
+
+    def __init__(self, model):
+        self.model = model
+        self.inner = model.model
+        self.layers = list(decoder_layers(model))
+        self.num_blocks = len(self.layers)
+        self.evals = 0  # block evaluations: one block applied to one row
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+
+    def prepare(self, token_requests: list[TokenRequest], batch_size: int = 16,
+                max_length: int | None = None) -> list[Batch]:
+        """Pack requests into rows and rows into right-padded batches (longest first)."""
+        import torch
+
+        max_length = max_length or getattr(self.model.config, "max_position_embeddings", 2048)
+        reqs = []
+        for ctx, cont in token_requests:
+            if len(cont) > max_length:
+                raise PuddingError(f"a continuation of {len(cont)} tokens exceeds max_length")
+            reqs.append((ctx[-(max_length - len(cont) + 1):], cont))
+        rows = _pack_rows(reqs, max_length)
+        lengths = [len(reqs[r[0]][0]) + sum(len(reqs[i][1]) - 1 for i in r) for r in rows]
+        order = sorted(range(len(rows)), key=lambda j: (-lengths[j], rows[j][0]))
+        batches = []
+        for start in range(0, len(order), batch_size):
+            chunk = [rows[j] for j in order[start:start + batch_size]]
+            T = max(lengths[j] for j in order[start:start + batch_size])
+            ids = np.zeros((len(chunk), T), dtype=np.int64)
+            pos = np.zeros((len(chunk), T), dtype=np.int64)
+            seg = np.full((len(chunk), T), -1, dtype=np.int64)
+            pred_index, targets, pred_request, requests, counts = [], [], [], [], []
+            for b, row in enumerate(chunk):
+                ctx = reqs[row[0]][0]
+                n = len(ctx)
+                ids[b, :n], pos[b, :n], seg[b, :n] = ctx, np.arange(n), 0
+                at = n
+                for s, i in enumerate(row, start=1):
+                    cont = reqs[i][1]
+                    m = len(cont) - 1
+                    ids[b, at:at + m], pos[b, at:at + m], seg[b, at:at + m] = (
+                        cont[:-1], np.arange(n, n + m), s)
+                    pred_index += [b * T + n - 1] + [b * T + at + t for t in range(m)]
+                    targets += cont
+                    pred_request += [len(requests)] * len(cont)
+                    requests.append(i)
+                    counts.append(len(cont))
+                    at += m
+            causal = np.tril(np.ones((T, T), dtype=bool))
+            allowed = causal & ((seg[:, None, :] == 0) | (seg[:, None, :] == seg[:, :, None]))
+            allowed &= (seg[:, :, None] >= 0) & (seg[:, None, :] >= 0)
+            allowed |= np.eye(T, dtype=bool)  # padding rows attend to themselves: no empty rows
+            mask = torch.zeros(allowed.shape, dtype=self.dtype)
+            mask.masked_fill_(torch.from_numpy(~allowed), torch.finfo(self.dtype).min)
+            dev = self.device
+            batches.append(Batch(
+                input_ids=torch.from_numpy(ids).to(dev),
+                position_ids=torch.from_numpy(pos).to(dev),
+                mask=mask[:, None].to(dev),
+                pred_index=torch.tensor(pred_index, device=dev),
+                targets=torch.tensor(targets, device=dev),
+                pred_request=torch.tensor(pred_request, device=dev),
+                requests=requests, counts=np.array(counts, dtype=np.float64), rows=len(chunk)))
+        return batches
+
+    def embed(self, batch: Batch):
+        h = self.inner.embed_tokens(batch.input_ids)
+        if batch.position_embeddings is None:
+            batch.position_embeddings = self.inner.rotary_emb(h, position_ids=batch.position_ids)
+        return h
+
+    def run(self, h, batch: Batch, blocks: Iterable[int]):
+        """Apply the given blocks, in order, to hidden states h."""
+        for i in blocks:
+            out = self.layers[i](h, attention_mask=batch.mask, position_ids=batch.position_ids,
+                                 position_embeddings=batch.position_embeddings, use_cache=False)
+            h = out[0] if isinstance(out, tuple) else out
+            self.evals += batch.rows
+        return h
+
+    def head(self, h, batch: Batch) -> np.ndarray:
+        """Summed answer-token log-probs per request of the batch (float64)."""
+        import torch
+
+        hs = h.reshape(-1, h.shape[-1])[batch.pred_index]
+        logits = self.model.lm_head(self.inner.norm(hs)).float()
+        lp = torch.log_softmax(logits, dim=-1).gather(1, batch.targets[:, None])[:, 0]
+        sums = torch.zeros(len(batch.requests), dtype=torch.float64, device=lp.device)
+        sums.index_add_(0, batch.pred_request, lp.double())
+        return sums.cpu().numpy()
+
+
+def answer_logprobs(model, tokenizer, requests: Sequence[tuple[str, str]], skip: Iterable[int] = (),
+                    batch_size: int = 16, reduce: str = "mean", max_length: int | None = None,
+                    progress: bool = False) -> list[float]:
+    """Log-probability of each request's continuation given its context, with the blocks in
+    `skip` (0-based) treated as the identity: the mean over answer tokens (reduce="mean", the
+    method's l_S) or the sum (reduce="sum", lm-eval's loglikelihood)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    if reduce not in ("mean", "sum"):
+        raise PuddingError(f"reduce={reduce!r}: expected 'mean' or 'sum'")
+    runner = BlockRunner(model)
+    keep = [i for i in range(runner.num_blocks) if i not in check_skip(skip, runner.num_blocks)]
+    batches = runner.prepare(encode_requests(tokenizer, requests), batch_size, max_length)
+    out = np.zeros(len(requests))
+    with torch.inference_mode():
+        for batch in tqdm(batches, desc="scoring", disable=not progress):
+            sums = runner.head(runner.run(runner.embed(batch), batch, keep), batch)
+            out[batch.requests] = sums / batch.counts if reduce == "mean" else sums
+    return out.tolist()
+
+
+def choice_decisions(scores: Sequence[float], examples) -> list[int]:
+    """Argmax choice per example from flat per-choice scores (examples' `prompt` order)."""
+    out, at = [], 0
+    for ex in examples:
+        k = len(ex.prompt)
+        out.append(int(np.argmax(scores[at:at + k])))
+        at += k
+    return out

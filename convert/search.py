@@ -1,0 +1,276 @@
+"""Greedy SLEB-style search for candidate omission sets (METHOD.md, step 1).
+
+For one task, every evaluated skip set S gets l_S(x, a) for every calibration example x and
+choice a (mean answer-token log-prob, `scoring`). In each of k phases every remaining block b
+(never the first or last) is tried on top of the current set C; the one with the lowest loss
+joins C. Two speed-ups, neither of which changes the result:
+- prefix reuse: trial C+{b} equals C up to block b, so one pass of C stores the hidden state
+  entering each trial block and every trial runs only the blocks after b;
+- memoisation: per-set scores are kept, so the second loss of a task reuses every set the
+  first one already evaluated (all of phase 1, and more while their choices agree).
+Data-parallel: under torch.distributed each rank scores its shard of examples; per-example
+losses are gathered and summed in the global example order, as a single process would.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from pudding_mlx.errors import PuddingError
+
+from .scoring import BlockRunner, encode_requests
+from .tasks import Example
+
+LOSSES = ("likelihood", "margin")
+
+
+def example_losses(scores: np.ndarray, offsets: Sequence[int], gold: Sequence[int],
+                   loss: str) -> np.ndarray:
+    """Per-example loss terms from flat per-choice l_S values; L(S) is their sum.
+
+    likelihood: -l(a_c); margin: -sum_{j != c} (l(a_c) - l(a_j)).
+    """
+    out = np.empty(len(gold))
+    for e, (start, c) in enumerate(zip(offsets, gold, strict=False)):
+        end = offsets[e + 1] if e + 1 < len(offsets) else len(scores)
+        ls = scores[start:end]
+        if loss == "likelihood":
+            out[e] = -ls[c]
+        elif loss == "margin":
+            out[e] = -(len(ls) * ls[c] - ls.sum())
+        else:
+            raise PuddingError(f"unknown loss {loss!r}; expected one of {', '.join(LOSSES)}")
+    return out
+
+
+@dataclass
+class Phase:
+    block: int  # the block chosen in this phase (0-based)
+    loss: float  # L(S) after adding it
+    seconds: float
+    block_evals: int  # blocks applied to one packed row, summed over ranks
+
+
+@dataclass
+class Candidate:
+    name: str
+    task: str
+    loss: str
+    k: int
+    skip: list[int] = field(default_factory=list)  # sorted, 0-based
+    trajectory: list[Phase] = field(default_factory=list)
+
+    @property
+    def done(self) -> bool:
+        return len(self.trajectory) >= self.k
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> Candidate:
+        return cls(**{**d, "trajectory": [Phase(**p) for p in d["trajectory"]]})
+
+
+class Dist:
+    """torch.distributed helpers; a single process when no process group is initialised."""
+
+    def __init__(self):
+        import torch.distributed as td
+
+        self.on = td.is_available() and td.is_initialized()
+        self.rank = td.get_rank() if self.on else 0
+        self.world = td.get_world_size() if self.on else 1
+
+    def gather(self, obj) -> list:
+        if not self.on:
+            return [obj]
+        import torch.distributed as td
+
+        out = [None] * self.world
+        td.all_gather_object(out, obj)
+        return out
+
+    def broadcast(self, obj):
+        if not self.on:
+            return obj
+        import torch.distributed as td
+
+        box = [obj]
+        td.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+class SetScorer:
+    """Per-choice scores l_S of one task's calibration examples (this rank's shard), memoised
+    per skip set, computed with prefix reuse (or naively, for comparison)."""
+
+    def __init__(self, model, tokenizer, examples: Sequence[Example], batch_size: int = 16,
+                 reuse_prefix: bool = True, max_length: int | None = None,
+                 dist: Dist | None = None):
+        self.dist = dist or Dist()
+        self.global_ids = list(range(self.dist.rank, len(examples), self.dist.world))
+        mine = [examples[i] for i in self.global_ids]
+        self.n_examples = len(examples)
+        requests = [r for ex in mine for r in ex.prompt]
+        self.offsets = list(np.cumsum([0] + [len(ex.prompt) for ex in mine[:-1]]))
+        self.gold = [ex.gold for ex in mine]
+        self.runner = BlockRunner(model)
+        self.num_blocks = self.runner.num_blocks
+        self.batches = self.runner.prepare(encode_requests(tokenizer, requests), batch_size,
+                                           max_length) if requests else []
+        self.n_requests = len(requests)
+        self.reuse_prefix = reuse_prefix
+        self.cache: dict[frozenset, np.ndarray] = {}
+
+    def scores(self, current: Sequence[int], trials: Sequence[int]) -> dict[int, np.ndarray]:
+        """l_S per request for S = current + {b}, b in trials (memoised)."""
+        import torch
+
+        key = {b: frozenset(current) | {b} for b in trials}
+        todo = [b for b in trials if key[b] not in self.cache]
+        if todo:
+            keep = [i for i in range(self.num_blocks) if i not in set(current)]
+            out = {b: np.zeros(self.n_requests) for b in todo}
+            with torch.inference_mode():
+                for batch in self.batches:
+                    for b, sums in self._batch_trials(batch, keep, todo).items():
+                        out[b][batch.requests] = sums / batch.counts
+            for b in todo:
+                self.cache[key[b]] = out[b]
+        return {b: self.cache[key[b]] for b in trials}
+
+    def _batch_trials(self, batch, keep: list[int], trials: list[int]) -> dict[int, np.ndarray]:
+        run = self.runner
+        if not self.reuse_prefix:
+            return {b: run.head(run.run(run.embed(batch), batch, [i for i in keep if i != b]),
+                                batch) for b in trials}
+        # One pass of the current set, up to the last trial block, keeping the hidden state
+        # that enters each trial block; each trial then runs only the blocks after it.
+        entering, h, last = {}, run.embed(batch), max(trials)
+        for i in keep:
+            if i in trials:
+                entering[i] = h
+            if i == last:
+                break
+            h = run.run(h, batch, [i])
+        return {b: run.head(run.run(entering[b], batch, [i for i in keep if i > b]), batch)
+                for b in trials}
+
+    def losses(self, current: Sequence[int], trials: Sequence[int], loss: str) -> dict[int, float]:
+        """L(current + {b}) per trial, summed over all ranks' examples in global order."""
+        scores = self.scores(current, trials)
+        local = np.stack([example_losses(scores[b], self.offsets, self.gold, loss)
+                          for b in trials]) if self.gold else np.zeros((len(trials), 0))
+        full = np.zeros((len(trials), self.n_examples))
+        for ids, part in self.dist.gather((self.global_ids, local)):
+            full[:, ids] = part
+        return {b: float(full[t].sum()) for t, b in enumerate(trials)}
+
+    def total_evals(self) -> int:
+        return int(sum(self.dist.gather(self.runner.evals)))
+
+
+def greedy_search(scorer: SetScorer, candidate: Candidate,
+                  on_phase: Callable[[Candidate], None] | None = None,
+                  progress: bool = False) -> Candidate:
+    """Extend `candidate` (possibly resumed mid-way) to k blocks, one greedy phase at a time."""
+    from tqdm.auto import tqdm
+
+    allowed = range(1, scorer.num_blocks - 1)
+    if candidate.k > len(allowed):
+        raise PuddingError(f"k={candidate.k}: only {len(allowed)} blocks may be removed")
+    bar = tqdm(total=candidate.k, initial=len(candidate.trajectory), desc=candidate.name,
+               disable=not progress or scorer.dist.rank != 0)
+    while not candidate.done:
+        start, evals = time.perf_counter(), scorer.total_evals()
+        current = [p.block for p in candidate.trajectory]
+        trials = [b for b in allowed if b not in current]
+        losses = scorer.losses(current, trials, candidate.loss)
+        best = min(trials, key=lambda b: (losses[b], b))
+        candidate.trajectory.append(Phase(best, losses[best], time.perf_counter() - start,
+                                          scorer.total_evals() - evals))
+        candidate.skip = sorted(current + [best])
+        bar.update(1)
+        if on_phase is not None:
+            on_phase(candidate)
+    bar.close()
+    return candidate
+
+
+def candidate_name(task: str, loss: str, k: int) -> str:
+    return f"{task}-{loss}-k{k}"
+
+
+def write_json_atomic(path, doc: dict) -> None:
+    """Write JSON via a temp file and os.replace, so readers never see half a file."""
+    import json
+    import os
+    from pathlib import Path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def run_search(model, tokenizer, examples: dict[str, list[Example]], settings: dict, out,
+               k: int, losses: Sequence[str] = LOSSES, batch_size: int = 16,
+               reuse_prefix: bool = True, restart: bool = False, progress: bool = True,
+               max_length: int | None = None) -> dict:
+    """Search one candidate per (task, loss) and write `out` (candidates.json) after every
+    phase; a rerun with the same settings continues from the last finished phase.
+
+    `settings` records what the result depends on (model, seed, samples, dtype, ...); it is
+    stored with tasks, losses and k, and compared on resume.
+    """
+    import json
+    from pathlib import Path
+
+    dist = Dist()
+    settings = {**settings, "tasks": list(examples), "losses": list(losses), "k": k}
+    doc = None
+    if dist.rank == 0 and Path(out).exists() and not restart:
+        try:
+            old = json.loads(Path(out).read_text())
+        except (OSError, ValueError) as e:
+            raise PuddingError(f"{out}: unreadable ({e}); pass --restart to start over") from e
+        if old.get("settings") != settings:
+            changed = sorted(key for key in set(settings) | set(old.get("settings", {}))
+                             if settings.get(key) != old.get("settings", {}).get(key))
+            raise PuddingError(f"{out} was written with other settings ({', '.join(changed)}); "
+                               "pass --restart to start over or choose another --out")
+        doc = old
+    doc = dist.broadcast(doc)
+    if doc is None:
+        doc = {"settings": settings, "complete": False, "candidates": [],
+               "calibration": {t: [e.qid for e in exs] for t, exs in examples.items()},
+               "setup_seconds": {}}
+    done = {c["name"]: Candidate.from_json(c) for c in doc["candidates"]}
+
+    def save(candidate: Candidate) -> None:
+        done[candidate.name] = candidate
+        doc["candidates"] = [c.to_json() for c in done.values()]
+        if dist.rank == 0:
+            write_json_atomic(out, doc)
+
+    for task, exs in examples.items():
+        todo = [Candidate(candidate_name(task, loss, k), task, loss, k) for loss in losses]
+        todo = [done.get(c.name, c) for c in todo]
+        if all(c.done for c in todo):
+            continue
+        start = time.perf_counter()
+        scorer = SetScorer(model, tokenizer, exs, batch_size, reuse_prefix, max_length, dist)
+        doc["setup_seconds"][task] = time.perf_counter() - start
+        for candidate in todo:
+            greedy_search(scorer, candidate, on_phase=save, progress=progress)
+    doc["complete"] = True
+    doc["candidates"] = [c.to_json() for c in done.values()]
+    if dist.rank == 0:
+        write_json_atomic(out, doc)
+    return doc

