@@ -1,0 +1,323 @@
+"""`pudding convert`: an HF checkpoint + candidates.json + a trained router -> a PuDDing bundle.
+
+The bundle (pudding_mlx/bundle.py) is written atomically: model/ through mlx-lm's conversion,
+checked against torch (dense and with a candidate set skipped); router/ copied as safetensors
+(checked against the MLX router port); router.mlpackage exported and checked against torch.
+Any failed check leaves no bundle behind (and an existing one untouched).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import click
+import numpy as np
+
+from pudding_mlx.bundle import MANIFEST, Candidate, Manifest, RouterInfo, write_manifest
+from pudding_mlx.errors import BundleError, PuddingError
+
+from .to_mlx import DTYPES, MLXSettings
+
+ROUTER_TOLERANCE = 1e-4  # MLX router vs torch router, max |score diff| (both fp32)
+
+
+@dataclass
+class ConvertSettings:
+    mlx: MLXSettings = field(default_factory=MLXSettings)
+    static: str | None = None  # a candidate name or a JSON file; None: the first candidate
+    coreml: bool = True
+    coreml_precision: str = "float16"
+    coreml_lengths: tuple[int, ...] = ()
+    max_kl: float | None = None  # override the parity gate: mean KL <= max_kl only
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise PuddingError(f"{path}: missing") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise PuddingError(f"{path}: not valid JSON ({e})") from None
+
+
+def _candidate(d, where: str, default_name: str = "") -> Candidate:
+    if isinstance(d, list):
+        d = {"skip": d}
+    if not isinstance(d, dict) or "skip" not in d:
+        raise PuddingError(f"{where}: a candidate must be an object with a 'skip' list")
+    skip = d["skip"]
+    if not isinstance(skip, list) or any(isinstance(i, bool) or not isinstance(i, int)
+                                         for i in skip):
+        raise PuddingError(f"{where}: 'skip' must be a list of block indices, got {skip!r}")
+    name = d.get("name", default_name)
+    if not isinstance(name, str) or not name:
+        raise PuddingError(f"{where}: a candidate needs a non-empty 'name'")
+    try:
+        return Candidate(name=name, skip=sorted(skip), task=str(d.get("task", "")),
+                         loss=str(d.get("loss", "")), k=int(d.get("k", len(skip))))
+    except (TypeError, ValueError) as e:
+        raise PuddingError(f"{where}: candidate {name!r} is malformed ({e})") from None
+
+
+def read_candidates(path: str | Path) -> tuple[list[Candidate], dict]:
+    """Candidates (name, skip, task, loss, k) and the search settings from candidates.json.
+
+    Accepts the search's {"candidates": [...], "settings": {...}} or a bare list.
+    """
+    d = _read_json(path)
+    items, settings = (d, {}) if isinstance(d, list) else (d.get("candidates"), d.get("settings"))
+    if not isinstance(items, list) or not items:
+        raise PuddingError(f"{path}: expected a non-empty 'candidates' list")
+    cands = [_candidate(c, f"{path}: candidate {i}") for i, c in enumerate(items)]
+    names = [c.name for c in cands]
+    if len(set(names)) != len(names):
+        raise PuddingError(f"{path}: duplicate candidate names {names}")
+    return cands, settings if isinstance(settings, dict) else {}
+
+
+def resolve_static(value: str | None, candidates: list[Candidate]) -> Candidate:
+    """The static fallback: a candidate's name, a JSON file (a skip list or an object with
+    'skip'), or by default the first candidate."""
+    if value is None:
+        return candidates[0]
+    for c in candidates:
+        if c.name == value:
+            return c
+    path = Path(value)
+    if not path.is_file():
+        raise PuddingError(f"--static {value!r}: neither a candidate name nor a file")
+    static = _candidate(_read_json(path), str(path), default_name="static")
+    for c in candidates:
+        if c.name == static.name and c.skip != static.skip:
+            raise PuddingError(f"{path}: static set is named {c.name!r} like a different candidate")
+    return static
+
+
+def read_router_config(router_dir: str | Path, candidates: list[Candidate]):
+    """The router's RouterConfig, checked against the candidates (same names, same order)."""
+    from .router_model import ROUTER_CONFIG, WEIGHTS, RouterConfig
+
+    router_dir = Path(router_dir)
+    for name in (ROUTER_CONFIG, WEIGHTS, "config.json"):
+        if not (router_dir / name).is_file():
+            raise PuddingError(f"{router_dir / name}: missing (not a trained router folder)")
+    d = _read_json(router_dir / ROUTER_CONFIG)
+    try:
+        cfg = RouterConfig(**d)
+    except TypeError as e:
+        raise PuddingError(f"{router_dir / ROUTER_CONFIG}: malformed ({e})") from None
+    names = [c.name for c in candidates]
+    if list(cfg.outputs) != names or cfg.num_outputs != len(names):
+        raise PuddingError(
+            f"{router_dir / ROUTER_CONFIG}: router outputs {cfg.outputs} must equal the candidate "
+            f"names in order {names}"
+        )
+    return cfg
+
+
+def _folder_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def estimate_bytes(num_params: int, settings: ConvertSettings, source, router_dir: Path) -> int:
+    """Disk needed while converting: the MLX model, a temporary fp32 HF folder for GGUF
+    sources, the router copy and its Core ML package, plus 10 %."""
+    from .to_mlx import needs_hf_folder
+
+    need = num_params * settings.mlx.bytes_per_param()
+    if needs_hf_folder(source):
+        need += num_params * 4
+    need += _folder_bytes(router_dir) * (2 if settings.coreml else 1)
+    return int(need * 1.1) + (16 << 20)
+
+
+def check_router_mlx(router_dir: Path, torch_router, outputs: list[str], prompts) -> float:
+    """Max |score diff| of the MLX router port vs the torch router on `prompts`."""
+    import torch
+
+    from pudding_mlx.router import MLXRouter
+
+    cfg = torch_router.config
+    mlx_router = MLXRouter(router_dir, outputs, cfg.max_length, cfg.pooling)
+    enc = mlx_router.encode(list(prompts))
+    got = mlx_router.forward(enc)
+    with torch.no_grad():
+        ref = torch_router(torch.from_numpy(enc.input_ids).long(),
+                           torch.from_numpy(enc.attention_mask).long()).numpy()
+    return float(np.abs(got - ref).max())
+
+
+def parity_skip(manifest: Manifest) -> list[int]:
+    """The set the parity gate skips: the static set, else the first non-empty candidate."""
+    for c in [manifest.static, *manifest.candidates]:
+        if c.skip:
+            return list(c.skip)
+    return []
+
+
+def write_bundle(
+    source: str,
+    candidates_path: str | Path,
+    router_dir: str | Path,
+    out: str | Path,
+    settings: ConvertSettings | None = None,
+) -> Manifest:
+    """Convert everything into the bundle folder `out` (atomically); returns its manifest."""
+    from pudding_mlx.masking import num_blocks, protected_blocks
+    from pudding_mlx.model import load_lm
+
+    from .assets import load_causal_lm
+    from .atomic import atomic_folder, check_writable
+    from .router_model import Router
+    from .skip import decoder_layers
+    from .to_mlx import PROMPTS, check_parity, convert_llm_to_mlx, tolerance_for
+
+    settings = settings or ConvertSettings()
+    router_dir = Path(router_dir)
+    candidates, search_settings = read_candidates(candidates_path)
+    static = resolve_static(settings.static, candidates)
+    rcfg = read_router_config(router_dir, candidates)
+    dest = check_writable(out)
+    if dest.exists() and any(dest.iterdir()) and not (dest / MANIFEST).is_file():
+        raise PuddingError(f"{dest}: not empty and not a bundle; refusing to replace it")
+    if settings.coreml:
+        import importlib.util
+
+        if importlib.util.find_spec("coremltools") is None:
+            raise PuddingError("the Core ML export needs coremltools: pip install "
+                               "'pudding-mlx[coreml]', or pass --no-coreml")
+
+    torch_model, tokenizer = load_causal_lm(source)
+    manifest = Manifest(
+        base_model=str(source),
+        num_blocks=len(decoder_layers(torch_model)),
+        candidates=candidates,
+        static=static,
+        router=RouterInfo(backbone=rcfg.backbone, max_length=rcfg.max_length,
+                          outputs=list(rcfg.outputs), pooling=rcfg.pooling, target=rcfg.target),
+    )
+    manifest.validate(str(candidates_path))  # indices in range before any work
+    try:
+        router = Router.load(router_dir)
+    except (RuntimeError, OSError, ValueError) as e:
+        raise PuddingError(f"{router_dir}: cannot load the router ({e})") from None
+    num_params = sum(p.numel() for p in torch_model.parameters())
+
+    with atomic_folder(dest, estimate_bytes(num_params, settings, source, router_dir)) as tmp:
+        fixes = convert_llm_to_mlx(source, tmp / "model", settings.mlx, torch_model, tokenizer)
+        mlx_model, mlx_tokenizer, _ = load_lm(tmp / "model")
+        if num_blocks(mlx_model) != manifest.num_blocks:
+            raise PuddingError(f"{source}: MLX model has {num_blocks(mlx_model)} blocks, torch "
+                               f"{manifest.num_blocks}")
+        manifest.protected = sorted(protected_blocks(mlx_model))
+        try:
+            manifest.validate(str(candidates_path))
+        except BundleError as e:
+            raise PuddingError(str(e)) from None
+        parity = check_parity(torch_model, tokenizer, mlx_model, mlx_tokenizer,
+                              [[], parity_skip(manifest)], settings.mlx.kind,
+                              tolerance=tolerance_for(settings.mlx.kind, settings.max_kl))
+        if not parity.passed:
+            raise PuddingError(f"{source}: MLX model disagrees with torch "
+                               f"({'; '.join(parity.failures)}); bundle not written")
+        del mlx_model
+
+        shutil.copytree(router_dir, tmp / "router",
+                        ignore=shutil.ignore_patterns(".*", "__pycache__"))
+        router_extra = _router_checks(tmp, router, rcfg.outputs, PROMPTS, settings, manifest)
+
+        manifest.extra = {
+            "mlx": {**asdict(settings.mlx), "config_fixes": fixes},
+            "parity": parity.to_dict(),
+            "router": router_extra,
+            "search_settings": search_settings,
+        }
+        write_manifest(tmp, manifest)
+    return manifest
+
+
+def _router_checks(tmp: Path, router, outputs, prompts, settings: ConvertSettings,
+                   manifest: Manifest) -> dict:
+    """Check the copied router in MLX and export + check the Core ML package."""
+    extra: dict = {}
+    try:
+        diff = check_router_mlx(tmp / "router", router, outputs, prompts)
+    except BundleError as e:
+        if not settings.coreml:
+            raise PuddingError(f"the MLX runtime cannot run this router ({e})") from None
+        extra["mlx_unsupported"] = str(e)
+    else:
+        if not diff <= ROUTER_TOLERANCE:
+            raise PuddingError(f"MLX router disagrees with torch (max |diff| {diff:.3g} > "
+                               f"{ROUTER_TOLERANCE:g}); bundle not written")
+        extra["mlx_max_abs_diff"] = diff
+    if settings.coreml:
+        from transformers import AutoTokenizer
+
+        from router_coreml.export import ExportSettings, candidate_table, export_coreml
+        from router_coreml.verify import verify_mlpackage
+
+        ordered = manifest.ordered_candidates()
+        table = candidate_table([c.name for c in ordered], [c.skip for c in ordered])
+        package = tmp / "router.mlpackage"
+        export_coreml(router, package, table,
+                      ExportSettings(settings.coreml_precision, settings.coreml_lengths, "router"))
+        report = verify_mlpackage(package, router, AutoTokenizer.from_pretrained(tmp / "router"))
+        extra["coreml"] = report.to_dict()
+    return extra
+
+
+def _lengths(ctx, param, value: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in value.split(",") if x.strip())
+    except ValueError:
+        raise click.BadParameter("comma-separated integers, e.g. 32,64") from None
+
+
+@click.command("convert")
+@click.option("--model", "source", required=True,
+              help="The base LLM: HF hub id, HF folder, or GGUF file.")
+@click.option("--candidates", "candidates_path", required=True,
+              type=click.Path(exists=True, dir_okay=False), help="candidates.json from the search.")
+@click.option("--router", "router_dir", required=True,
+              type=click.Path(exists=True, file_okay=False), help="Trained router folder.")
+@click.option("--out", "-o", required=True, type=click.Path(), help="Bundle folder to write.")
+@click.option("--dtype", type=click.Choice(DTYPES), default="float16", show_default=True,
+              help="MLX weight dtype (float32 runs faster on Linux CPUs).")
+@click.option("--quantize", "-q", is_flag=True, help="Quantize the MLX weights.")
+@click.option("--q-bits", type=click.Choice(["4", "8"]), default="4", show_default=True)
+@click.option("--q-group-size", type=int, default=64, show_default=True)
+@click.option("--static", default=None,
+              help="Static fallback set: a candidate name or a JSON file with a skip list "
+                   "(default: the first candidate).")
+@click.option("--max-kl", type=float, default=None,
+              help="Accept a lossier MLX model: gate only on mean KL(torch||mlx) <= this "
+                   "(nats) instead of the dtype's built-in bounds.")
+@click.option("--coreml/--no-coreml", default=True, show_default=True,
+              help="Also export and check router.mlpackage.")
+@click.option("--coreml-precision", type=click.Choice(["float16", "float32"]),
+              default="float16", show_default=True)
+@click.option("--coreml-lengths", default="", callback=_lengths,
+              help="Extra enumerated router input lengths besides max_length, e.g. 32,64.")
+def convert(source, candidates_path, router_dir, out, dtype, quantize, q_bits, q_group_size,
+            static, max_kl, coreml, coreml_precision, coreml_lengths):
+    """Turn an HF checkpoint, candidates.json and a trained router into a PuDDing bundle."""
+    settings = ConvertSettings(
+        mlx=MLXSettings(dtype, quantize, int(q_bits), q_group_size),
+        static=static, coreml=coreml, coreml_precision=coreml_precision,
+        coreml_lengths=coreml_lengths, max_kl=max_kl,
+    )
+    m = write_bundle(source, candidates_path, router_dir, out, settings)
+    for r in m.extra["parity"]["results"]:
+        where = f"skip {r['skip']}" if r["skip"] else "dense"
+        click.echo(f"parity {where}: max |logit diff| {r['max_abs_logit']:.3g}, "
+                   f"mean KL {r['mean_kl']:.3g}, top-1 {r['top1']:.3f}")
+    if "coreml" in m.extra["router"]:
+        c = m.extra["router"]["coreml"]
+        click.echo(f"router.mlpackage: max |diff| {c['max_abs_diff']:.3g} "
+                   f"(tolerance {c['tolerance']:.3g}, {c['precision']})")
+    click.echo(f"wrote {out}: {m.num_blocks} blocks, {len(m.candidates)} candidates, "
+               f"static {m.static.name!r}, protected {m.protected}")
