@@ -205,3 +205,20 @@ def test_pudding_console_script(built):
                          env=dict(os.environ, PUDDING_OPENBLAS="0"))
     assert out.returncode == 0, out.stderr
     assert "Route: static (skips blocks 1,2 of 6; static)" in out.stdout
+
+
+def test_runtime_runs_without_torch(built):
+    """Load, route and generate with torch made unimportable (as on a Mac without it)."""
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "import pudding_mlx\n"
+        "from pudding_mlx import chat, generate_cli, info\n"
+        f"pm = pudding_mlx.load({str(built.path)!r}, router_backend='mlx')\n"
+        "r = pm.route('How do you boil an egg?')\n"
+        "print(r.name, len(pm.generate('hi', max_tokens=3, route=r)) > 0)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    name = built.manifest.router.outputs[torch_route(built, "How do you boil an egg?")[0]]
+    assert out.stdout.split() == [name, "True"]
