@@ -1,0 +1,138 @@
+"""The ideal speedup of skipping blocks, from the model config alone.
+
+Counts the matrix multiplies of a decoder-only transformer (2 FLOPs per multiply-add):
+attention projections, attention scores/values over the context, the MLP and the LM head.
+Embedding lookups, norms, RoPE and activations are element-wise and left out (well under 1%
+of the work here). Decoding is bandwidth-bound, so its ideal comes from the bytes read per
+token: every weight of the kept blocks and the LM head, one embedding row, and the KV cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import PuddingError
+
+GATED_MLP = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "olmo2")
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The sizes of a decoder-only transformer that its cost depends on."""
+
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    tied: bool = True  # the LM head reuses the embedding matrix
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    gated: bool = True  # gate, up and down projections (SwiGLU) instead of up and down
+
+    @classmethod
+    def from_config(cls, config: dict, where: str = "config.json") -> Shape:
+        """From an HF / mlx-lm config.json dict."""
+        try:
+            d, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
+            kind = config.get("model_type", "llama")
+            attention_bias = bool(config.get("attention_bias", False))
+            return cls(
+                hidden=d,
+                layers=int(config["num_hidden_layers"]),
+                heads=heads,
+                kv_heads=int(config.get("num_key_value_heads") or heads),
+                head_dim=int(config.get("head_dim") or d // heads),
+                intermediate=int(config["intermediate_size"]),
+                vocab=int(config["vocab_size"]),
+                tied=bool(config.get("tie_word_embeddings", True)),
+                qkv_bias=kind == "qwen2" or attention_bias,
+                o_bias=attention_bias and kind != "qwen2",
+                mlp_bias=bool(config.get("mlp_bias", False)),
+                gated=kind in GATED_MLP,
+            )
+        except KeyError as e:
+            raise PuddingError(f"{where}: missing {e.args[0]!r} (needed for FLOPs)") from None
+
+    # --- parameters -----------------------------------------------------------------------------
+
+    def attention_params(self) -> int:
+        q = o = self.heads * self.head_dim
+        kv = self.kv_heads * self.head_dim
+        weights = self.hidden * (q + 2 * kv) + o * self.hidden
+        return weights + self.qkv_bias * (q + 2 * kv) + self.o_bias * self.hidden
+
+    def mlp_params(self) -> int:
+        n = 3 if self.gated else 2
+        bias = self.mlp_bias * ((n - 1) * self.intermediate + self.hidden)
+        return n * self.hidden * self.intermediate + bias
+
+    def block_params(self) -> int:
+        """One decoder block: attention, MLP and its two norm weights."""
+        return self.attention_params() + self.mlp_params() + 2 * self.hidden
+
+    def embedding_params(self) -> int:
+        return self.vocab * self.hidden
+
+    def head_params(self) -> int:
+        """The final norm (the LM head matrix is counted in `decode_bytes`, tied or not)."""
+        return self.hidden
+
+    # --- FLOPs per token ------------------------------------------------------------------------
+
+    def block_flops(self, context: float) -> float:
+        """One block for one token that attends `context` positions (itself included)."""
+        scores = 4 * self.heads * self.head_dim * context  # q.k and the weighted sum of v
+        return 2 * self.attention_params() + scores + 2 * self.mlp_params()
+
+    def head_flops(self) -> float:
+        return 2 * self.vocab * self.hidden
+
+    def prefill_flops(self, prompt: int, skipped: int = 0) -> float:
+        """A whole prompt through the kept blocks (causal: token i attends i + 1 positions),
+        then the LM head for the last position only (mlx-lm never evaluates the others)."""
+        mean_context = (prompt + 1) / 2
+        kept = self.layers - skipped
+        return kept * prompt * self.block_flops(mean_context) + self.head_flops()
+
+    def decode_flops(self, context: int, skipped: int = 0) -> float:
+        return (self.layers - skipped) * self.block_flops(context) + self.head_flops()
+
+    # --- bytes read per decoded token -----------------------------------------------------------
+
+    def decode_bytes(self, context: int, bytes_per_param: float, kv_bytes: float,
+                     skipped: int = 0) -> float:
+        """Weights of the kept blocks and the LM head, one embedding row, and the KV cache of
+        `context` positions in each kept block (`kv_bytes` per cached value)."""
+        kv = 2 * self.kv_heads * self.head_dim * context * kv_bytes
+        per_block = self.block_params() * bytes_per_param + kv
+        outside = (self.hidden + self.head_params() + self.vocab * self.hidden) * bytes_per_param
+        return (self.layers - skipped) * per_block + outside
+
+
+def prefill_ideal(shape: Shape, prompt: int, skipped: int) -> float:
+    """Ideal prefill speedup (= time to first token, router aside) skipping `skipped` blocks."""
+    return shape.prefill_flops(prompt) / shape.prefill_flops(prompt, skipped)
+
+
+def decode_ideal(shape: Shape, context: int, skipped: int, bytes_per_param: float,
+                 kv_bytes: float | None = None) -> float:
+    """Ideal decoding speedup at `context` cached positions, from the bytes read per token."""
+    kv = bytes_per_param if kv_bytes is None else kv_bytes
+    return (shape.decode_bytes(context, bytes_per_param, kv)
+            / shape.decode_bytes(context, bytes_per_param, kv, skipped))
+
+
+def decode_flops_ideal(shape: Shape, context: int, skipped: int) -> float:
+    """The same from FLOPs (what a compute-bound decoder would reach)."""
+    return shape.decode_flops(context) / shape.decode_flops(context, skipped)
+
+
+def combined_ideal(phase_seconds: list[float], phase_ideals: list[float]) -> float:
+    """Ideal speedup of a request made of phases (e.g. prefill then decoding), each taking
+    `phase_seconds` dense and sped up ideally by its own factor."""
+    ideal_seconds = sum(t / s for t, s in zip(phase_seconds, phase_ideals, strict=True))
+    return sum(phase_seconds) / ideal_seconds
