@@ -1,0 +1,143 @@
+"""Per-question answer log-likelihoods for `pudding eval`: the two backends and the resumable
+on-disk cache of their results.
+
+A backend scores questions, each a list of (context, continuation) requests, with a skip set
+and returns per question the summed log-prob and the token count of every continuation. The
+MLX backend runs the bundle's model (`loglik`); the torch backend runs an HF model through
+`convert.scoring.answer_logprobs` (CUDA machines). Both tokenise the same way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from .errors import PuddingError
+from .loglik import encode_requests, score_requests
+
+Request = tuple[str, str]
+QuestionScores = tuple[list[float], list[int]]  # summed log-prob, token count per request
+
+
+class MLXScorer:
+    """Scores with the bundle's mlx-lm model, running only the kept blocks."""
+
+    def __init__(self, pm):
+        self.pm = pm
+        self.max_length = int(pm.config.get("max_position_embeddings", 2048))
+        model_files = sorted((k, v) for k, v in pm.manifest.files.items()
+                             if k.startswith("model/"))
+        self.fingerprint = {"backend": "mlx", "model": _digest(model_files)}
+
+    def score(self, questions: Sequence[Sequence[Request]],
+              skip: Sequence[int]) -> list[QuestionScores]:
+        view = self.pm.view(list(skip))
+
+        def make_cache():
+            return self.pm.make_cache(list(skip))
+
+        tok = self.pm.tokenizer
+        return [score_requests(view, make_cache, encode_requests(tok, q), self.max_length)
+                for q in questions]
+
+
+class TorchScorer:
+    """Scores with an HF torch model (`convert.scoring`), e.g. on a CUDA machine."""
+
+    def __init__(self, source: str, device: str = "auto", dtype: str = "auto",
+                 batch_size: int = 16):
+        from convert.assets import load_causal_lm
+        from convert.device import choose_dtype, resolve_device
+
+        dev = resolve_device(device)
+        torch_dtype = choose_dtype(dev, dtype)
+        self.model, self.tokenizer = load_causal_lm(source, dtype=torch_dtype, device=dev)
+        self.batch_size = batch_size
+        self.description = f"torch {dev} {str(torch_dtype).removeprefix('torch.')}"
+        self.fingerprint = {"backend": "torch", "source": _source_id(source),
+                            "dtype": str(torch_dtype)}
+
+    def score(self, questions: Sequence[Sequence[Request]],
+              skip: Sequence[int]) -> list[QuestionScores]:
+        from convert.scoring import answer_logprobs
+
+        flat = [r for q in questions for r in q]
+        sums = answer_logprobs(self.model, self.tokenizer, flat, skip=skip,
+                               batch_size=self.batch_size, reduce="sum")
+        counts = [len(c) for _, c in encode_requests(self.tokenizer, flat)]
+        out, at = [], 0
+        for q in questions:
+            out.append(([float(s) for s in sums[at:at + len(q)]], counts[at:at + len(q)]))
+            at += len(q)
+        return out
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _source_id(source: str) -> str:
+    """A model source's identity: the sha256 of its config and weights' names and sizes."""
+    path = Path(source)
+    if not path.exists():
+        return str(source)
+    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
+    return _digest([(p.name, p.stat().st_size) for p in files] + [str(path.resolve())])
+
+
+class ScoreCache:
+    """Resumable results under `folder`: one JSON file per (task, name), qid -> value.
+
+    A file is reused only when its fingerprint (backend, model, request format) matches;
+    writes are atomic (temporary file, then os.replace).
+    """
+
+    def __init__(self, folder: str | Path, fingerprint: dict):
+        self.folder = Path(folder)
+        self.fingerprint = fingerprint
+
+    def path(self, task: str, name: str) -> Path:
+        return self.folder / task / f"{name}.json"
+
+    def load(self, task: str, name: str, extra: dict | None = None) -> dict:
+        path = self.path(task, name)
+        if not path.is_file():
+            return {}
+        try:
+            d = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise PuddingError(f"{path}: unreadable cached result ({e}); delete it") from None
+        if d.get("fingerprint") != {**self.fingerprint, **(extra or {})}:
+            return {}
+        return d["values"]
+
+    def save(self, task: str, name: str, values: dict, extra: dict | None = None) -> None:
+        path = self.path(task, name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"fingerprint": {**self.fingerprint, **(extra or {})},
+                                   "values": values}))
+        os.replace(tmp, path)
+
+    def fill(self, task: str, name: str, qids: Sequence[str],
+             compute: Callable[[list[int]], list], chunk: int = 128, desc: str = "",
+             extra: dict | None = None) -> dict:
+        """Values for every qid: cached ones reused, the rest computed `chunk` at a time
+        (`compute` gets indices into `qids`) and saved after each chunk."""
+        from tqdm.auto import tqdm
+
+        values = self.load(task, name, extra)
+        todo = [i for i, q in enumerate(qids) if q not in values]
+        todo = list({qids[i]: i for i in todo}.values())  # a repeated qid is scored once
+        with tqdm(total=len(set(qids)), initial=len(set(qids)) - len(todo), desc=desc,
+                  unit="q", leave=False) as bar:
+            for start in range(0, len(todo), chunk):
+                part = todo[start:start + chunk]
+                for i, v in zip(part, compute(part), strict=True):
+                    values[qids[i]] = v
+                self.save(task, name, values, extra)
+                bar.update(len(part))
+        return values

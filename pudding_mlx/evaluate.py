@@ -1,0 +1,540 @@
+"""`pudding eval`: zero-shot accuracy of dense, static, routed (PuDDing), oracle and random skip
+sets on the commonsense tasks, side by side, with paired bootstrap intervals.
+
+Protocol (lm-evaluation-harness, zero-shot): each task's lm-eval context and choices
+(`convert.tasks`, target delimiter " "), acc = argmax of the summed log-likelihood, acc_norm =
+argmax of it divided by the choice's length in characters, WinoGrande partial scoring.
+
+Every skip set that some method needs is scored once per question (cached in --output, so an
+interrupted run resumes); the methods only pick, per question, whose scores count:
+- dense / static:<name>: one fixed set for every question;
+- pudding: the router's pick for the question, made once from the question alone (`router_text`);
+- oracle: the candidate that ranks the gold answer best (largest margin of gold over the best
+  other choice under the task's metric): correct whenever any candidate is;
+- random: a uniformly random candidate per question (seeded).
+
+Splits: validation, or test for ARC / OpenBookQA when a local test split exists; HellaSwag
+always excludes `convert.data.hellaswag_holdout` (the rows used for calibration and labels).
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import click
+import numpy as np
+
+from .errors import PuddingError
+from .eval_stats import above_chance, chance_level, decide, gold_margin, paired_bootstrap
+
+DEFAULT_TASKS = ("arc_challenge", "arc_easy", "boolq", "hellaswag", "piqa", "winogrande",
+                 "openbookqa")
+DEFAULT_METHODS = "dense,static:*,static:best,pudding,oracle,random"
+ROUTED = ("pudding", "oracle", "random")
+TEST_SPLIT_TASKS = ("arc_challenge", "arc_easy", "openbookqa")
+BEST_CRITERION = ("mean over a seeded train-split slice of each calibration task (HellaSwag: "
+                  "the holdout) of the gold answer's mean token log-likelihood in the method's "
+                  "prompt format (the search's likelihood loss)")
+
+
+@dataclass
+class EvalSettings:
+    bundle: str
+    output: str
+    tasks: tuple[str, ...] = DEFAULT_TASKS
+    methods: str = DEFAULT_METHODS
+    limit: int | None = None  # per task: a seeded random subset, kept in data order
+    backend: str = "mlx"
+    torch_model: str | None = None  # torch backend: HF source [default: the bundle's model/]
+    device: str = "auto"
+    dtype: str = "auto"
+    batch_size: int = 16
+    extra_sets: dict[str, list[int]] = field(default_factory=dict)
+    baseline: str | None = None  # the row the delta column compares to [default: bundle static]
+    best_slice: int = 32  # static:best: train examples per calibration task
+    data_dir: str | None = None
+    seed: int = 0
+    resamples: int = 2000
+    verify: bool = True
+    command: str = ""
+
+
+# --- data ----------------------------------------------------------------------------------------
+
+
+def eval_split(task: str, data_dir: str | None) -> str:
+    """"test" for ARC and OpenBookQA when a local test split exists, else "validation"."""
+    from convert import assets
+    from convert.data import find_split
+
+    if task in TEST_SPLIT_TASKS:
+        dirs = [Path(data_dir)] if data_dir else assets.default_data_dirs()
+        if any(find_split(d, task, "test") for d in dirs):
+            return "test"
+    return "validation"
+
+
+def eval_examples(task: str, data_dir: str | None, limit: int | None, seed: int):
+    """(split, examples): the evaluation rows of a task, a seeded subset of `limit` of them."""
+    from convert.data import load_examples
+
+    split = eval_split(task, data_dir)
+    examples = load_examples(task, split, data_dir)  # HellaSwag: minus the holdout
+    if limit is not None and limit < len(examples):
+        rng = np.random.default_rng([seed, zlib.crc32(task.encode())])
+        keep = np.sort(rng.choice(len(examples), size=limit, replace=False))
+        examples = [examples[i] for i in keep]
+    return split, examples
+
+
+def router_text(example) -> str:
+    """What the router reads for a question: the method's context without any answer
+    ("Question: ...\\nAnswer:", BoolQ's passage and question); for WinoGrande, whose options
+    fill a blank, the sentence with the blank "_" left in it."""
+    context, continuation = example.prompt[0]
+    if example.task == "winogrande":
+        return context[:len(context) - len(example.choices[0])] + "_" + continuation
+    return context
+
+
+# --- skip sets and methods -----------------------------------------------------------------------
+
+
+def set_key(skip: Sequence[int]) -> str:
+    """File-name key of a skip set (scores are cached per set, whatever its name)."""
+    return "skip-" + "-".join(map(str, sorted(skip))) if skip else "dense"
+
+
+def parse_set(value: str) -> tuple[str, list[int]]:
+    """--extra-set "name=3,7,9" -> ("name", [3, 7, 9])."""
+    name, sep, blocks = value.partition("=")
+    try:
+        skip = sorted(int(b) for b in blocks.split(",") if b.strip())
+    except ValueError:
+        skip = None
+    if not sep or not name or skip is None or name in ("best", "*"):
+        raise PuddingError(f"--extra-set {value!r}: expected NAME=3,7,9 (NAME not 'best')")
+    return name, skip
+
+
+def read_sets_file(path: str | Path) -> dict[str, list[int]]:
+    """Named skip sets from a candidates file (`pudding search`'s, a SLEB run's): a JSON list
+    or {"candidates": [...]}, each {"name": ..., "skip": [...]}."""
+    from convert.to_bundle import read_candidates
+
+    return {c.name: sorted(c.skip) for c in read_candidates(path)[0]}
+
+
+def named_sets(pm, extra: dict[str, list[int]]) -> dict[str, list[int]]:
+    """Every fixed set by name: the candidates (router order), the bundle's static set, extras."""
+    sets = {c.name: sorted(c.skip) for c in pm.candidates}
+    static = pm.manifest.static
+    if sets.get(static.name, sorted(static.skip)) != sorted(static.skip):
+        raise PuddingError(f"{pm.path}: static set {static.name!r} differs from the candidate "
+                           "of the same name")
+    sets[static.name] = sorted(static.skip)
+    for name, skip in extra.items():
+        if name in sets and sets[name] != skip:
+            raise PuddingError(f"extra set {name!r} clashes with a bundle set of that name")
+        sets[name] = skip
+    return sets
+
+
+def parse_methods(spec: str, sets: dict[str, list[int]], candidates: Sequence[str],
+                  static_name: str) -> list[str]:
+    """Method names in table order from e.g. "dense,static:*,pudding": dense, static (the
+    bundle's static set), static:<name>, static:* (every named set), static:best, pudding,
+    oracle, random; "all" is the default list."""
+    tokens = [t.strip() for t in (DEFAULT_METHODS if spec == "all" else spec).split(",")]
+    out: list[str] = []
+    for t in filter(None, tokens):
+        if t == "static":
+            t = f"static:{static_name}"
+        if t == "static:*":
+            names = [*candidates, *(n for n in sets if n not in candidates)]
+            out += [f"static:{n}" for n in names]
+        elif t in ("dense", "static:best", *ROUTED) or (t.startswith("static:")
+                                                         and t[7:] in sets):
+            out.append(t)
+        else:
+            raise PuddingError(f"--methods: unknown method {t!r}; use dense, static, "
+                               f"static:<{'|'.join(sets)}>, static:*, static:best, pudding, "
+                               "oracle, random")
+    return sorted(dict.fromkeys(out), key=_method_rank)
+
+
+def _method_rank(m: str) -> int:
+    """Table order: dense, fixed sets, static:best, pudding, oracle, random (stable within)."""
+    if m == "dense":
+        return 0
+    if m in ROUTED:
+        return 3 + ROUTED.index(m)
+    return 2 if m == "static:best" else 1
+
+
+# --- scoring -------------------------------------------------------------------------------------
+
+
+def route_questions(pm, cache, task: str, examples, batch: int = 32) -> dict[str, str]:
+    """qid -> name of the candidate the router picks (cached); an empty text gets the static
+    set, as PuddingModel.route does."""
+    names = [c.name for c in pm.candidates]
+    qids = [e.qid for e in examples]
+
+    def compute(idx: list[int]) -> list[str]:
+        texts = [router_text(examples[i]) for i in idx]
+        out = [pm.manifest.static.name] * len(texts)
+        live = [j for j, t in enumerate(texts) if t.strip()]
+        for s in range(0, len(live), batch):
+            part = live[s:s + batch]
+            scores = pm.router.scores_batch([texts[j] for j in part])
+            for j, row in zip(part, scores, strict=True):
+                out[j] = names[int(np.argmax(row))]
+        return out
+
+    router_files = sorted((k, v) for k, v in pm.manifest.files.items() if k.startswith("router/"))
+    from .eval_scoring import _digest
+
+    extra = {"router": _digest([router_files, names, pm.manifest.static.name]),
+             "text": "router_text-v1"}
+    return cache.fill(task, "routes", qids, compute, chunk=512, desc=f"{task} routing",
+                      extra=extra)
+
+
+def set_scores(scorer, cache, task: str, examples, skip: Sequence[int], fmt: str = "eval",
+               gold_only: bool = False) -> dict[str, list]:
+    """qid -> [summed log-probs, token counts] of a question's requests under one skip set."""
+    qids = [e.qid for e in examples]
+
+    def requests(e):
+        reqs = e.eval if fmt == "eval" else e.prompt
+        return [reqs[e.gold]] if gold_only else list(reqs)
+
+    def compute(idx: list[int]) -> list:
+        return [list(r) for r in scorer.score([requests(examples[i]) for i in idx], skip)]
+
+    name = set_key(skip) + ("-gold" if gold_only else "")
+    return cache.fill(task, name, qids, compute, desc=f"{task} {set_key(skip)}",
+                      extra={"format": fmt})
+
+
+def best_static(pm, scorer, cache, n: int, seed: int, data_dir: str | None) -> dict:
+    """The candidate with the best likelihood loss on a train-split slice (see BEST_CRITERION)."""
+    from convert.data import calibration_examples
+    from convert.tasks import CALIBRATION_TASKS
+
+    per_task: dict[str, int] = {}
+    values: dict[str, list[float]] = {c.name: [] for c in pm.candidates}
+    for task in CALIBRATION_TASKS:
+        try:
+            examples = calibration_examples(task, n, seed, data_dir)
+        except PuddingError as e:
+            click.echo(f"static:best: skipping {task} ({e})", err=True)
+            continue
+        per_task[task] = len(examples)
+        for c in pm.candidates:
+            got = set_scores(scorer, cache, f"best-slice-{task}", examples, c.skip, "prompt",
+                             gold_only=True)
+            values[c.name] += [got[e.qid][0][0] / got[e.qid][1][0] for e in examples]
+    if not per_task:
+        raise PuddingError("static:best: no calibration task has train data; pass --data-dir")
+    means = {name: float(np.mean(v)) for name, v in values.items()}
+    best = max(means, key=lambda name: means[name])
+    return {"name": best, "criterion": BEST_CRITERION, "mean_loglik": means,
+            "slice": per_task, "seed": seed}
+
+
+# --- methods from scores -------------------------------------------------------------------------
+
+
+def task_outcomes(task, examples, methods: list[str], sets: dict[str, list[int]],
+                  candidates: list[str], scores: dict[str, dict], routes: dict[str, str] | None,
+                  best: str | None, seed: int) -> dict:
+    """Per method: chosen set per question and per-question correctness (acc and acc_norm)."""
+    norm = task.metric == "acc_norm"
+    rng = np.random.default_rng([seed, zlib.crc32(task.name.encode())])
+    random_pick = rng.integers(0, len(candidates), size=len(examples))
+
+    def ll(name: str, e) -> list[float]:
+        return scores[set_key(sets[name])][e.qid][0]
+
+    out = {}
+    for m in methods:
+        chosen = []
+        for q, e in enumerate(examples):
+            if m == "dense":
+                chosen.append(None)
+            elif m == "static:best":
+                chosen.append(best)
+            elif m.startswith("static:"):
+                chosen.append(m[7:])
+            elif m == "pudding":
+                chosen.append(routes[e.qid])
+            elif m == "random":
+                chosen.append(candidates[random_pick[q]])
+            else:  # oracle: first candidate with the largest gold margin
+                margins = [gold_margin(ll(c, e), e.choices, e.gold, norm) for c in candidates]
+                chosen.append(candidates[int(np.argmax(margins))])
+        lls = [scores["dense"][e.qid][0] if c is None else ll(c, e)
+               for c, e in zip(chosen, examples, strict=True)]
+        acc = [int(decide(x, e.choices, False) == e.gold) for x, e in zip(lls, examples,
+                                                                           strict=True)]
+        acc_norm = [int(decide(x, e.choices, True) == e.gold) for x, e in zip(lls, examples,
+                                                                              strict=True)]
+        out[m] = {"chosen": chosen, "acc": acc, "acc_norm": acc_norm,
+                  "correct": acc_norm if norm else acc}
+    return out
+
+
+def needed_sets(methods: list[str], sets: dict[str, list[int]], candidates: list[str],
+                best: str | None, static_name: str, routes_use_static: bool) -> list[list[int]]:
+    """The distinct skip sets to score for one task."""
+    need: list[list[int]] = []
+    for m in methods:
+        if m == "dense":
+            need.append([])
+        elif m == "static:best":
+            need.append(sets[best])
+        elif m.startswith("static:"):
+            need.append(sets[m[7:]])
+        else:
+            need += [sets[c] for c in candidates]
+    if routes_use_static:
+        need.append(sets[static_name])
+    return list({set_key(s): s for s in need}.values())
+
+
+# --- the run -------------------------------------------------------------------------------------
+
+
+def _torch_source(pm, settings: EvalSettings) -> str:
+    """The HF source for the torch backend: --torch-model, else the bundle's model/ folder when
+    transformers can read it (not MLX-quantized), else the manifest's base model."""
+    import json
+
+    if settings.torch_model:
+        return settings.torch_model
+    config = json.loads((pm.path / "model" / "config.json").read_text())
+    if "quantization" in config:
+        return pm.manifest.base_model
+    return str(pm.path / "model")
+
+
+def run_eval(settings: EvalSettings) -> dict:
+    """Score, derive every method, compare, and write results.json / results.md / the heat map
+    to settings.output. Returns the results dict."""
+    from convert.tasks import EVAL_TASKS, get_task
+
+    from . import eval_report
+    from .eval_scoring import MLXScorer, ScoreCache, TorchScorer
+    from .model import load
+
+    out = Path(settings.output)
+    tasks = [get_task(t) for t in settings.tasks]
+    if settings.backend not in ("mlx", "torch"):
+        raise PuddingError(f"--backend {settings.backend}: expected mlx or torch")
+    pm = load(settings.bundle, verify=settings.verify, lazy=settings.backend == "torch")
+    sets = named_sets(pm, settings.extra_sets)
+    candidates = [c.name for c in pm.candidates]
+    static_name = pm.manifest.static.name
+    methods = parse_methods(settings.methods, sets, candidates, static_name)
+    baseline = settings.baseline or f"static:{static_name}"
+    if baseline not in methods:
+        baseline = None if settings.baseline is None else _bad_baseline(settings.baseline, methods)
+
+    if settings.backend == "mlx":
+        scorer, backend = MLXScorer(pm), "mlx"
+    else:
+        source = _torch_source(pm, settings)
+        click.echo(f"Loading {source} for the torch backend", err=True)
+        scorer = TorchScorer(source, settings.device, settings.dtype, settings.batch_size)
+        backend = scorer.description
+    cache = ScoreCache(out / "cache", scorer.fingerprint)
+
+    best = None
+    if "static:best" in methods:
+        seed = int(pm.manifest.extra.get("search_settings", {}).get("seed", settings.seed))
+        best = best_static(pm, scorer, cache, settings.best_slice, seed, settings.data_dir)
+        click.echo(f"static:best = {best['name']} (mean gold log-lik "
+                   f"{best['mean_loglik'][best['name']]:.4f})", err=True)
+    best_name = best["name"] if best else None
+
+    per_task = {}
+    for ti, task in enumerate(tasks, 1):
+        split, examples = eval_examples(task.name, settings.data_dir, settings.limit,
+                                        settings.seed)
+        if not examples:
+            raise PuddingError(f"{task.name}/{split}: no examples")
+        routes = (route_questions(pm, cache, task.name, examples)
+                  if any(m in methods for m in ROUTED) else None)
+        use_static = routes is not None and static_name in set(routes.values())
+        need = needed_sets(methods, sets, candidates, best_name, static_name, use_static)
+        scores = {}
+        for si, skip in enumerate(need, 1):
+            click.echo(f"[task {ti}/{len(tasks)} {task.name} ({split}, {len(examples)} q)] "
+                       f"set {si}/{len(need)}: {set_key(skip)}", err=True)
+            scores[set_key(skip)] = set_scores(scorer, cache, task.name, examples, skip)
+        outcomes = task_outcomes(task, examples, methods, sets, candidates, scores, routes,
+                                 best_name, settings.seed)
+        per_task[task.name] = _task_summary(task, split, examples, outcomes, sets,
+                                            pm.manifest.num_blocks, settings)
+
+    results = {
+        "command": settings.command,
+        "bundle": str(Path(settings.bundle).resolve()),
+        "base_model": pm.manifest.base_model,
+        "num_blocks": pm.manifest.num_blocks,
+        "backend": backend,
+        "limit": settings.limit,
+        "seed": settings.seed,
+        "resamples": settings.resamples,
+        "methods": methods,
+        "baseline": baseline,
+        "candidates": candidates,
+        "static": static_name,
+        "sets": sets,
+        "static_best": best,
+        "tasks": per_task,
+        "averages": _averages(per_task, methods, EVAL_TASKS, settings),
+    }
+    eval_report.write_all(out, results)
+    return results
+
+
+def _bad_baseline(name: str, methods: list[str]):
+    raise PuddingError(f"--baseline {name!r} is not among the methods {methods}")
+
+
+def _task_summary(task, split: str, examples, outcomes: dict, sets: dict[str, list[int]],
+                  num_blocks: int, settings: EvalSettings) -> dict:
+    n = len(examples)
+    num_choices = [len(e.choices) for e in examples]
+    results = {}
+    for m, o in outcomes.items():
+        results[m] = {
+            "acc": float(np.mean(o["acc"])),
+            "acc_norm": None if task.name == "winogrande" else float(np.mean(o["acc_norm"])),
+            "score": float(np.mean(o["correct"])),
+            "correct": int(np.sum(o["correct"])),
+        }
+    pairs = {}
+    if "pudding" in outcomes:
+        for m in outcomes:
+            if m != "pudding":
+                pairs[m] = paired_bootstrap([(outcomes["pudding"]["correct"],
+                                              outcomes[m]["correct"])],
+                                            settings.resamples, settings.seed).to_dict()
+    skip_freq = None
+    if "pudding" in outcomes:
+        counts = np.zeros(num_blocks)
+        for name in outcomes["pudding"]["chosen"]:
+            counts[sets[name]] += 1
+        skip_freq = (counts / n).tolist()
+    questions = []
+    for q, e in enumerate(examples):
+        row = {"qid": e.qid, "gold": e.gold,
+               "correct": {m: o["correct"][q] for m, o in outcomes.items()}}
+        row.update({m: outcomes[m]["chosen"][q] for m in ROUTED if m in outcomes})
+        questions.append(row)
+    dense = outcomes.get("dense")
+    return {
+        "split": split + (" minus the calibration holdout" if task.name == "hellaswag" else ""),
+        "metric": task.metric,
+        "n": n,
+        "chance": chance_level(num_choices),
+        "dense_above_chance": (above_chance(float(np.mean(dense["correct"])), num_choices)
+                               if dense else None),
+        "results": results,
+        "pairs": pairs,
+        "skip_frequency": skip_freq,
+        "questions": questions,
+        "_correct": {m: o["correct"] for m, o in outcomes.items()},
+    }
+
+
+def _averages(per_task: dict, methods: list[str], eval_tasks: Sequence[str],
+              settings: EvalSettings) -> dict:
+    """Mean over the six headline tasks (those evaluated) and over those where dense is above
+    chance, with paired bootstrap intervals of pudding vs every other method."""
+    six = [t for t in eval_tasks if t in per_task]
+    groups = {"six": six,
+              "above_chance": [t for t in six if per_task[t]["dense_above_chance"]]}
+    out = {}
+    for key, names in groups.items():
+        if not names:
+            continue
+        entry = {"tasks": names,
+                 "results": {m: float(np.mean([per_task[t]["results"][m]["score"]
+                                               for t in names])) for m in methods},
+                 "pairs": {}}
+        if "pudding" in methods:
+            for m in methods:
+                if m != "pudding":
+                    entry["pairs"][m] = paired_bootstrap(
+                        [(per_task[t]["_correct"]["pudding"], per_task[t]["_correct"][m])
+                         for t in names], settings.resamples, settings.seed).to_dict()
+        out[key] = entry
+    for t in per_task.values():
+        del t["_correct"]
+    return out
+
+
+# --- the command ---------------------------------------------------------------------------------
+
+
+@click.command("eval")
+@click.argument("bundle", type=click.Path(file_okay=False))
+@click.option("--output", "-o", required=True, type=click.Path(file_okay=False),
+              help="Folder for results.md/.json, skip_heatmap.png and the resumable cache.")
+@click.option("--tasks", default=",".join(DEFAULT_TASKS), show_default=True)
+@click.option("--methods", default="all", show_default=True,
+              help=f"Comma list; 'all' = {DEFAULT_METHODS}. static = the bundle's static set, "
+                   "static:<name> any candidate or extra set, static:* all of them.")
+@click.option("--limit", type=int, default=None,
+              help="Questions per task: a seeded random subset (kept in data order).")
+@click.option("--backend", type=click.Choice(["mlx", "torch"]), default="mlx",
+              show_default=True)
+@click.option("--torch-model", default=None,
+              help="torch backend: HF id/folder/GGUF [default: the bundle's model/ folder].")
+@click.option("--device", default="auto", show_default=True, help="torch backend device.")
+@click.option("--dtype", default="auto", show_default=True, help="torch backend dtype.")
+@click.option("--batch-size", type=int, default=16, show_default=True,
+              help="torch backend rows per batch.")
+@click.option("--extra-set", multiple=True, help="Another fixed set, NAME=3,7,9 (repeatable).")
+@click.option("--sets-file", type=click.Path(exists=True, dir_okay=False),
+              help="More fixed sets from a candidates JSON file (e.g. a SLEB run).")
+@click.option("--baseline", default=None,
+              help="Method the delta column compares to [default: the bundle's static set].")
+@click.option("--best-slice", type=int, default=32, show_default=True,
+              help="static:best: train examples per calibration task.")
+@click.option("--data-dir", default=None, type=click.Path(file_okay=False))
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--resamples", type=int, default=2000, show_default=True,
+              help="Bootstrap resamples for the confidence intervals.")
+@click.option("--no-verify", is_flag=True, help="Skip the bundle's sha256 checks.")
+def evaluate(bundle, output, tasks, methods, limit, backend, torch_model, device, dtype,
+             batch_size, extra_set, sets_file, baseline, best_slice, data_dir, seed, resamples,
+             no_verify):
+    """Zero-shot accuracy of dense, static, routed, oracle and random skip sets, side by side."""
+    extra = read_sets_file(sets_file) if sets_file else {}
+    for value in extra_set:
+        name, skip = parse_set(value)
+        extra[name] = skip
+    if limit is not None and limit < 1:
+        raise PuddingError("--limit must be positive")
+    settings = EvalSettings(
+        bundle=bundle, output=output, tasks=tuple(t.strip() for t in tasks.split(",") if t),
+        methods=methods, limit=limit, backend=backend, torch_model=torch_model, device=device,
+        dtype=dtype, batch_size=batch_size, extra_sets=extra, baseline=baseline,
+        best_slice=best_slice, data_dir=data_dir, seed=seed, resamples=resamples,
+        verify=not no_verify, command="pudding " + shlex.join(sys.argv[1:]))
+    results = run_eval(settings)
+    from .eval_report import markdown
+
+    click.echo(markdown(results))
+    click.echo(f"Wrote {Path(output) / 'results.md'}, results.json and skip_heatmap.png")
