@@ -150,3 +150,21 @@ def test_settings_validation():
         MLXSettings("float64")
     with pytest.raises(PuddingError, match="q-bits"):
         MLXSettings("float16", True, 3)
+
+
+def test_lossy_q4_is_refused_unless_overridden(tiny):
+    from mlx_lm import load
+
+    from convert.to_mlx import tolerance_for
+
+    root, model, tok = tiny
+    out = root / "mlx_q4"
+    settings = MLXSettings("float32", True, 4)
+    convert_llm_to_mlx(root / "hf", out, settings)
+    mlx_model, mlx_tok = load(str(out))
+    refused = check_parity(model, tok, mlx_model, mlx_tok, [[]], "q4")
+    assert not refused.passed  # random tiny weights lose too much at 4 bits
+    kl = refused.results[0].mean_kl
+    accepted = check_parity(model, tok, mlx_model, mlx_tok, [[]], "q4",
+                            tolerance=tolerance_for("q4", max_kl=2 * kl))
+    assert accepted.passed, accepted.failures
