@@ -1,0 +1,159 @@
+"""pudding bench: interleaving, the arithmetic of the summary, that the routed request really
+runs only the kept blocks, and the command end to end on a tiny bundle."""
+
+import json
+
+import pytest
+from helpers import tiny_bundle
+from mlx.utils import tree_flatten
+
+from pudding_mlx.bench import (
+    Trial,
+    make_prompt,
+    measure,
+    memory_compare,
+    router_study,
+    run_request,
+    summarise,
+)
+from pudding_mlx.cli import main
+from pudding_mlx.flops import Shape, combined_ideal, decode_ideal, prefill_ideal
+from pudding_mlx.masking import layer_owner
+from pudding_mlx.model import load
+
+SETS = {"a": [1, 2], "b": [2, 3], "c": [3, 4]}
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    return tiny_bundle(tmp_path_factory.mktemp("bench") / "b", sets=SETS)
+
+
+def test_measure_interleaves_after_warmup():
+    seen = []
+    out = measure(lambda k: seen.append(k) or k, ["dense", "routed", "mlx-lm"], trials=3,
+                  warmup=1)
+    assert seen[:3] == ["dense", "routed", "mlx-lm"]
+    assert seen[3:] == ["dense", "routed", "mlx-lm", "routed", "mlx-lm", "dense",
+                        "mlx-lm", "dense", "routed"]
+    assert out == seen[3:]
+
+
+def _trial(kind, p, g, ttft, total, router=0.0):
+    return Trial(kind, p, g, router, ttft, total, p / ttft, 0.1)
+
+
+def test_summary_by_hand():
+    shape = Shape(hidden=8, layers=4, heads=2, kv_heads=1, head_dim=4, intermediate=16, vocab=10)
+    facts = {"shape": shape.__dict__, "bytes_per_param": 4.0, "kv_bytes": 4}
+    trials = [
+        # time to first token at 64 tokens: dense medians 2.0 s, routed 1.6 s (router 0.1 s)
+        *[_trial("dense", 64, 1, t, t) for t in (2.0, 2.2, 1.9)],
+        *[_trial("routed", 64, 1, t, t, 0.1) for t in (1.6, 1.5, 1.7)],
+        # 32 prompt + 9 tokens: dense ttft 1 s + 8 tokens in 4 s; routed 0.8 s + 8 in 2 s
+        *[_trial("dense", 32, 9, 1.0, 5.0)] * 3,
+        *[_trial("routed", 32, 9, 0.8, 2.8, 0.1)] * 3,
+        *[_trial("mlx-lm", 32, 9, 1.0, 4.0)] * 3,
+    ]
+    s = summarise(trials, facts, skipped=1)
+    (t,), (g,) = s["ttft"], s["generation"]
+    assert t["ttft_speedup"] == pytest.approx(2.0 / 1.6)
+    assert t["router_share_of_dense_ttft"] == pytest.approx(0.05)
+    assert t["ideal_prefill"] == pytest.approx(prefill_ideal(shape, 64, 1))
+    assert t["ttft_vs_ideal"] == pytest.approx(1.25 / prefill_ideal(shape, 64, 1))
+    assert t["dense"]["ttft_s"] == {"median": 2.0, "min": 1.9, "max": 2.2}
+    assert g["decode_speedup"] == pytest.approx((8 / 2.0) / (8 / 4.0))
+    assert g["total_speedup"] == pytest.approx(5.0 / 2.8)
+    d_ideal = decode_ideal(shape, 32 + 4, 1, 4.0, 4)
+    assert g["ideal_decode"] == pytest.approx(d_ideal)
+    assert g["ideal_total"] == pytest.approx(
+        combined_ideal([1.0, 4.0], [prefill_ideal(shape, 32, 1), d_ideal]))
+    (m,) = s["pudding_vs_mlx_lm"]
+    assert m["ttft_ratio"] == pytest.approx(1.0)
+    assert m["total_ratio"] == pytest.approx(5.0 / 4.0)
+
+
+def test_routed_request_runs_only_kept_blocks(bundle, monkeypatch):
+    pm = load(bundle.path, router_backend="mlx")
+    pm.tokenizer.eos_token_ids = set()
+    blocks = layer_owner(pm.model).layers
+    index = {id(b): i for i, b in enumerate(blocks)}
+    calls: list[int] = []
+    block_call = type(blocks[0]).__call__
+
+    def counting(self, *args, **kwargs):
+        calls.append(index[id(self)])
+        return block_call(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(blocks[0]), "__call__", counting)
+    tokens = make_prompt(pm.tokenizer, 12, seed=1)
+    text = "She poured the water into the glass"
+    route = pm.route(text)
+    for kind, skipped in (("dense", []), ("mlx-lm", []), ("routed", route.skip)):
+        calls.clear()
+        t = run_request(pm, kind, tokens, text, max_tokens=5)
+        assert t.gen_tokens == 5 and t.prompt_tokens == 12
+        assert (t.router_s > 0) == (kind == "routed")
+        assert t.ttft_s <= t.total_s
+        # mlx-lm: one prefill call, one call per token, one look-ahead step: 7 per kept block
+        counts = {i: calls.count(i) for i in range(6)}
+        assert counts == {i: 0 if i in skipped else 7 for i in range(6)}, kind
+    assert len(route.skip) == 2
+
+
+def test_make_prompt(bundle):
+    pm = load(bundle.path, router_backend="mlx")
+    a, b = make_prompt(pm.tokenizer, 50, 3), make_prompt(pm.tokenizer, 50, 3)
+    assert a == b and len(a) == 50 and all(0 <= i < pm.tokenizer.vocab_size for i in a)
+    ids = list(pm.tokenizer.encode("hello, how are you", add_special_tokens=False))
+    assert make_prompt(pm.tokenizer, 2 * len(ids) + 1, 0, "hello, how are you") == (
+        ids * 3)[: 2 * len(ids) + 1]
+
+
+def test_router_study_restores_router(bundle):
+    pm = load(bundle.path, router_backend="mlx")
+    before = pm.router.scores("hello, how are you today?")
+    rows = router_study(pm, "hello, how are you today? " * 10, trials=1, dense_ttft=1.0)
+    assert {(r["max_length"], r["num_layers"], r["compiled"]) for r in rows} >= {
+        (32, 2, False), (32, 2, True), (32, 1, False)}
+    assert len(pm.router.net.encoder.encoder.layer) == 2 and pm.router.max_length == 32
+    assert (pm.router.scores("hello, how are you today?") == before).all()
+
+
+def test_memory_lazy_routed_reads_less(bundle):
+    out = memory_compare(str(bundle.path), "router", None, "hello, how are you today?", "mlx")
+    d, r = out["dense"], out["routed"]
+    assert d["skip"] == [] and len(r["skip"]) == 2
+    # Two of six blocks are never materialised: at least their weights are saved.
+    pm = load(bundle.path, router_backend="mlx")
+    block_bytes = sum(v.nbytes for _, v in tree_flatten(pm.model.layers[1].parameters()))
+    assert d["active_gb"] - r["active_gb"] >= 2 * block_bytes / 1e9 * 0.99
+
+
+def test_cli_end_to_end(bundle, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PUDDING_OPENBLAS", "0")  # main() would re-exec the test process
+    out = tmp_path / "res"
+    main(["bench", "-b", str(bundle.path), "--prompt-lengths", "16,24", "--gen-lengths", "6",
+          "--gen-prompt", "8", "--trials", "2", "--warmup", "1", "--compare-mlx-lm",
+          "--router-study", "--output", str(out), "--note", "shared machine"])
+    text = capsys.readouterr().out
+    assert "Time to first token" in text and "pudding dense time / plain mlx-lm" in text
+    res = json.loads((out / "bench.json").read_text())
+    assert (out / "bench.png").read_bytes()[:4] == b"\x89PNG"
+    assert len(res["trials"]) == 3 * 3 * 2
+    assert {t["kind"] for t in res["trials"]} == {"dense", "routed", "mlx-lm"}
+    assert res["summary"]["skipped"] == 2 and res["notes"] == ["shared machine"]
+    assert [r["prompt_tokens"] for r in res["summary"]["ttft"]] == [16, 24]
+    assert res["machine"]["mlx"] and res["model"]["dtype"] == "float32"
+    assert res["router_study"]
+
+
+def test_cli_errors(bundle, capsys, monkeypatch):
+    monkeypatch.setenv("PUDDING_OPENBLAS", "0")
+    for args, msg in ((["--dense"], "always runs dense"),
+                      (["--prompt-lengths", "", "--gen-lengths", ""], "nothing to measure"),
+                      (["--skip", "0,1"], "protected")):
+        with pytest.raises(SystemExit) as e:
+            main(["bench", "-b", str(bundle.path), *args])
+        assert e.value.code == 2
+        assert msg in capsys.readouterr().err
