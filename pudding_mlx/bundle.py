@@ -172,6 +172,37 @@ def safe_relpath(rel: str, where: str = MANIFEST) -> str:
     return rel
 
 
+def check_safetensors(path: str | Path) -> None:
+    """A safetensors file is whole: its JSON header parses and every tensor's data lies inside
+    the file (catches truncated downloads before a loader reads them; reads only the header)."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            n = int.from_bytes(f.read(8), "little")
+            if size < 8 or n > size - 8:
+                raise BundleError(f"{path}: truncated safetensors file ({size} bytes)")
+            header = json.loads(f.read(n))
+    except OSError as e:
+        raise BundleError(f"{path}: cannot read ({e.strerror})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise BundleError(f"{path}: not a safetensors file (bad header)") from None
+    if not isinstance(header, dict):
+        raise BundleError(f"{path}: not a safetensors file (bad header)")
+    end = 0
+    for name, info in header.items():
+        offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        if name == "__metadata__":
+            continue
+        if not (isinstance(offsets, list) and len(offsets) == 2
+                and all(isinstance(o, int) for o in offsets)):
+            raise BundleError(f"{path}: tensor {name!r} has no valid data_offsets")
+        end = max(end, offsets[1])
+    if 8 + n + end > size:
+        raise BundleError(f"{path}: truncated safetensors file ({size} bytes, the header "
+                          f"describes {8 + n + end}); re-download or re-convert it")
+
+
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

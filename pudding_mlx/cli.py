@@ -96,7 +96,8 @@ def main(argv: list[str] | None = None) -> None:
     except PuddingError as e:
         if debug:
             raise
-        click.echo(f"error: {e}", err=True)
+        # One line, even when the message quotes a multi-line error from a library.
+        click.echo("error: " + " ".join(line.strip() for line in str(e).splitlines()), err=True)
         sys.exit(2)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)

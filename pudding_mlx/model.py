@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ from mlx_lm.generate import generate as lm_generate
 from mlx_lm.generate import stream_generate as lm_stream_generate
 from mlx_lm.models.cache import make_prompt_cache
 
-from .bundle import Candidate, Manifest, read_manifest, verify_files
+from .bundle import Candidate, Manifest, check_safetensors, read_manifest, verify_files
 from .errors import BundleError, PuddingError
 from .masking import check_skip, num_blocks, protected_blocks, skip_view
 from .router import Router, load_router
@@ -175,10 +176,22 @@ def load_lm(folder: str | Path, lazy: bool = False):
         raise BundleError(f"{config_path}: missing") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise BundleError(f"{config_path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise BundleError(f"{config_path}: expected a JSON object")
+    model_type = config.get("model_type")
+    # mlx-lm imports `mlx_lm.models.<model_type>`: a plain name only, never a dotted path.
+    if not isinstance(model_type, str) or not re.fullmatch(r"[A-Za-z0-9_-]+", model_type):
+        raise BundleError(f"{config_path}: missing or invalid model_type {model_type!r}")
+    for weights in sorted(folder.glob("model*.safetensors")):
+        check_safetensors(weights)
     try:
         model, tokenizer = lm_load(str(folder), model_config=rope_theta_fix(config), lazy=lazy)
     except (ValueError, FileNotFoundError, KeyError) as e:
         raise BundleError(f"{folder}: mlx-lm cannot load this model ({e})") from None
+    except Exception as e:  # mlx-lm and mlx raise bare RuntimeError/TypeError/... on bad files
+        raise BundleError(
+            f"{folder}: mlx-lm cannot load this model ({type(e).__name__}: {e})"
+        ) from e
     return model, tokenizer, config
 
 
@@ -193,7 +206,11 @@ def load(path: str | Path, router_backend: str = "auto", verify: bool = True,
     verify_files(path, manifest, hashes=verify)
     model, tokenizer, config = load_lm(path / "model", lazy=lazy)
     where = path / "model"
-    n = num_blocks(model)
+    try:
+        n = num_blocks(model)
+    except PuddingError as e:
+        raise BundleError(f"{where / 'config.json'}: model_type {config.get('model_type')!r}: "
+                          f"{e}") from None
     if n != manifest.num_blocks:
         raise BundleError(f"{where}: model has {n} blocks but the manifest says "
                           f"{manifest.num_blocks}")

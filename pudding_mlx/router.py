@@ -17,6 +17,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from .bundle import check_safetensors
 from .errors import BundleError, PuddingError
 
 BACKENDS = ("auto", "mlx", "coreml")
@@ -221,16 +222,23 @@ class MLXRouter(Router):
             raise BundleError(
                 f"{self.folder / 'config.json'}: activation {config['hidden_act']!r} unsupported"
             )
-        if max_length > config["max_position_embeddings"]:
+        try:
+            positions = config["max_position_embeddings"]
+            self.net = RouterNet(config, len(outputs), pooling)
+        except (KeyError, TypeError, ValueError) as e:
             raise BundleError(
-                f"{self.folder}: max_length {max_length} exceeds the encoder's "
-                f"{config['max_position_embeddings']} positions"
+                f"{self.folder / 'config.json'}: not a usable BERT config ({type(e).__name__}: {e})"
+            ) from None
+        if max_length > positions:
+            raise BundleError(
+                f"{self.folder}: max_length {max_length} exceeds the encoder's {positions} "
+                "positions"
             )
-        self.net = RouterNet(config, len(outputs), pooling)
         self._load_weights(config)
 
     def _load_weights(self, config: dict) -> None:
         path = self.folder / "model.safetensors"
+        check_safetensors(path)
         try:
             weights = mx.load(str(path))
         except Exception as e:  # mlx raises bare RuntimeError/ValueError on bad files
