@@ -79,7 +79,9 @@ class Router(nn.Module):
 
         path = Path(path)
         config = RouterConfig(**json.loads((path / ROUTER_CONFIG).read_text()))
-        encoder = AutoModel.from_config(AutoConfig.from_pretrained(path), add_pooling_layer=False)
+        enc_config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+        encoder = AutoModel.from_config(enc_config, add_pooling_layer=False,
+                                        trust_remote_code=False)
         router = cls(encoder, config)
         router.load_state_dict(load_file(str(path / WEIGHTS)))
         return router.eval()

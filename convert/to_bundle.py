@@ -265,7 +265,8 @@ def _router_checks(tmp: Path, router, outputs, prompts, settings: ConvertSetting
         package = tmp / "router.mlpackage"
         export_coreml(router, package, table,
                       ExportSettings(settings.coreml_precision, settings.coreml_lengths, "router"))
-        report = verify_mlpackage(package, router, AutoTokenizer.from_pretrained(tmp / "router"))
+        rtok = AutoTokenizer.from_pretrained(tmp / "router", trust_remote_code=False)
+        report = verify_mlpackage(package, router, rtok)
         extra["coreml"] = report.to_dict()
     return extra
 

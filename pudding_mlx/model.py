@@ -185,7 +185,8 @@ def load_lm(folder: str | Path, lazy: bool = False):
     for weights in sorted(folder.glob("model*.safetensors")):
         check_safetensors(weights)
     try:
-        model, tokenizer = lm_load(str(folder), model_config=rope_theta_fix(config), lazy=lazy)
+        model, tokenizer = lm_load(str(folder), model_config=rope_theta_fix(config), lazy=lazy,
+                                   tokenizer_config={"trust_remote_code": False})
     except (ValueError, FileNotFoundError, KeyError) as e:
         raise BundleError(f"{folder}: mlx-lm cannot load this model ({e})") from None
     except Exception as e:  # mlx-lm and mlx raise bare RuntimeError/TypeError/... on bad files
