@@ -207,7 +207,7 @@ def train(labels_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, device:
     y = _rows_targets(q, cfg.target)
 
     torch.manual_seed(cfg.seed)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.backbone)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.backbone, trust_remote_code=False)
     rcfg = RouterConfig(backbone=cfg.backbone, num_outputs=len(names), max_length=cfg.max_length,
                         pooling=cfg.pooling, outputs=names, target=cfg.target)
     router = Router.from_backbone(cfg.backbone, rcfg)
