@@ -200,3 +200,33 @@ def test_untrained_router_predicts_train_mean(tmp_path, tiny_encoder):
         fixed = {k: v for k, v in m["best_fixed"].items() if k != "candidate"}
         assert m["router_context"] == pytest.approx(fixed)
         assert m["router_rows"] == pytest.approx(fixed)
+
+
+def test_cli_writes_router_and_metrics(tmp_path, tiny_encoder):
+    import json
+
+    import torch
+    from click.testing import CliRunner
+
+    from convert.router_model import Router
+    from convert.train_router import train_router
+
+    labels = write_labels(tmp_path / "labels", num_questions=10)
+    out = tmp_path / "out"
+    args = [str(labels), "--out", str(out), "--backbone", tiny_encoder, "--epochs", "1",
+            "--num-layers", "1", "--max-length", "24", "--pooling", "cls", "--target", "margin"]
+    r = CliRunner().invoke(train_router, args)
+    assert r.exit_code == 0, r.output
+    assert "best fixed" in r.output and "oracle" in r.output
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["target"] == "margin" and m["candidates"] == ["c0", "c1", "c2"]
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "router"]
+    router = Router.load(out / "router")
+    assert len(router.encoder.encoder.layer) == 1
+    assert router.config.outputs == ["c0", "c1", "c2"] and router.config.pooling == "cls"
+    with torch.no_grad():
+        assert router(torch.tensor([[2, 5, 3]]), torch.ones(1, 3, dtype=torch.long)).shape == (1, 3)
+    # a rerun with the same settings reuses the result; other settings need --overwrite
+    assert CliRunner().invoke(train_router, args).exit_code == 0
+    r = CliRunner().invoke(train_router, [*args[:-2], "--target", "likelihood"])
+    assert r.exit_code != 0 and "--overwrite" in str(r.exception)
