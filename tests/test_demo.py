@@ -1,0 +1,88 @@
+"""`pudding demo --bundle`: the route the torch router picks, the routed answer HF torch decodes
+under that route, router time and both speeds for every prompt."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from click.testing import CliRunner
+from helpers import tiny_bundle
+
+import pudding_mlx
+from convert.demo import PROMPTS, cache_folder, run_prompt
+from pudding_mlx.cli import cli
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    return tiny_bundle(tmp_path_factory.mktemp("demo") / "b")
+
+
+def torch_route(built, prompt: str) -> str:
+    enc = built.router_tokenizer(prompt, truncation=True, max_length=32, return_tensors="pt")
+    with torch.no_grad():
+        scores = built.router(enc["input_ids"], enc["attention_mask"])[0]
+    return built.manifest.router.outputs[int(scores.argmax())]
+
+
+def torch_greedy(built, prompt: str, skip: list[int], n: int) -> list[int]:
+    """HF greedy decoding of the chat-templated prompt with the blocks in `skip` removed."""
+    hf, tok = built.model, built.tokenizer
+    ids = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True,
+                                  add_generation_prompt=True, return_dict=False)
+    full = hf.model.layers
+    hf.model.layers = torch.nn.ModuleList(b for i, b in enumerate(full) if i not in skip)
+    out: list[int] = []
+    try:
+        with torch.no_grad():
+            while len(out) < n and (not out or out[-1] != tok.eos_token_id):
+                out.append(int(hf(torch.tensor([ids + out]), use_cache=False).logits[0, -1]
+                               .argmax()))
+    finally:
+        hf.model.layers = full
+    return [t for t in out if t != tok.eos_token_id]
+
+
+def test_demo_shows_route_router_time_and_both_speeds(built):
+    result = CliRunner().invoke(cli, ["demo", "--bundle", str(built.path), "--max-tokens", "6"])
+    assert result.exit_code == 0, (result.output, result.exception)
+    out = result.output
+    blocks = [m.group(1) for m in re.finditer(r"^route: (\S+) \(skips blocks ([\d,]*) of 6; "
+                                              r"router (\d+\.\d) ms\)$", out, re.M)]
+    assert blocks == [torch_route(built, p) for _, p in PROMPTS]
+    for name, match in zip(blocks, re.finditer(r"skips blocks ([\d,]*) of", out), strict=True):
+        assert match.group(1) == ",".join(map(str, built.manifest.candidate(name).skip))
+    speeds = re.findall(r"^speed over (\d+) tokens: routed (\d+\.\d) tokens/s, dense "
+                        r"(\d+\.\d) tokens/s \((\d+\.\d\d)x\)$", out, re.M)
+    assert len(speeds) == len(PROMPTS)
+    assert all(1 <= int(n) <= 6 and float(r) > 0 and float(d) > 0 for n, r, d, _ in speeds)
+    for kind, prompt in PROMPTS:
+        assert f"] {kind}\n> {prompt}\n" in out
+
+
+def test_routed_answer_and_dense_run_of_the_same_length(built):
+    pm = pudding_mlx.load(built.path, router_backend="mlx")
+    _, prompt = PROMPTS[0]
+    r = run_prompt(pm, prompt, 6)
+    assert r["route"].name == torch_route(built, prompt)
+    ref = torch_greedy(built, prompt, r["route"].skip, 6)
+    # (mlx-lm's streaming detokenizer drops a leading space)
+    assert r["text"] == built.tokenizer.decode(ref).strip()
+    # the dense run never stops at end-of-sequence: it decodes as many tokens as the routed one
+    assert r["dense_tokens"] == r["tokens"] >= len(ref)
+
+
+def test_cache_folder(monkeypatch, tmp_path):
+    monkeypatch.setenv("PUDDING_CACHE", str(tmp_path / "c"))
+    assert cache_folder() == tmp_path / "c"
+    monkeypatch.delenv("PUDDING_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "x"))
+    assert cache_folder() == tmp_path / "x" / "pudding-mlx"
+
+
+def test_rebuild_and_bundle_exclude_each_other(built):
+    result = CliRunner().invoke(cli, ["demo", "--bundle", str(built.path), "--rebuild"])
+    assert result.exit_code != 0
+    assert "--rebuild" in str(result.exception)
