@@ -66,6 +66,12 @@ class Conversation:
             yield response
 
 
+def read_line(stream) -> str:
+    """One line of input; bytes that are not UTF-8 become U+FFFD instead of an error."""
+    raw = getattr(stream, "buffer", None)
+    return raw.readline().decode("utf-8", errors="replace") if raw else stream.readline()
+
+
 @click.command()
 @click.option("--bundle", "-b", required=True, type=click.Path(), help="PuDDing bundle folder.")
 @click.option("--max-tokens", "-m", default=256, show_default=True, type=int)
@@ -99,7 +105,7 @@ def chat(bundle, max_tokens, temp, top_p, seed, system_prompt, max_kv_size, rout
                f"router on {pm.router.backend}] {HELP}")
     while True:
         click.echo(">> ", nl=False)
-        line = sys.stdin.readline()
+        line = read_line(sys.stdin)
         if not line:
             click.echo()
             break

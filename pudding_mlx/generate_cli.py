@@ -95,6 +95,11 @@ def generate(bundle, prompt, max_tokens, temp, top_p, seed, system_prompt,
     tokens = pm.encode(prompt, not ignore_chat_template, system_prompt)
     if not tokens:
         raise PuddingError("the prompt is empty (and no chat template is applied)")
+    context = pm.config.get("max_position_embeddings")
+    if isinstance(context, int) and len(tokens) + max_tokens > context:
+        click.echo(f"note: the prompt ({len(tokens)} tokens) plus --max-tokens {max_tokens} "
+                   f"exceed the model's context of {context} tokens; expect worse output",
+                   err=True)
     route = pm.route(prompt, route_mode, skip)
     click.echo(describe_route(route, pm.manifest.num_blocks))
     click.echo("=" * 10)

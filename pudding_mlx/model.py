@@ -37,6 +37,15 @@ class Route:
     reason: str = "router"  # "router", "dense", "static", "skip", or "empty prompt"
 
 
+def clean_text(text: str) -> str:
+    """`text` with lone surrogates (undecodable bytes Python smuggles in from argv or stdin)
+    replaced by U+FFFD: tokenizers reject them."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "replace").decode("utf-8")
+
+
 @dataclass
 class PuddingModel:
     path: Path
@@ -55,6 +64,7 @@ class PuddingModel:
         fallback set without asking it), "dense" skips nothing, "static" takes the bundle's
         static set; an explicit `skip` list overrides the mode.
         """
+        prompt = clean_text(prompt)
         if skip is not None:
             s = list(check_skip(self.model, skip))
             return Route(None, "skip:" + ",".join(map(str, s)), s, reason="skip")
@@ -92,7 +102,8 @@ class PuddingModel:
     def encode(self, prompt: str, chat_template: bool = True,
                system_prompt: str | None = None) -> list[int]:
         """Prompt token ids, with the chat template applied like mlx_lm.generate does."""
-        tok = self.tokenizer
+        tok, prompt = self.tokenizer, clean_text(prompt)
+        system_prompt = clean_text(system_prompt) if system_prompt else system_prompt
         if chat_template and getattr(tok, "has_chat_template", False):
             messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
             messages.append({"role": "user", "content": prompt})
