@@ -1,0 +1,321 @@
+"""`pudding eval` against an independent reference: a plain HF torch forward pass with our own
+log-softmax and lm-eval's decision rules, written out by hand here."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import tiny_bundle
+
+TASKS = ("arc_easy", "arc_challenge", "hellaswag", "piqa", "winogrande", "boolq")
+WORDS = ("water", "glass", "egg", "plants", "air", "sky", "blue", "fine", "paris", "answer",
+         "question", "boil", "carbon", "capital", "france", "true", "empty", "thank", "you")
+
+
+def _text(rng: random.Random, n: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(n))
+
+
+def _distinct(rng: random.Random, k: int) -> list[str]:
+    """k choices of different texts and lengths (no exact ties between choices)."""
+    out: list[str] = []
+    while len(out) < k:
+        c = _text(rng, rng.randint(1, 4))
+        if all(c != o and len(c) != len(o) for o in out):
+            out.append(c)
+    return out
+
+
+def write_data(root: Path, n: int = 5, seed: int = 0) -> Path:
+    """Tiny rows in the hub formats: train (for static:best) and validation splits."""
+    rng = random.Random(seed)
+
+    def write(task, split, rows):
+        (root / task).mkdir(parents=True, exist_ok=True)
+        (root / task / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    for split in ("train", "validation"):
+        write("arc_easy", split, [
+            {"id": f"e-{split}-{i}", "question": _text(rng, 5) + "?",
+             "choices": {"text": _distinct(rng, 4), "label": list("ABCD")},
+             "answerKey": "ABCD"[i % 4]} for i in range(n)])
+        write("arc_challenge", split, [
+            {"id": f"c-{split}-{i}", "question": _text(rng, 5) + "?",
+             "choices": {"text": _distinct(rng, 3), "label": list("123")},
+             "answerKey": "123"[i % 3]} for i in range(n)])
+        write("piqa", split, [
+            {"goal": _text(rng, 4), **dict(zip(("sol1", "sol2"), _distinct(rng, 2), strict=True)),
+             "label": i % 2} for i in range(n)])
+        write("winogrande", split, [
+            {"sentence": _text(rng, 3) + " _ " + _text(rng, 3) + ".",
+             **dict(zip(("option1", "option2"), _distinct(rng, 2), strict=True)),
+             "answer": str(1 + i % 2)} for i in range(n)])
+    write("boolq", "validation", [
+        {"passage": _text(rng, 8), "question": _text(rng, 4), "answer": bool(i % 2)}
+        for i in range(n)])
+    # 2000 rows go to the calibration holdout; the rest (n) are evaluated.
+    write("hellaswag", "validation", [
+        {"ind": i, "activity_label": _text(rng, 1), "ctx_a": _text(rng, 4),
+         "ctx_b": _text(rng, 2), "ctx": "", "endings": _distinct(rng, 4), "label": str(i % 4)}
+        for i in range(2000 + n)])
+    return root
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    tb = tiny_bundle(root / "bundle", static=[3, 4])
+    data = write_data(root / "data")
+    return tb, data, root
+
+
+def run(tb, data, out, **kw):
+    from pudding_mlx.evaluate import EvalSettings, run_eval
+
+    kw.setdefault("methods", "dense,static,static:*,static:best,pudding,oracle,random")
+    s = EvalSettings(bundle=str(tb.path), output=str(out), tasks=TASKS, data_dir=str(data),
+                     best_slice=4, resamples=200, **kw)
+    return run_eval(s)
+
+
+# --- the reference, by hand ----------------------------------------------------------------------
+
+
+def hand_loglik(model, tok, context: str, continuation: str, skip=(), mean=False) -> float:
+    """log p(continuation | context): one plain forward of the concatenated ids (context and
+    continuation encoded separately), blocks in `skip` removed, our own log-softmax."""
+    import torch
+
+    ctx = tok.encode(context, add_special_tokens=False)
+    cont = tok.encode(continuation, add_special_tokens=False)
+    layers = model.model.layers
+    model.model.layers = torch.nn.ModuleList(b for i, b in enumerate(layers) if i not in skip)
+    try:
+        with torch.no_grad():
+            logits = model(torch.tensor([ctx + cont])).logits[0].double()
+    finally:
+        model.model.layers = layers
+    total = 0.0
+    for t, token in enumerate(cont):
+        row = logits[len(ctx) + t - 1]
+        total += float(row[token] - torch.logsumexp(row, dim=0))
+    return total / len(cont) if mean else total
+
+
+def hand_correct(model, tok, e, skip) -> dict[str, int]:
+    """acc and acc_norm correctness of one question: argmax of the summed log-lik, and of it
+    divided by the choice's length in characters; ties go to the first choice."""
+    ll = [hand_loglik(model, tok, c, a, skip) for c, a in e.eval]
+    normed = [x / len(choice) for x, choice in zip(ll, e.choices, strict=True)]
+
+    def first_max(v):
+        return max(range(len(v)), key=lambda i: (v[i], -i))
+
+    return {"acc": int(first_max(ll) == e.gold), "acc_norm": int(first_max(normed) == e.gold)}
+
+
+def hand_route(tb, text: str) -> str:
+    import torch
+
+    enc = tb.router_tokenizer([text], return_tensors="pt", truncation=True,
+                              max_length=tb.manifest.router.max_length)
+    with torch.no_grad():
+        scores = tb.router(enc["input_ids"], enc["attention_mask"])[0]
+    return tb.manifest.router.outputs[int(torch.argmax(scores))]
+
+
+def test_command_matches_hand_computed_accuracy(setup, tmp_path):
+    """acc, acc_norm and WinoGrande partial scoring for every method, recomputed by hand."""
+    from convert.data import calibration_examples, load_examples
+    from convert.tasks import CALIBRATION_TASKS, get_task
+
+    tb, data, _ = setup
+    res = run(tb, data, tmp_path / "out")
+    model, tok = tb.model, tb.tokenizer
+    sets = {c.name: c.skip for c in tb.manifest.candidates}
+    names = tb.manifest.router.outputs
+
+    # static:best: the largest mean gold log-lik (method format) on the train slice
+    means = {}
+    for name in names:
+        vals = []
+        for task in CALIBRATION_TASKS:
+            for e in calibration_examples(task, 4, 0, data):
+                c, a = e.prompt[e.gold]
+                vals.append(hand_loglik(model, tok, c, a, sets[name], mean=True))
+        means[name] = np.mean(vals)
+    assert res["static_best"]["name"] == max(means, key=means.get)
+
+    for task in TASKS:
+        t = get_task(task)
+        examples = load_examples(task, "validation", data)
+        got = res["tasks"][task]
+        assert [q["qid"] for q in got["questions"]] == [e.qid for e in examples]
+        skips = {"dense": (), **sets, "static": (3, 4)}
+        memo = {tuple(skip): [hand_correct(model, tok, e, skip) for e in examples]
+                for skip in {tuple(s) for s in skips.values()}}
+        both = {name: memo[tuple(skip)] for name, skip in skips.items()}
+        dense = got["results"]["dense"]
+        assert dense["acc"] == np.mean([c["acc"] for c in both["dense"]])
+        if task != "winogrande":
+            assert dense["acc_norm"] == np.mean([c["acc_norm"] for c in both["dense"]])
+        per_set = {name: [c[t.metric] for c in v] for name, v in both.items()}
+        expect = {"dense": per_set["dense"], "static:static": per_set["static"]}
+        expect.update({f"static:{n}": per_set[n] for n in names})
+        expect["static:best"] = per_set[res["static_best"]["name"]]
+        # pudding: the torch router's pick from the question alone
+        routed = []
+        for e in examples:
+            ctx, cont = e.prompt[0]
+            text = (ctx[:len(ctx) - len(e.choices[0])] + "_" + cont if task == "winogrande"
+                    else ctx)
+            routed.append(hand_route(tb, text))
+        assert [q["pudding"] for q in got["questions"]] == routed
+        expect["pudding"] = [per_set[r][i] for i, r in enumerate(routed)]
+        expect["oracle"] = [max(per_set[n][i] for n in names) for i in range(len(examples))]
+        expect["random"] = [per_set[q["random"]][i] for i, q in enumerate(got["questions"])]
+        for m, correct in expect.items():
+            assert [q["correct"][m] for q in got["questions"]] == correct, (task, m)
+            assert got["results"][m]["correct"] == sum(correct), (task, m)
+            assert got["results"][m]["score"] == sum(correct) / len(examples)
+    # the six-task average is the plain mean of the per-task scores
+    six = res["averages"]["six"]["results"]["pudding"]
+    assert six == pytest.approx(np.mean([res["tasks"][t]["results"]["pudding"]["score"]
+                                         for t in TASKS]))
+
+
+def test_torch_and_mlx_backends_agree(setup, tmp_path):
+    """Same tiny model: per-choice log-liks within 1e-3 and identical accuracies."""
+    tb, data, _ = setup
+    methods = "dense,static:*,pudding,oracle"
+    a = run(tb, data, tmp_path / "mlx", methods=methods)
+    b = run(tb, data, tmp_path / "torch", methods=methods, backend="torch", dtype="float32",
+            device="cpu")
+    for task in TASKS:
+        for m in a["methods"]:
+            diff = a["tasks"][task]["results"][m]["score"] - b["tasks"][task]["results"][m]["score"]
+            assert abs(diff) <= 0.005, (task, m)
+        for f in (tmp_path / "mlx" / "cache" / task).glob("skip-*.json"):
+            x = json.loads(f.read_text())["values"]
+            y = json.loads((tmp_path / "torch" / "cache" / task / f.name).read_text())["values"]
+            for q in x:
+                np.testing.assert_allclose(x[q][0], y[q][0], atol=1e-3)
+                assert x[q][1] == y[q][1]
+
+
+def test_rerun_reuses_cache_and_writes_outputs(setup, tmp_path, monkeypatch):
+    from pudding_mlx import eval_scoring
+
+    tb, data, _ = setup
+    out = tmp_path / "out"
+    first = run(tb, data, out, methods="dense,static:early,pudding")
+    assert {p.name for p in out.iterdir()} >= {"results.md", "results.json",
+                                               "skip_heatmap.png", "cache"}
+
+    def fail(*args, **kwargs):
+        raise AssertionError("scored again despite the cache")
+
+    monkeypatch.setattr(eval_scoring.MLXScorer, "score", fail)
+    again = run(tb, data, out, methods="dense,static:early,pudding", limit=3)
+    for task in TASKS:
+        qids = {q["qid"]: q for q in first["tasks"][task]["questions"]}
+        for q in again["tasks"][task]["questions"]:
+            assert q["correct"] == qids[q["qid"]]["correct"]
+        assert again["tasks"][task]["n"] == 3
+    freq = np.array(first["tasks"]["piqa"]["skip_frequency"])
+    assert freq.sum() == pytest.approx(2.0)  # every candidate skips two blocks
+
+
+def test_hellaswag_evaluation_excludes_holdout(setup):
+    from convert.data import load_examples
+    from pudding_mlx.evaluate import eval_examples
+
+    _, data, _ = setup
+    holdout = {e.qid for e in load_examples("hellaswag", "train", data)}
+    split, examples = eval_examples("hellaswag", str(data), None, 0)
+    assert split == "validation" and len(holdout) == 2000 and len(examples) == 5
+    assert not holdout & {e.qid for e in examples}
+
+
+def test_limit_is_a_seeded_subset_in_data_order(setup):
+    from pudding_mlx.evaluate import eval_examples
+
+    _, data, _ = setup
+    _, full = eval_examples("piqa", str(data), None, 0)
+    _, a = eval_examples("piqa", str(data), 4, 0)
+    _, b = eval_examples("piqa", str(data), 4, 0)
+    order = [e.qid for e in full]
+    assert [e.qid for e in a] == [e.qid for e in b]
+    assert [order.index(e.qid) for e in a] == sorted(order.index(e.qid) for e in a)
+
+
+def test_oracle_and_random_from_scores():
+    """Brute force over candidates on made-up log-liks."""
+    from convert.tasks import Example, get_task
+    from pudding_mlx.evaluate import task_outcomes
+
+    rng = np.random.default_rng(0)
+    sets = {"a": [1], "b": [2], "c": [3]}
+    examples, scores = [], {"dense": {}, "skip-1": {}, "skip-2": {}, "skip-3": {}}
+    for i in range(40):
+        choices = ("x", "yy", "zzz", "w")
+        examples.append(Example("hellaswag", f"q{i}", choices, i % 4, (), ()))
+        for key in scores:
+            scores[key][f"q{i}"] = [list(rng.normal(size=4) * 3), [1, 1, 1, 1]]
+    out = task_outcomes(get_task("hellaswag"), examples, ["oracle", "random"], sets,
+                        ["a", "b", "c"], scores, None, None, seed=7)
+    for q, e in enumerate(examples):
+        normed = {n: np.array(scores[f"skip-{s[0]}"][e.qid][0]) / [1, 2, 3, 1]
+                  for n, s in sets.items()}
+        margins = {n: v[e.gold] - np.delete(v, e.gold).max() for n, v in normed.items()}
+        assert out["oracle"]["chosen"][q] == max(margins, key=margins.get)
+        assert out["oracle"]["correct"][q] == int(max(margins.values()) > 0)
+        r = out["random"]["chosen"][q]
+        assert out["random"]["correct"][q] == int(np.argmax(normed[r]) == e.gold)
+    again = task_outcomes(get_task("hellaswag"), examples, ["random"], sets, ["a", "b", "c"],
+                          scores, None, None, seed=7)
+    assert again["random"]["chosen"] == out["random"]["chosen"]
+    assert len(set(out["random"]["chosen"])) == 3
+
+
+def test_method_and_set_parsing():
+    from pudding_mlx.errors import PuddingError
+    from pudding_mlx.evaluate import parse_methods, parse_set
+
+    sets = {"a": [1], "b": [2], "static": [3], "sleb": [4]}
+    got = parse_methods("random,pudding,static:*,dense,static", sets, ["a", "b"], "static")
+    assert got == ["dense", "static:a", "static:b", "static:static", "static:sleb", "pudding",
+                   "random"]
+    assert parse_set("sleb=9, 3,7") == ("sleb", [3, 7, 9])
+    for bad in ("sleb", "=1,2", "x=1,a", "best=1"):
+        with pytest.raises(PuddingError):
+            parse_set(bad)
+    with pytest.raises(PuddingError, match="unknown method"):
+        parse_methods("static:nope", sets, ["a", "b"], "static")
+
+
+def test_cli_runs_and_reports_bad_input(setup, tmp_path):
+    from click.testing import CliRunner
+
+    from pudding_mlx.errors import PuddingError
+    from pudding_mlx.evaluate import evaluate
+
+    tb, data, _ = setup
+    sets_file = tmp_path / "sleb.json"
+    sets_file.write_text(json.dumps([{"name": "sleb", "skip": [2, 4]}]))
+    args = [str(tb.path), "-o", str(tmp_path / "out"), "--data-dir", str(data), "--tasks",
+            "piqa,winogrande", "--methods", "dense,static:sleb,static:mine,pudding",
+            "--extra-set", "mine=1,5", "--sets-file", str(sets_file), "--limit", "4"]
+    r = CliRunner().invoke(evaluate, args, catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert res["methods"] == ["dense", "static:sleb", "static:mine", "pudding"]
+    assert res["sets"]["mine"] == [1, 5] and res["sets"]["sleb"] == [2, 4]
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "| static:mine |" in md and "pudding minus" in md
+    with pytest.raises(PuddingError, match="unknown method"):
+        CliRunner().invoke(evaluate, [*args[:5], "--methods", "nope"], catch_exceptions=False)
