@@ -66,8 +66,8 @@ class Manifest:
         if not isinstance(d, dict):
             raise BundleError(f"{where}: expected a JSON object")
         version = d.get("format_version")
-        if not isinstance(version, int):
-            raise BundleError(f"{where}: missing or invalid format_version")
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise BundleError(f"{where}: missing or invalid format_version {version!r}")
         if version > FORMAT_VERSION:
             raise BundleError(
                 f"{where}: format version {version} is newer than this pudding-mlx "
@@ -211,13 +211,16 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+IGNORED = frozenset({".DS_Store"})  # written by macOS Finder into any folder it shows
+
+
 def bundle_files(root: Path) -> list[str]:
     """Posix paths, relative to `root`, of every file except the manifest, sorted."""
     names = []
     for dirpath, _, files in os.walk(root):
         for name in files:
             rel = (Path(dirpath) / name).relative_to(root).as_posix()
-            if rel != MANIFEST:
+            if rel != MANIFEST and name not in IGNORED:
                 names.append(rel)
     return sorted(names)
 
