@@ -152,3 +152,24 @@ def test_resume_rewrites_only_missing_shards(setup, tmp_path):
     assert resumed.qid == full.qid
     with pytest.raises(PuddingError, match="other settings.*seed"):
         make_labels(out, _config(root, seed=7), device="cpu")
+
+
+@pytest.mark.slow
+def test_smollm2_labels_match_hf_forward(tmp_path):
+    """Two ARC-Easy questions on the real SmolLM2-135M (fp32), dense and a 3-block skip set."""
+    from convert.assets import default_model, load_causal_lm
+    from convert.label_store import read_labels
+    from convert.labels import LabelConfig, make_labels
+
+    cands = [{"name": "dense", "skip": []}, {"name": "s3", "skip": [5, 10, 20]},
+             {"name": "s2", "skip": [5, 12]}]
+    cfg = LabelConfig(model=default_model(), candidates=cands, tasks=["arc_easy"],
+                      max_examples_per_task=2, dtype="float32")
+    meta = make_labels(tmp_path / "out", cfg, device="cpu")
+    assert meta["stats"]["block_evals"] < meta["stats"]["naive_block_evals"]
+    t = read_labels(tmp_path / "out")
+    model, tok = load_causal_lm(default_model())
+    for r in range(len(t)):
+        want = [reference_loglik(model, tok, t.context[r], t.text[r][len(t.context[r]):],
+                                 c["skip"]) for c in cands]
+        np.testing.assert_allclose(t.loglik[r], want, atol=1e-4, err_msg=t.text[r])
