@@ -122,16 +122,12 @@ class Ranks:
     world: int = 1
 
     @classmethod
-    def from_env(cls, device) -> Ranks:
-        """Join the process group torchrun / accelerate launch set up in the environment."""
+    def current(cls) -> Ranks:
         import torch.distributed as td
 
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world == 1:
-            return cls()
-        if not td.is_initialized():
-            td.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        return cls(td.get_rank(), td.get_world_size())
+        if td.is_available() and td.is_initialized():
+            return cls(td.get_rank(), td.get_world_size())
+        return cls()
 
     def barrier(self) -> None:
         if self.world > 1:
@@ -148,17 +144,6 @@ class Ranks:
         t = torch.tensor(values, dtype=torch.float64)
         td.all_reduce(t)
         return [int(v) for v in t.tolist()]
-
-
-def _device_for(device: str, ranks_hint: int):
-    import torch
-
-    from .device import resolve_device
-
-    dev = resolve_device(device)
-    if dev.type == "cuda" and ranks_hint > 1:
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return dev
 
 
 def _check_meta(out: Path, settings: dict) -> bool:
@@ -181,13 +166,14 @@ def make_labels(out: str | Path, cfg: LabelConfig, device: str = "auto",
     from .assets import load_causal_lm
     from .device import choose_dtype
     from .scoring import BlockRunner, encode_requests
+    from .search_cli import init_distributed
 
     out = Path(out)
-    dev = _device_for(device, int(os.environ.get("WORLD_SIZE", "1")))
+    dev = init_distributed(device)  # joins torchrun's / accelerate's process group, if any
     dtype = choose_dtype(dev, cfg.dtype)
     cfg.dtype = str(dtype).removeprefix("torch.")
     settings = {"format": FORMAT, **asdict(cfg)}
-    ranks = Ranks.from_env(dev)
+    ranks = Ranks.current()
     if overwrite and ranks.rank == 0 and out.exists():
         shutil.rmtree(out)
     ranks.barrier()
