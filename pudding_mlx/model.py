@@ -22,6 +22,7 @@ from .masking import check_skip, num_blocks, protected_blocks, skip_view
 from .router import Router, load_router
 
 MODES = ("router", "dense", "static")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass
@@ -38,12 +39,9 @@ class Route:
 
 
 def clean_text(text: str) -> str:
-    """`text` with lone surrogates (undecodable bytes Python smuggles in from argv or stdin)
-    replaced by U+FFFD: tokenizers reject them."""
-    try:
-        return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-    except UnicodeEncodeError:
-        return text.encode("utf-8", "replace").decode("utf-8")
+    """`text` with each lone surrogate (how Python passes on undecodable bytes from argv or
+    stdin) replaced by U+FFFD: tokenizers reject them."""
+    return _SURROGATE.sub("\ufffd", text)
 
 
 @dataclass

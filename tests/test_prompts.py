@@ -1,0 +1,184 @@
+"""Odd prompts: empty, whitespace only, longer than the router's max length or the model's
+context, invalid UTF-8 on stdin, control characters. Generation never crashes; the LLM sees
+the whole prompt (token counts checked against the HF tokenizer), the router its first
+max_length tokens (checked against the torch router), and the CLI says so once."""
+
+from __future__ import annotations
+
+import io
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import pudding_mlx
+from pudding_mlx.cli import main
+
+CONTROL = "be\x00ep\x07 \x1b[31mred\x1b[0m\r\x08\x7f\x0c tab\tend\u200b\u202e"
+INVALID_UTF8 = b"\xff\xfe caf\xc3 \xe2\x82 ok \xed\xa0\x80 \xf0\x9f\x98\x80 \xc3\xa9t\xc3\xa9"
+
+
+@pytest.fixture(scope="module")
+def tiny(shared_tiny_bundle):
+    return shared_tiny_bundle
+
+
+@pytest.fixture(scope="module")
+def pm(tiny):
+    return pudding_mlx.load(tiny.path)
+
+
+def run(args, monkeypatch, capsys, stdin: bytes | None = None):
+    """`pudding ARGS` in-process (stdin given as bytes, read as the console would)."""
+    monkeypatch.setenv("PUDDING_OPENBLAS", "0")
+    if stdin is not None:
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin), encoding="utf-8"))
+    code = 0
+    try:
+        main(args)
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def chat_ids(tok, text: str) -> list[int]:
+    """What the LLM must see: the HF tokenizer's chat template around the whole text."""
+    templated = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                        add_generation_prompt=True)
+    return tok.encode(templated, add_special_tokens=False)
+
+
+def prompt_tokens(out: str) -> int:
+    line = next(ln for ln in out.splitlines() if ln.startswith("Prompt: "))
+    return int(line.split()[1])
+
+
+def torch_route(tiny, text: str) -> tuple[int, bool]:
+    """The torch router's choice on the first max_length tokens, and whether it cut the text."""
+    tok, n = tiny.router_tokenizer, tiny.manifest.router.max_length
+    full = tok(text)["input_ids"]
+    ids = tok(text, truncation=True, max_length=n)["input_ids"]
+    with torch.no_grad():
+        scores = tiny.router(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long))
+    return int(scores[0].argmax()), len(full) > n
+
+
+def torch_greedy(model, ids: list[int], skip: list[int], n: int) -> list[int]:
+    from convert.skip import skipped
+
+    ids = list(ids)
+    with torch.no_grad(), skipped(model, skip):
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids]), use_cache=False).logits[0, -1].argmax()))
+    return ids[-n:]
+
+
+def generate(tiny, prompt, monkeypatch, capsys, *extra, stdin=None):
+    return run(["generate", "-b", str(tiny.path), "-p", prompt, "-m", "3", *extra],
+               monkeypatch, capsys, stdin)
+
+
+@pytest.mark.parametrize("prompt", ["", " ", "  \n\t  \r\n", "\u3000\u00a0"])
+def test_empty_and_whitespace_prompts_get_the_static_set(tiny, prompt, monkeypatch, capsys):
+    code, out, err = generate(tiny, prompt, monkeypatch, capsys)
+    assert code == 0, err
+    static = ",".join(map(str, tiny.manifest.static.skip))
+    assert f"Route: static (skips blocks {static} of 6; empty prompt)" in out
+    assert prompt_tokens(out) == len(chat_ids(tiny.tokenizer, prompt))
+
+
+def test_empty_prompt_without_chat_template_is_one_line(tiny, monkeypatch, capsys):
+    code, out, err = generate(tiny, "", monkeypatch, capsys, "--ignore-chat-template")
+    assert code == 2 and err == "error: the prompt is empty (and no chat template is applied)\n"
+
+
+def test_prompt_longer_than_the_router_max_length(tiny, pm, monkeypatch, capsys):
+    text = " ".join(["The capital of France is Paris, and the sky is blue today."] * 8)
+    want, cut = torch_route(tiny, text)
+    assert cut  # premise: the router must truncate this prompt
+    code, out, err = generate(tiny, text, monkeypatch, capsys)
+    assert code == 0, err
+    assert (out + err).count("truncated") == 1
+    name = tiny.manifest.router.outputs[want]
+    assert f"Route: {name} (" in out and "prompt truncated for the router" in out
+    ids = chat_ids(tiny.tokenizer, text)
+    assert prompt_tokens(out) == len(ids) > 3 * tiny.manifest.router.max_length
+    # The LLM continues the whole prompt, not the router's cut of it.
+    route = pm.route(text)
+    assert route.truncated and route.name == name
+    got = [r.token for r in pm.stream_generate(text, max_tokens=4, route=route)]
+    assert got == torch_greedy(tiny.model, ids, route.skip, len(got))
+
+
+def test_short_prompt_is_not_called_truncated(tiny, monkeypatch, capsys):
+    code, out, err = generate(tiny, "hello, how are you?", monkeypatch, capsys)
+    assert code == 0 and "truncated" not in out + err
+    want, cut = torch_route(tiny, "hello, how are you?")
+    assert not cut and f"Route: {tiny.manifest.router.outputs[want]} (" in out
+
+
+def test_prompt_longer_than_the_model_context(tiny, monkeypatch, capsys):
+    """The tiny model's context is 512 positions: a 700-token prompt still generates, with one
+    note on stderr."""
+    text = "hello " * 700
+    code, out, err = generate(tiny, text, monkeypatch, capsys)
+    assert code == 0, err
+    n = len(chat_ids(tiny.tokenizer, text))
+    assert prompt_tokens(out) == n > 512
+    assert err.count("note:") == 1 and "context of 512 tokens" in err
+    assert out.count("truncated") == 1
+
+
+def test_invalid_utf8_on_stdin(tiny, monkeypatch, capsys):
+    code, out, err = generate(tiny, "-", monkeypatch, capsys, stdin=INVALID_UTF8)
+    assert code == 0, err
+    text = INVALID_UTF8.decode("utf-8", errors="replace")
+    assert "\ufffd" in text and prompt_tokens(out) == len(chat_ids(tiny.tokenizer, text))
+
+
+@pytest.mark.parametrize("prompt", [CONTROL, "\x00", "\x00\x01\x02\x03", "a\udcffb\ud800c"])
+def test_control_characters_and_lone_surrogates(tiny, prompt, monkeypatch, capsys):
+    """Lone surrogates are what Python makes of undecodable argv bytes; they become U+FFFD."""
+    code, out, err = generate(tiny, prompt, monkeypatch, capsys)
+    assert code == 0, err
+    clean = "".join("\ufffd" if 0xD800 <= ord(c) <= 0xDFFF else c for c in prompt)
+    assert prompt_tokens(out) == len(chat_ids(tiny.tokenizer, clean))
+
+
+def test_control_characters_route_like_torch(tiny, pm):
+    want, _ = torch_route(tiny, CONTROL)
+    assert pm.route(CONTROL).name == tiny.manifest.router.outputs[want]
+    scores = pm.router.scores(CONTROL)
+    tok = tiny.router_tokenizer
+    ids = tok(CONTROL)["input_ids"]
+    with torch.no_grad():
+        ref = tiny.router(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long))
+    np.testing.assert_allclose(scores, ref[0].numpy(), atol=1e-4)
+
+
+def test_chat_survives_odd_lines(tiny, monkeypatch, capsys):
+    lines = [b"\xff\xfe hi \xc3\x28", b"", b"   ", CONTROL.encode(), b"\x00\x07",
+             b"word " * 80, b"q"]
+    code, out, err = run(["chat", "-b", str(tiny.path), "-m", "2"], monkeypatch, capsys,
+                         stdin=b"\n".join(lines) + b"\n")
+    assert code == 0, err
+    # One answer per line that is not empty/whitespace, before 'q'.
+    assert out.count("[Route: ") == 4
+    assert "Traceback" not in out + err
+
+
+def test_chat_eof_without_newline(tiny, monkeypatch, capsys):
+    code, out, err = run(["chat", "-b", str(tiny.path), "-m", "2"], monkeypatch, capsys,
+                         stdin=b"hello \xff")
+    assert code == 0, err
+    assert out.count("[Route: ") == 1
+
+
+def test_api_odd_prompts(pm, tiny):
+    for prompt in ("", "   ", "\x00", "a\udcffb", "hello " * 600):
+        route = pm.route(prompt)
+        text = pm.generate(prompt, max_tokens=2, route=route)
+        assert isinstance(text, str)
+    assert pm.route("").reason == pm.route(" \t").reason == "empty prompt"
