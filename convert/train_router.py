@@ -56,6 +56,7 @@ class TrainConfig:
     seed: int = 42
     eval_fraction: float = 0.2
     head_init: str = "mean"  # "mean": bias = mean train target, weight = 0; "random"
+    group_by_length: bool = True  # batches of similar length (less padding), as HF Trainer's
 
 
 def keep_first_layers(encoder, n: int) -> None:
@@ -172,6 +173,7 @@ def train(labels_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, device:
     import torch
     from tqdm.auto import tqdm
     from transformers import AutoTokenizer, get_linear_schedule_with_warmup
+    from transformers.trainer_pt_utils import get_length_grouped_indices
 
     from .router_model import Router, RouterConfig
 
@@ -237,9 +239,13 @@ def train(labels_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, device:
     for epoch in range(start, cfg.epochs):
         router.train()
         torch.manual_seed(cfg.seed * 1000 + epoch)  # dropout of this epoch
-        order = train_rows[torch.randperm(
-            len(train_rows), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
-        ).numpy()]
+        gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)  # data order of this epoch
+        if cfg.group_by_length:
+            perm = get_length_grouped_indices([len(ids[r]) for r in train_rows], cfg.batch_size,
+                                              generator=gen)
+        else:
+            perm = torch.randperm(len(train_rows), generator=gen).tolist()
+        order = train_rows[perm]
         bar = tqdm(range(0, len(order), cfg.batch_size), desc=f"epoch {epoch + 1}/{cfg.epochs}")
         losses = []
         for i in bar:
@@ -355,6 +361,8 @@ def format_metrics(m: dict) -> str:
               help="Share of each task's questions held out for eval (split by question).")
 @click.option("--head-init", type=click.Choice(["mean", "random"]), default="mean",
               show_default=True, help="mean: head bias = mean train target, weights 0.")
+@click.option("--group-by-length/--no-group-by-length", default=True, show_default=True,
+              help="Shuffle, then batch rows of similar token length (less padding).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, mps.")
 @click.option("--overwrite", is_flag=True, help="Discard an earlier run or checkpoint in --out.")
 def train_router(labels, out_dir, device, overwrite, **kw):
