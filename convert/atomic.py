@@ -7,6 +7,7 @@ path is absent, but never half-written). A crash leaves a `.NAME.tmp-*` folder t
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
@@ -42,6 +43,21 @@ def check_writable(dest: str | Path) -> Path:
     except OSError as e:
         raise PuddingError(f"{dest}: output folder is not writable ({e.strerror})") from None
     return dest
+
+
+def check_writable_file(path: str | Path) -> Path:
+    """A file can be written at `path` (its folder is created if needed); returns it absolute."""
+    path = Path(path).absolute()
+    if path.is_dir():
+        raise PuddingError(f"{path}: is a folder, expected a file name")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.probe-", dir=path.parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise PuddingError(f"{path}: cannot write here ({e.strerror})") from None
+    return path
 
 
 def check_free_space(dest: str | Path, needed: int) -> None:
@@ -89,6 +105,12 @@ def atomic_folder(dest: str | Path, needed: int = 0) -> Iterator[Path]:
     try:
         yield tmp
         replace_folder(tmp, dest)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+            raise
+        state = "the old one is untouched" if dest.exists() else "nothing was written"
+        raise PuddingError(f"{dest}: writing failed ({e.strerror}: {e.filename}); "
+                           f"{state}") from e
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -6,6 +6,7 @@ Subcommands are imported only when run, so `pudding generate` never imports torc
 
 from __future__ import annotations
 
+import errno
 import importlib
 import os
 import sys
@@ -67,6 +68,8 @@ def cli(ctx: click.Context, debug: bool) -> None:
     ctx.obj = {"debug": debug}
 
 
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+
 OPENBLAS = (
     "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0",
     "/usr/lib/aarch64-linux-gnu/openblas-pthread/libopenblas.so.0",
@@ -108,6 +111,12 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)
+    except OSError as e:
+        # The machine, not the code: a full disk, a read-only or forbidden folder.
+        if debug or e.errno not in DISK_ERRNOS:
+            raise
+        click.echo(f"error: {e.filename or 'output'}: {e.strerror}", err=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":
