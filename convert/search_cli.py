@@ -54,6 +54,7 @@ def search(model_path, tasks, losses, k, samples, seed, data_dir, device, dtype,
     import torch
 
     from . import assets
+    from .atomic import check_writable_file
     from .data import calibration_examples
     from .device import choose_dtype
     from .search import LOSSES, run_search
@@ -64,6 +65,7 @@ def search(model_path, tasks, losses, k, samples, seed, data_dir, device, dtype,
         get_task(t)
     if bad := [loss for loss in losses if loss not in LOSSES]:
         raise PuddingError(f"--losses: unknown {bad}; expected {', '.join(LOSSES)}")
+    check_writable_file(out)  # before hours of search, not after the first phase
     dev = init_distributed(device)
     torch_dtype = choose_dtype(dev, dtype)
     model_path = model_path or assets.default_model()
