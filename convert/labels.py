@@ -276,7 +276,9 @@ def label(candidates_path, out, model, tasks, max_examples_per_task, split, seed
 
     Runs data-parallel under torchrun / accelerate launch (one set of shards per process)."""
     from .assets import default_model
+    from .atomic import check_writable_file
 
+    check_writable_file(Path(out) / META)  # before the model loads
     if model is None:
         model = json.loads(Path(candidates_path).read_text()).get("settings", {}).get(
             "model") if Path(candidates_path).is_file() else None
