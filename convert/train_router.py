@@ -367,6 +367,9 @@ def format_metrics(m: dict) -> str:
 @click.option("--overwrite", is_flag=True, help="Discard an earlier run or checkpoint in --out.")
 def train_router(labels, out_dir, device, overwrite, **kw):
     """Train the router on LABELS (a `pudding label` folder) by MSE on the raw targets."""
+    from .atomic import check_writable_file
+
+    check_writable_file(Path(out_dir) / "metrics.json")  # before training, not after epoch 1
     t0 = time.perf_counter()
     metrics = train(labels, out_dir, TrainConfig(**kw), device=device, overwrite=overwrite)
     click.echo(format_metrics(metrics))
