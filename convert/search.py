@@ -22,7 +22,7 @@ import numpy as np
 
 from pudding_mlx.errors import PuddingError
 
-from .scoring import BlockRunner, encode_requests
+from .scoring import BlockRunner, TokenRequest, encode_requests
 from .tasks import Example
 
 LOSSES = ("likelihood", "margin")
@@ -105,24 +105,34 @@ class Dist:
         return box[0]
 
 
+@dataclass
+class TokenExample:
+    requests: list[TokenRequest]  # (context ids, continuation ids) per choice
+    gold: int
+
+
+def tokenize_examples(tokenizer, examples: Sequence[Example]) -> list[TokenExample]:
+    """The method's prompt requests of each example, tokenised."""
+    return [TokenExample(encode_requests(tokenizer, ex.prompt), ex.gold) for ex in examples]
+
+
 class SetScorer:
     """Per-choice scores l_S of one task's calibration examples (this rank's shard), memoised
     per skip set, computed with prefix reuse (or naively, for comparison)."""
 
-    def __init__(self, model, tokenizer, examples: Sequence[Example], batch_size: int = 16,
+    def __init__(self, model, examples: Sequence[TokenExample], batch_size: int = 16,
                  reuse_prefix: bool = True, max_length: int | None = None,
                  dist: Dist | None = None):
         self.dist = dist or Dist()
         self.global_ids = list(range(self.dist.rank, len(examples), self.dist.world))
         mine = [examples[i] for i in self.global_ids]
         self.n_examples = len(examples)
-        requests = [r for ex in mine for r in ex.prompt]
-        self.offsets = list(np.cumsum([0] + [len(ex.prompt) for ex in mine[:-1]]))
+        requests = [r for ex in mine for r in ex.requests]
+        self.offsets = list(np.cumsum([0] + [len(ex.requests) for ex in mine[:-1]]))
         self.gold = [ex.gold for ex in mine]
         self.runner = BlockRunner(model)
         self.num_blocks = self.runner.num_blocks
-        self.batches = self.runner.prepare(encode_requests(tokenizer, requests), batch_size,
-                                           max_length) if requests else []
+        self.batches = self.runner.prepare(requests, batch_size, max_length) if requests else []
         self.n_requests = len(requests)
         self.reuse_prefix = reuse_prefix
         self.cache: dict[frozenset, np.ndarray] = {}
@@ -265,7 +275,8 @@ def run_search(model, tokenizer, examples: dict[str, list[Example]], settings: d
         if all(c.done for c in todo):
             continue
         start = time.perf_counter()
-        scorer = SetScorer(model, tokenizer, exs, batch_size, reuse_prefix, max_length, dist)
+        scorer = SetScorer(model, tokenize_examples(tokenizer, exs), batch_size, reuse_prefix,
+                           max_length, dist)
         doc["setup_seconds"][task] = time.perf_counter() - start
         for candidate in todo:
             greedy_search(scorer, candidate, on_phase=save, progress=progress)

@@ -11,7 +11,7 @@ import torch
 from helpers import tiny_llama
 
 from convert.scoring import BlockRunner
-from convert.search import Candidate, SetScorer, greedy_search, run_search
+from convert.search import Candidate, SetScorer, greedy_search, run_search, tokenize_examples
 from convert.skip import skipped
 from convert.tasks import TASKS
 
@@ -76,9 +76,9 @@ def test_search_matches_brute_force(tiny, loss):
     model, tok = tiny
     exs = examples()
     ref, ref_evals = brute_force(model, tok, exs, 3, loss)
-    fast = SetScorer(model, tok, exs, batch_size=3)
+    fast = SetScorer(model, tokenize_examples(tok, exs), batch_size=3)
     got = greedy_search(fast, Candidate("c", "arc_easy", loss, 3))
-    naive = SetScorer(model, tok, exs, batch_size=3, reuse_prefix=False)
+    naive = SetScorer(model, tokenize_examples(tok, exs), batch_size=3, reuse_prefix=False)
     slow = greedy_search(naive, Candidate("c", "arc_easy", loss, 3))
     assert [p.block for p in got.trajectory] == ref
     assert [p.block for p in slow.trajectory] == ref
@@ -88,11 +88,11 @@ def test_search_matches_brute_force(tiny, loss):
 
 def test_second_loss_reuses_first(tiny):
     model, tok = tiny
-    scorer = SetScorer(model, tok, examples(), batch_size=4)
+    scorer = SetScorer(model, tokenize_examples(tok, examples()), batch_size=4)
     greedy_search(scorer, Candidate("a", "arc_easy", "likelihood", 2))
     after_first = scorer.runner.evals
     greedy_search(scorer, Candidate("b", "arc_easy", "margin", 2))
-    fresh = SetScorer(model, tok, examples(), batch_size=4)
+    fresh = SetScorer(model, tokenize_examples(tok, examples()), batch_size=4)
     greedy_search(fresh, Candidate("b", "arc_easy", "margin", 2))
     # phase 1 of the margin search is served from the cache
     assert scorer.runner.evals - after_first < fresh.runner.evals

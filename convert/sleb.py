@@ -1,0 +1,101 @@
+"""Classic SLEB (Song et al., 2024) as the static baseline: greedy block removal by the
+perplexity of a text, one set for every prompt. Run with `python -m convert.sleb`.
+
+It is the method's greedy search with the loss replaced: each chunk of `seq_len + 1` tokens is
+one request (first token as context, the rest scored), and the summed mean negative
+log-likelihood over chunks is n_chunks * log(perplexity). Prefix reuse applies unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import click
+
+from pudding_mlx.errors import PuddingError
+
+from .search import Candidate, SetScorer, TokenExample, greedy_search, write_json_atomic
+
+
+def text_chunks(tokenizer, text: str, seq_len: int = 128, n_chunks: int = 32) -> list[TokenExample]:
+    """The first n_chunks non-overlapping chunks of seq_len + 1 tokens of `text`."""
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    n = min(n_chunks, len(ids) // (seq_len + 1))
+    if n == 0:
+        raise PuddingError(f"text too short: {len(ids)} tokens, need at least {seq_len + 1}")
+    chunks = [ids[i * (seq_len + 1):(i + 1) * (seq_len + 1)] for i in range(n)]
+    return [TokenExample([(c[:1], c[1:])], 0) for c in chunks]
+
+
+def tasks_text(tasks: list[str], per_task: int, seed: int, data_dir=None) -> str:
+    """A calibration text from the tasks' train splits: the method's text of the correct answer
+    for a seeded sample of each task, one per paragraph."""
+    from .data import calibration_examples
+
+    parts = [ex.texts[ex.gold] for t in tasks
+             for ex in calibration_examples(t, per_task, seed, data_dir)]
+    return "\n\n".join(parts)
+
+
+def sleb_search(model, tokenizer, text: str, k: int, seq_len: int = 128, n_chunks: int = 32,
+                batch_size: int = 16, progress: bool = True) -> dict:
+    chunks = text_chunks(tokenizer, text, seq_len, n_chunks)
+    scorer = SetScorer(model, chunks, batch_size)
+    cand = greedy_search(scorer, Candidate(f"sleb-ppl-k{k}", "text", "perplexity", k),
+                         progress=progress)
+    out = cand.to_json()
+    out["loss"] = "likelihood"  # the per-chunk loss the search minimised
+    out["perplexity"] = [math.exp(p.loss / len(chunks)) for p in cand.trajectory]
+    out["chunks"], out["seq_len"] = len(chunks), seq_len
+    return out
+
+
+@click.command("sleb")
+@click.option("--model", "model_path", default=None,
+              help="HF id/folder or GGUF [default: SmolLM2].")
+@click.option("--text", "text_file", type=click.Path(dir_okay=False), default=None,
+              help="Text file [default: correct-answer texts of the calibration train splits].")
+@click.option("-k", "--k", "k", default=6, show_default=True)
+@click.option("--seq-len", default=128, show_default=True)
+@click.option("--chunks", default=32, show_default=True)
+@click.option("--seed", default=0, show_default=True, help="Seed of the default text's sample.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--dtype", default="auto", show_default=True)
+@click.option("--batch-size", default=16, show_default=True)
+@click.option("--out", default="sleb.json", show_default=True, type=click.Path())
+def sleb(model_path, text_file, k, seq_len, chunks, seed, device, dtype, batch_size, out):
+    """Static SLEB baseline: k blocks removed greedily by text perplexity."""
+    from . import assets
+    from .device import choose_dtype, resolve_device
+    from .tasks import CALIBRATION_TASKS
+
+    dev = resolve_device(device)
+    torch_dtype = choose_dtype(dev, dtype)
+    model_path = model_path or assets.default_model()
+    if text_file:
+        try:
+            text, source = Path(text_file).read_text(), str(text_file)
+        except OSError as e:
+            raise PuddingError(f"{text_file}: cannot read ({e})") from e
+    else:
+        text = tasks_text(list(CALIBRATION_TASKS), 64, seed)
+        source = f"train-split correct-answer texts of {', '.join(CALIBRATION_TASKS)} (64 each)"
+    model, tok = assets.load_causal_lm(model_path, dtype=torch_dtype, device=dev)
+    start = time.perf_counter()
+    result = sleb_search(model, tok, text, k, seq_len, chunks, batch_size)
+    result["settings"] = {"model": str(model_path), "text": source, "seed": seed,
+                          "dtype": str(torch_dtype).removeprefix("torch."), "k": k,
+                          "seconds": time.perf_counter() - start}
+    write_json_atomic(out, result)
+    secs = result["settings"]["seconds"]
+    click.echo(f"{result['name']}: skip {result['skip']}, perplexity "
+               f"{result['perplexity'][-1]:.2f} ({secs:.0f} s); wrote {out}")
+
+
+if __name__ == "__main__":
+    try:
+        sleb.main(standalone_mode=False)
+    except PuddingError as e:
+        raise SystemExit(f"error: {e}") from e
