@@ -205,3 +205,28 @@ def choice_decisions(scores: Sequence[float], examples) -> list[int]:
         out.append(int(np.argmax(scores[at:at + k])))
         at += k
     return out
+
+
+@dataclass
+class DtypeCheck:
+    examples: int
+    changed: int  # examples whose argmax choice differs between float32 and the dtype
+    max_abs_diff: float  # largest |l(fp32) - l(dtype)| over all choices
+
+
+def dtype_check(model, tokenizer, examples, dtype, batch_size: int = 16) -> DtypeCheck:
+    """Score the examples' method prompts with a float32 copy and a `dtype` copy of `model` and
+    count changed decisions (the bf16-on-CPU check)."""
+    import copy
+
+    import torch
+
+    requests = [r for ex in examples for r in ex.prompt]
+    scores = []
+    for dt in (torch.float32, dtype):
+        m = copy.deepcopy(model).to(dt)
+        scores.append(np.array(answer_logprobs(m, tokenizer, requests, batch_size=batch_size)))
+        del m
+    ref, low = (choice_decisions(s, examples) for s in scores)
+    return DtypeCheck(len(examples), sum(a != b for a, b in zip(ref, low, strict=True)),
+                      float(np.abs(scores[0] - scores[1]).max()))

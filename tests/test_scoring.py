@@ -1,0 +1,92 @@
+"""answer_logprobs against log-probs computed by hand from plain HF forwards."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import tiny_llama
+
+from convert.scoring import answer_logprobs, dtype_check
+from convert.skip import skipped
+
+REQUESTS = [
+    ("Question: Which gas do plants absorb from the air?\nAnswer:", " carbon dioxide"),
+    ("Question: Which gas do plants absorb from the air?\nAnswer:", " water"),
+    ("Question: Which gas do plants absorb from the air?\nAnswer:", " the sky is blue"),
+    ("She poured the water into the glass because", " the glass was empty."),
+    ("hello, how are you today? I am", " fine"),
+    ("The capital of France is Paris. Is it true?", " yes"),
+    ("The capital of France is Paris. Is it true?", " no"),
+]
+
+
+def reference(model, tok, context, continuation, skip=()):
+    """Mean and sum of the continuation's log-probs from one plain forward of the sequence."""
+    ctx = tok.encode(context, add_special_tokens=False)
+    cont = tok.encode(continuation, add_special_tokens=False)
+    n_layers = len(model.model.layers)
+    layers = model.model.layers
+    model.model.layers = torch.nn.ModuleList(layers[i] for i in range(n_layers) if i not in skip)
+    try:
+        with torch.no_grad():
+            logits = model(torch.tensor([ctx + cont]), use_cache=False).logits[0].double()
+    finally:
+        model.model.layers = layers
+    logp = torch.log_softmax(logits, -1)
+    lps = [logp[len(ctx) - 1 + t, cont[t]].item() for t in range(len(cont))]
+    return sum(lps) / len(lps), sum(lps)
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def tiny(request, tmp_path_factory):
+    return tiny_llama(tmp_path_factory.mktemp(request.param), num_layers=5,
+                      model_type=request.param)
+
+
+@pytest.mark.parametrize("skip", [(), (1, 3)])
+def test_answer_logprobs_match_hand_computed(tiny, skip):
+    model, tok = tiny
+    ref = [reference(model, tok, c, a, skip) for c, a in REQUESTS]
+    mean = answer_logprobs(model, tok, REQUESTS, skip=skip, batch_size=2)
+    total = answer_logprobs(model, tok, REQUESTS, skip=skip, batch_size=3, reduce="sum")
+    assert mean == pytest.approx([r[0] for r in ref], abs=1e-5)
+    assert total == pytest.approx([r[1] for r in ref], abs=1e-4)
+
+
+def test_trailing_space_moves_to_continuation(tiny):
+    model, tok = tiny
+    a = answer_logprobs(model, tok, [("She poured the water into ", "the glass")])
+    b = answer_logprobs(model, tok, [("She poured the water into", " the glass")])
+    assert a == b
+
+
+def test_skip_context_manager_restores(tiny):
+    model, tok = tiny
+    layers = list(model.model.layers)
+    with skipped(model, [1, 2]):
+        assert len(model.model.layers) == len(layers) - 2
+    assert list(model.model.layers) == layers
+
+
+def test_dtype_check_counts_changes(tiny):
+    model, tok = tiny
+    from convert.tasks import TASKS
+
+    exs = [TASKS["piqa"].example({"goal": c, "sol1": a, "sol2": " x", "label": 0})
+           for c, a in REQUESTS]
+    same = dtype_check(model, tok, exs, torch.float32)
+    assert same.changed == 0 and same.max_abs_diff == 0.0 and same.examples == len(exs)
+    low = dtype_check(model, tok, exs, torch.bfloat16)
+    assert 0 < low.max_abs_diff < 1.0
+
+
+@pytest.mark.slow
+def test_bf16_changes_no_decision_on_smollm2():
+    from convert import assets
+    from convert.data import calibration_examples
+
+    model, tok = assets.load_causal_lm(assets.default_model(), dtype=torch.float32)
+    exs = [e for t in ("arc_easy", "piqa", "winogrande", "hellaswag")
+           for e in calibration_examples(t, 16, seed=1)]
+    check = dtype_check(model, tok, exs, torch.bfloat16)
+    assert check.changed == 0, check
