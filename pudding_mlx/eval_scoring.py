@@ -25,6 +25,8 @@ QuestionScores = tuple[list[float], list[int]]  # summed log-prob, token count p
 class MLXScorer:
     """Scores with the bundle's mlx-lm model, running only the kept blocks."""
 
+    chunk = 64  # questions scored between two cache saves
+
     def __init__(self, pm):
         self.pm = pm
         self.max_length = int(pm.config.get("max_position_embeddings", 2048))
@@ -46,6 +48,8 @@ class MLXScorer:
 
 class TorchScorer:
     """Scores with an HF torch model (`convert.scoring`), e.g. on a CUDA machine."""
+
+    chunk = 512  # questions per answer_logprobs call (packed and batched inside it)
 
     def __init__(self, source: str, device: str = "auto", dtype: str = "auto",
                  batch_size: int = 16):

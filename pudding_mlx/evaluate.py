@@ -219,7 +219,7 @@ def set_scores(scorer, cache, task: str, examples, skip: Sequence[int], fmt: str
         return [list(r) for r in scorer.score([requests(examples[i]) for i in idx], skip)]
 
     name = set_key(skip) + ("-gold" if gold_only else "")
-    return cache.fill(task, name, qids, compute, desc=f"{task} {set_key(skip)}",
+    return cache.fill(task, name, qids, compute, scorer.chunk, f"{task} {set_key(skip)}",
                       extra={"format": fmt})
 
 

@@ -3,8 +3,8 @@
 Requests are tokenised like the torch side (`convert.scoring.encode_requests`: context and
 continuation encoded separately, no special tokens), so both backends score the same tokens.
 Requests that share a context (every choice of a question except in WinoGrande) prefill it
-once into a cache of the kept blocks; each continuation is then fed on top of it and the cache
-is trimmed back to the context. mlx_lm.evaluate instead re-runs the shared prefix per batch.
+once into a cache of the kept blocks; the continuations are then scored on top of it as one
+batch (mlx_lm.evaluate runs them one by one, each on a deep copy of the cache).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
+from mlx_lm.models.cache import KVCache, can_trim_prompt_cache, trim_prompt_cache
 
 from .errors import PuddingError
 
@@ -34,23 +34,51 @@ def _token_logprobs(logits: mx.array, targets: Sequence[int]) -> mx.array:
     return mx.take_along_axis(lp, mx.array(targets)[:, None], axis=-1)[:, 0]
 
 
+def _batched(cache: list, n: int) -> list | None:
+    """A batch of n copies of a prefilled cache, or None unless every entry is a plain KVCache
+    (mlx-lm has no public cache copy; other cache kinds take the trim path)."""
+    if not all(type(c) is KVCache for c in cache):
+        return None
+    out = []
+    for c in cache:
+        k, v = c.keys[..., :c.offset, :], c.values[..., :c.offset, :]
+        copy = KVCache()
+        copy.update_and_fetch(mx.repeat(k, n, axis=0), mx.repeat(v, n, axis=0))
+        out.append(copy)
+    return out
+
+
 def continuation_logprobs(model: nn.Module, make_cache: Callable[[], list],
                           context: list[int], continuations: Sequence[list[int]]) -> list[float]:
-    """Summed log-prob of each continuation after `context`; the context is run once."""
+    """Summed log-prob of each continuation after `context`; the context is run once.
+
+    The continuations then run as one right-padded batch on copies of the context's cache
+    (padding comes after every real token, so the causal mask keeps it out), or one by one
+    with the cache trimmed back after each when the cache cannot be copied.
+    """
     cache = make_cache()
-    if not can_trim_prompt_cache(cache):
-        raise PuddingError("this model's cache cannot be trimmed; cannot share the context")
     last = model(mx.array(context)[None], cache=cache)[0, -1:]
-    first = last.astype(mx.float32) - mx.logsumexp(last.astype(mx.float32), axis=-1)
-    out = []
-    for cont in continuations:
-        total = first[0, cont[0]]
-        if len(cont) > 1:
+    totals = [_token_logprobs(last, [c[0]])[0] for c in continuations]
+    rest = [i for i, c in enumerate(continuations) if len(c) > 1]
+    batch = _batched(cache, len(rest)) if len(rest) > 1 else None
+    if batch is not None:
+        width = max(len(continuations[i]) for i in rest) - 1
+        ids = [continuations[i][:-1] + [0] * (width + 1 - len(continuations[i])) for i in rest]
+        logits = model(mx.array(ids), cache=batch)
+        for b, i in enumerate(rest):
+            cont = continuations[i]
+            totals[i] = totals[i] + _token_logprobs(logits[b, :len(cont) - 1], cont[1:]).sum()
+    else:
+        if not can_trim_prompt_cache(cache):
+            raise PuddingError("this model's cache can neither be copied nor trimmed; cannot "
+                               "share the context between continuations")
+        for i in rest:
+            cont = continuations[i]
             logits = model(mx.array(cont[:-1])[None], cache=cache)[0]
-            total = total + _token_logprobs(logits, cont[1:]).sum()
-        out.append(total.item())
-        trim_prompt_cache(cache, len(cont) - 1)
-    return out
+            totals[i] = totals[i] + _token_logprobs(logits, cont[1:]).sum()
+            mx.eval(totals[i])
+            trim_prompt_cache(cache, len(cont) - 1)
+    return [t.item() for t in totals]
 
 
 def score_requests(model: nn.Module, make_cache: Callable[[], list],

@@ -56,10 +56,16 @@ def test_paired_bootstrap_average_over_tasks():
     assert d.n == 1300
 
 
+@pytest.mark.parametrize("batched", [True, False])
 @pytest.mark.parametrize("skip", [[], [2, 3]])
-def test_shared_prefill_matches_plain_forward(tmp_path, skip):
+def test_shared_prefill_matches_plain_forward(tmp_path, monkeypatch, skip, batched):
     """Context prefilled once, several continuations (one of 1 token, one crossing the KV
-    cache's 256-slot step), vs one plain forward per request on the whole sequence."""
+    cache's 256-slot step), as a batch or one by one with cache trimming, vs one plain
+    forward per request on the whole sequence."""
+    from pudding_mlx import loglik
+
+    if not batched:
+        monkeypatch.setattr(loglik, "_batched", lambda cache, n: None)
     import mlx.core as mx
     from helpers import tiny_llama
 

@@ -319,3 +319,34 @@ def test_cli_runs_and_reports_bad_input(setup, tmp_path):
     assert "| static:mine |" in md and "pudding minus" in md
     with pytest.raises(PuddingError, match="unknown method"):
         CliRunner().invoke(evaluate, [*args[:5], "--methods", "nope"], catch_exceptions=False)
+
+
+@pytest.mark.slow
+def test_smollm2_backends_agree(tmp_path):
+    """The real SmolLM2-135M bundle (fp32): MLX and torch accuracies within 0.5 points."""
+    from helpers import tiny_router
+
+    from convert.assets import smollm2_gguf
+    from convert.to_bundle import ConvertSettings, MLXSettings, write_bundle
+    from pudding_mlx.evaluate import EvalSettings, run_eval
+
+    tiny_router(tmp_path / "router", ["a"], max_length=32)
+    (tmp_path / "candidates.json").write_text(json.dumps({"candidates": [
+        {"name": "a", "skip": [5, 11, 17, 20, 23, 26], "task": "piqa", "k": 6}]}))
+    write_bundle(str(smollm2_gguf()), tmp_path / "candidates.json", tmp_path / "router",
+                 tmp_path / "bundle", ConvertSettings(MLXSettings("float32"), coreml=False))
+    res = {}
+    for backend in ("mlx", "torch"):
+        res[backend] = run_eval(EvalSettings(
+            bundle=str(tmp_path / "bundle"), output=str(tmp_path / backend),
+            tasks=("arc_easy", "piqa"), methods="dense,static:a", limit=40, backend=backend,
+            dtype="float32", device="cpu", resamples=100))
+    for task in ("arc_easy", "piqa"):
+        for m in ("dense", "static:a"):
+            a, b = (res[k]["tasks"][task]["results"][m]["score"] for k in ("mlx", "torch"))
+            assert abs(a - b) <= 0.005, (task, m, a, b)
+        x = json.loads((tmp_path / "mlx/cache" / task / "dense.json").read_text())["values"]
+        y = json.loads((tmp_path / "torch/cache" / task / "dense.json").read_text())["values"]
+        for q in x:
+            np.testing.assert_allclose(x[q][0], y[q][0], atol=2e-3)
+    assert res["mlx"]["tasks"]["arc_easy"]["results"]["dense"]["score"] > 0.4  # SmolLM2 works
