@@ -45,11 +45,13 @@ def split_list(value: str) -> list[str]:
 @click.option("--dtype", default="auto", show_default=True,
               help="auto (bf16 on GPUs and fast-bf16 CPUs, else fp32), float32, bfloat16, float16.")
 @click.option("--batch-size", default=16, show_default=True, help="Packed rows per forward.")
+@click.option("--threads", type=int, default=None,
+              help="CPU threads per process [default: torch's]; 1 is fastest on a busy machine.")
 @click.option("--naive", is_flag=True, help="Run trials from the embeddings (no prefix reuse).")
 @click.option("--restart", is_flag=True, help="Ignore an existing --out and start over.")
 @click.option("--out", default="candidates.json", show_default=True, type=click.Path())
 def search(model_path, tasks, losses, k, samples, seed, data_dir, device, dtype, batch_size,
-           naive, restart, out):
+           threads, naive, restart, out):
     """Greedy SLEB-style search of one omission set per (task, loss); resumable."""
     import torch
 
@@ -60,6 +62,8 @@ def search(model_path, tasks, losses, k, samples, seed, data_dir, device, dtype,
     from .search import LOSSES, run_search
     from .tasks import get_task
 
+    if threads:
+        torch.set_num_threads(threads)
     tasks, losses = split_list(tasks), split_list(losses)
     for t in tasks:
         get_task(t)
