@@ -162,6 +162,7 @@ def make_labels(out: str | Path, cfg: LabelConfig, device: str = "auto",
                 overwrite: bool = False, share_prefix: bool = True) -> dict:
     """Write the label folder (resuming a partial one); returns its meta."""
     import torch
+    from tqdm.auto import tqdm
 
     from .assets import load_causal_lm
     from .device import choose_dtype
@@ -203,8 +204,6 @@ def make_labels(out: str | Path, cfg: LabelConfig, device: str = "auto",
         raise PuddingError(f"candidates {bad} skip blocks outside 0..{runner.num_blocks - 1}")
     mine = [i for i in range(len(shards)) if i % ranks.world == ranks.rank]
     todo = [i for i in mine if not shard_path(out, i).is_file()]
-    from tqdm.auto import tqdm
-
     bar = tqdm(total=sum(len(shards[i]) for i in mine), desc=f"labels (rank {ranks.rank})"
                if ranks.world > 1 else "labels", unit="q",
                initial=sum(len(shards[i]) for i in mine if i not in todo))
@@ -229,13 +228,14 @@ def make_labels(out: str | Path, cfg: LabelConfig, device: str = "auto",
     bar.close()
     seconds = time.perf_counter() - t0
     naive = rows_run * sum(runner.num_blocks - len(s) for s in skips)
-    evals, naive = ranks.sum([runner.evals, naive])
+    evals, naive, shards_run = ranks.sum([runner.evals, naive, len(todo)])
     ranks.barrier()
     missing = [i for i in range(len(shards)) if not shard_path(out, i).is_file()]
     if missing:
         raise PuddingError(f"{out}: shards {missing[:5]} were not written")
-    meta.update(complete=True, stats={
-        "seconds": round(seconds, 1), "processes": ranks.world, "dtype": cfg.dtype,
+    meta.update(complete=True, stats={  # of this run (a resumed run counts its own shards)
+        "seconds": round(seconds, 1), "shards_run": shards_run, "processes": ranks.world,
+        "dtype": cfg.dtype,
         "device": str(dev.type), "block_evals": evals, "naive_block_evals": naive,
         "share_prefix": share_prefix, "torch_threads": torch.get_num_threads()})
     if ranks.rank == 0:
