@@ -2,13 +2,16 @@
 
 The destination appears complete or not at all. An existing folder is swapped out only once
 the new one is complete (two renames on one file system; between them, for microseconds, the
-path is absent, but never half-written). A crash leaves a `.NAME.tmp-*` folder to delete.
+path is absent, but never half-written). Temporary folders are named `.NAME.<kind>-<pid>-*`;
+what a killed process left behind is removed by the next write to NAME, and an old folder
+caught between the two renames is put back first.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -39,7 +42,7 @@ def check_writable(dest: str | Path) -> Path:
         raise PuddingError(f"{dest}: cannot create it, {base} is not a folder")
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        os.rmdir(tempfile.mkdtemp(prefix=f".{dest.name}.probe-", dir=dest.parent))
+        os.rmdir(tempfile.mkdtemp(prefix=_prefix(dest, "probe"), dir=dest.parent))
     except OSError as e:
         raise PuddingError(f"{dest}: output folder is not writable ({e.strerror})") from None
     return dest
@@ -71,11 +74,43 @@ def check_free_space(dest: str | Path, needed: int) -> None:
         )
 
 
+def _prefix(dest: Path, kind: str) -> str:
+    return f".{dest.name}.{kind}-{os.getpid()}-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale(dest: str | Path) -> list[Path]:
+    """Remove the temporary siblings of `dest` whose process is gone (killed mid-write);
+    an old folder that a kill left between the two renames of `replace_folder` is restored
+    to `dest` when `dest` is missing. Returns what was removed."""
+    dest = Path(dest).absolute()
+    pattern = re.compile(rf"\.{re.escape(dest.name)}\.(tmp|old|hf|probe)-(\d+)-.*")
+    removed = []
+    for p in sorted(dest.parent.glob(f".{dest.name}.*")) if dest.parent.is_dir() else []:
+        m = pattern.fullmatch(p.name)
+        if not m or _alive(int(m.group(2))):
+            continue
+        if m.group(1) == "old" and (p / "x").is_dir() and not dest.exists():
+            os.rename(p / "x", dest)
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p)
+    return removed
+
+
 def scratch_folder(dest: str | Path, tag: str) -> tempfile.TemporaryDirectory:
     """A temporary folder on the same file system as `dest` (removed when closed)."""
     dest = Path(dest).absolute()
     dest.parent.mkdir(parents=True, exist_ok=True)
-    return tempfile.TemporaryDirectory(prefix=f".{dest.name}.{tag}-", dir=dest.parent)
+    return tempfile.TemporaryDirectory(prefix=_prefix(dest, tag), dir=dest.parent)
 
 
 def replace_folder(new: Path, dest: Path) -> None:
@@ -83,7 +118,7 @@ def replace_folder(new: Path, dest: Path) -> None:
     if not dest.exists():
         os.rename(new, dest)
         return
-    old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
+    old = Path(tempfile.mkdtemp(prefix=_prefix(dest, "old"), dir=dest.parent))
     os.rename(dest, old / "x")
     try:
         os.rename(new, dest)
@@ -100,8 +135,9 @@ def atomic_folder(dest: str | Path, needed: int = 0) -> Iterator[Path]:
     Checks that `dest` is writable and that `needed` bytes are free before anything is written.
     """
     dest = check_writable(dest)
+    clean_stale(dest)
     check_free_space(dest, needed)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=_prefix(dest, "tmp"), dir=dest.parent))
     try:
         yield tmp
         replace_folder(tmp, dest)
