@@ -114,7 +114,7 @@ def hellaswag_holdout(examples: list[Example], size: int = HOLDOUT_SIZE,
     sha1(seed:qid); it depends only on the question ids, not on row order or data source.
     Every evaluation uses `rest`. Both lists keep the input order.
     """
-    chosen = set(sorted((_holdout_key(e.qid, seed) for e in examples))[:size])
+    chosen = set(sorted(_holdout_key(e.qid, seed) for e in examples)[:size])
     holdout = [e for e in examples if _holdout_key(e.qid, seed) in chosen]
     rest = [e for e in examples if _holdout_key(e.qid, seed) not in chosen]
     return holdout, rest
