@@ -40,6 +40,7 @@ class Trial:
     total_s: float  # call to last token
     prompt_tps: float  # as mlx-lm reports it (prefill only)
     peak_memory_gb: float
+    cpu_s: float = 0.0  # CPU time of this process during the request (all threads)
 
     @property
     def decode_tps(self) -> float:
@@ -105,6 +106,7 @@ def run_request(pm, kind: str, tokens: list[int], text: str, max_tokens: int,
     from mlx_lm.generate import stream_generate as lm_stream_generate
 
     mx.reset_peak_memory()
+    cpu = time.process_time()
     tic = time.perf_counter()
     router_s = 0.0
     if kind == "mlx-lm":
@@ -118,11 +120,12 @@ def run_request(pm, kind: str, tokens: list[int], text: str, max_tokens: int,
     for response in stream:  # noqa: B007 (the last response is used below)
         pass
     total = time.perf_counter() - tic
+    cpu = time.process_time() - cpu
     if response.generation_tokens != max_tokens:
         raise PuddingError(f"generation stopped after {response.generation_tokens} of "
                            f"{max_tokens} tokens although EOS is disabled")
     return Trial(kind, len(tokens), max_tokens, router_s, ttft, total, response.prompt_tps,
-                 mx.get_peak_memory() / 1e9)
+                 mx.get_peak_memory() / 1e9, cpu)
 
 
 def measure(request: Callable[[str], Trial], kinds: Sequence[str], trials: int,
@@ -189,9 +192,11 @@ def summarise(trials: list[Trial], facts: dict, skipped: int) -> dict:
         row = {"prompt_tokens": p, "gen_tokens": g, **med,
                "ideal_prefill": p_ideal,
                "ttft_speedup": d["ttft_s"]["median"] / r["ttft_s"]["median"],
+               "ttft_speedup_best": d["ttft_s"]["min"] / r["ttft_s"]["min"],
                "router_share_of_dense_ttft": r["router_s"]["median"] / d["ttft_s"]["median"]}
         row["ttft_vs_ideal"] = row["ttft_speedup"] / p_ideal
         if g == 1:
+            row["ttft_speedup_cpu"] = d["cpu_s"]["median"] / r["cpu_s"]["median"]
             ttft.append(row)
         else:
             context = p + g // 2
@@ -203,8 +208,11 @@ def summarise(trials: list[Trial], facts: dict, skipped: int) -> dict:
             row.update({
                 "ideal_decode": d_ideal,
                 "decode_speedup": r["decode_tps"]["median"] / d["decode_tps"]["median"],
+                "decode_speedup_best": r["decode_tps"]["max"] / d["decode_tps"]["max"],
                 "ideal_total": total_ideal,
                 "total_speedup": d["total_s"]["median"] / r["total_s"]["median"],
+                "total_speedup_best": d["total_s"]["min"] / r["total_s"]["min"],
+                "total_speedup_cpu": d["cpu_s"]["median"] / r["cpu_s"]["median"],
             })
             row["decode_vs_ideal"] = row["decode_speedup"] / d_ideal
             row["total_vs_ideal"] = row["total_speedup"] / total_ideal
@@ -215,13 +223,15 @@ def summarise(trials: list[Trial], facts: dict, skipped: int) -> dict:
                 "prompt_tokens": p, "gen_tokens": g,
                 "ttft_ratio": d["ttft_s"]["median"] / m["ttft_s"]["median"],
                 "total_ratio": d["total_s"]["median"] / m["total_s"]["median"],
+                "total_ratio_best": d["total_s"]["min"] / m["total_s"]["min"],
+                "total_ratio_cpu": d["cpu_s"]["median"] / m["cpu_s"]["median"],
             })
     return {"skipped": skipped, "ttft": ttft, "generation": gen, "pudding_vs_mlx_lm": mlx_lm}
 
 
 def _kind_stats(trials: list[Trial]) -> dict:
     out = {k: _stats([getattr(t, k) for t in trials])
-           for k in ("router_s", "ttft_s", "total_s", "prompt_tps", "peak_memory_gb")}
+           for k in ("router_s", "ttft_s", "total_s", "prompt_tps", "peak_memory_gb", "cpu_s")}
     if trials[0].gen_tokens > 1:
         out["decode_tps"] = _stats([t.decode_tps for t in trials])
     return out
@@ -230,12 +240,12 @@ def _kind_stats(trials: list[Trial]) -> dict:
 # --- router options ------------------------------------------------------------------------------
 
 
-def router_study(pm, text: str, trials: int, dense_ttft: float) -> list[dict]:
+def router_study(pm, texts: dict[int, str], trials: int) -> list[dict]:
     """Router time for cheaper settings: shorter inputs, fewer encoder layers, mx.compile.
 
-    Timing only (the router's weights are used as they are); what each costs in routing
-    quality comes from training routers that way (pudding train-router --max-length /
-    --num-layers) and reading their regret in metrics.json.
+    `texts` maps prompt lengths to prompts. Timing only (the router's weights are used as
+    they are); what each costs in routing quality comes from training routers that way
+    (pudding train-router --max-length / --num-layers) and reading their regret.
     """
     import mlx.core as mx
     import numpy as np
@@ -247,7 +257,7 @@ def router_study(pm, text: str, trials: int, dense_ttft: float) -> list[dict]:
     layers = net.encoder.encoder.layer
     full = router.max_length
 
-    def timed(max_length: int, num_layers: int, compiled: bool) -> float:
+    def timed(text: str, max_length: int, num_layers: int, compiled: bool) -> float:
         forward = mx.compile(net) if compiled else net
         router.max_length = max_length
         net.encoder.encoder.layer = layers[:num_layers]
@@ -268,13 +278,28 @@ def router_study(pm, text: str, trials: int, dense_ttft: float) -> list[dict]:
     options += [(length, n, False) for length in (64, 32)]
     options += [(full, k, False) for k in (3, 2, 1)]
     options += [(64, 3, False), (32, 2, False)]
-    rows = []
-    for max_length, num_layers, compiled in dict.fromkeys(
-            (min(length, full), min(k, n), c) for length, k, c in options):
-        s = timed(max_length, num_layers, compiled)
-        rows.append({"max_length": max_length, "num_layers": num_layers, "compiled": compiled,
-                     "router_ms": s * 1e3, "share_of_dense_ttft": s / dense_ttft})
-    return rows
+    return [
+        {"max_length": length, "num_layers": k, "compiled": c,
+         "router_s": {p: timed(text, length, k, c) for p, text in sorted(texts.items())}}
+        for length, k, c in dict.fromkeys((min(length, full), min(k, n), c)
+                                          for length, k, c in options)
+    ]
+
+
+def project_router(rows: list[dict], ttft: list[dict]) -> None:
+    """Add to each router option its share of dense time to first token and the routed
+    speedup / ideal it would give (the measured routed time with this router's time instead)."""
+    for row in rows:
+        row["share_of_dense_ttft"], row["projected_ttft_vs_ideal"] = {}, {}
+        for t in ttft:
+            p, d, r = t["prompt_tokens"], t["dense"], t["routed"]
+            if p not in row["router_s"]:
+                continue
+            router = row["router_s"][p]
+            model = r["ttft_s"]["median"] - r["router_s"]["median"]
+            row["share_of_dense_ttft"][p] = router / d["ttft_s"]["median"]
+            speedup = d["ttft_s"]["median"] / (model + router)
+            row["projected_ttft_vs_ideal"][p] = speedup / t["ideal_prefill"]
 
 
 # --- memory with lazy loading --------------------------------------------------------------------
@@ -388,11 +413,9 @@ def run_bench(pm, settings: Settings, route_mode: str = "router",
                     trials)
     result.summary = summarise(trials, facts, skips.pop())
     if settings.router_study:
-        p = max(prompts)
-        dense = [t.ttft_s for t in trials if t.kind == "dense" and t.prompt_tokens == p
-                 and t.gen_tokens == 1] or [t.ttft_s for t in trials if t.kind == "dense"]
-        result.router_study = router_study(pm, prompts[p][1], settings.trials,
-                                           statistics.median(dense))
+        texts = {p: prompts[p][1] for p in settings.prompt_lengths or prompts}
+        result.router_study = router_study(pm, texts, settings.trials)
+        project_router(result.router_study, result.summary["ttft"])
     if hasattr(os, "getloadavg"):
         result.machine["load_average_at_end"] = os.getloadavg()
     return result
@@ -409,12 +432,13 @@ def format_table(result: Result) -> str:
     s, m = result.summary, result.model
     lines = [f"dtype {m['dtype']}, {s['skipped']} of {m['num_blocks']} blocks skipped "
              f"({result.route['name']}: {result.route['skip']}), median of "
-             f"{result.settings.trials} trials, ±: half the min-max range"]
+             f"{result.settings.trials} trials, ±: half the min-max range; best: from the "
+             "fastest trials; cpu: from process CPU time (both less sensitive to other load)"]
     if s["ttft"]:
         lines += ["", "Time to first token (routed includes the router)",
                   f"{'prompt':>7} {'dense s':>14} {'routed s':>14} {'router ms':>10} "
-                  f"{'router%':>8} {'speedup':>8} {'ideal':>6} {'/ideal':>7} "
-                  f"{'prompt tok/s d|r':>17}"]
+                  f"{'router%':>8} {'speedup':>8} {'best':>6} {'cpu':>6} {'ideal':>6} "
+                  f"{'/ideal':>7} {'prompt tok/s d|r':>17}"]
         for row in s["ttft"]:
             d, r = row["dense"], row["routed"]
             lines.append(
@@ -422,23 +446,26 @@ def format_table(result: Result) -> str:
                 f" {r['ttft_s']['median']:>8.3f} {_spread(r['ttft_s']):>5}"
                 f" {r['router_s']['median'] * 1e3:>10.1f}"
                 f" {row['router_share_of_dense_ttft'] * 100:>7.1f}%"
-                f" {row['ttft_speedup']:>7.3f}x {row['ideal_prefill']:>5.3f}x"
+                f" {row['ttft_speedup']:>7.3f}x {row['ttft_speedup_best']:>5.3f}x"
+                f" {row['ttft_speedup_cpu']:>5.3f}x {row['ideal_prefill']:>5.3f}x"
                 f" {row['ttft_vs_ideal']:>7.3f}"
                 f" {d['prompt_tps']['median']:>8.0f}|{r['prompt_tps']['median']:<8.0f}")
     if s["generation"]:
         lines += ["", f"Prompt of {result.settings.gen_prompt} tokens + generation",
-                  f"{'gen':>5} {'dense s':>14} {'routed s':>14} {'speedup':>8} {'ideal':>6} "
-                  f"{'/ideal':>7} {'decode tok/s d|r':>17} {'speedup':>8} {'ideal':>6} "
-                  f"{'/ideal':>7}"]
+                  f"{'gen':>5} {'dense s':>14} {'routed s':>14} {'speedup':>8} {'best':>6} "
+                  f"{'cpu':>6} {'ideal':>6} {'/ideal':>7} {'decode tok/s d|r':>17} "
+                  f"{'speedup':>8} {'best':>6} {'ideal':>6} {'/ideal':>7}"]
         for row in s["generation"]:
             d, r = row["dense"], row["routed"]
             lines.append(
                 f"{row['gen_tokens']:>5} {d['total_s']['median']:>8.3f} {_spread(d['total_s']):>5}"
                 f" {r['total_s']['median']:>8.3f} {_spread(r['total_s']):>5}"
-                f" {row['total_speedup']:>7.3f}x {row['ideal_total']:>5.3f}x"
+                f" {row['total_speedup']:>7.3f}x {row['total_speedup_best']:>5.3f}x"
+                f" {row['total_speedup_cpu']:>5.3f}x {row['ideal_total']:>5.3f}x"
                 f" {row['total_vs_ideal']:>7.3f}"
                 f" {d['decode_tps']['median']:>8.2f}|{r['decode_tps']['median']:<8.2f}"
-                f" {row['decode_speedup']:>7.3f}x {row['ideal_decode']:>5.3f}x"
+                f" {row['decode_speedup']:>7.3f}x {row['decode_speedup_best']:>5.3f}x"
+                f" {row['ideal_decode']:>5.3f}x"
                 f" {row['decode_vs_ideal']:>7.3f}")
     rows = s["ttft"] + s["generation"]
     lines += ["", "Peak memory (GB, dense | routed): " + ", ".join(
@@ -447,14 +474,18 @@ def format_table(result: Result) -> str:
     if s["pudding_vs_mlx_lm"]:
         lines += ["", "pudding dense time / plain mlx-lm time (1.00 = no overhead)"]
         lines += [f"  p{r['prompt_tokens']}+g{r['gen_tokens']}: first token "
-                  f"{r['ttft_ratio']:.3f}, total {r['total_ratio']:.3f}"
+                  f"{r['ttft_ratio']:.3f}, total {r['total_ratio']:.3f} (best "
+                  f"{r['total_ratio_best']:.3f}, cpu {r['total_ratio_cpu']:.3f})"
                   for r in s["pudding_vs_mlx_lm"]]
     if result.router_study:
-        lines += ["", "Router options (timing with the bundle's weights; share of dense "
-                  "time to first token at the longest prompt)"]
-        lines += [f"  max_length {r['max_length']:>4}, {r['num_layers']} layers"
-                  f"{', mx.compile' if r['compiled'] else '':<12}: {r['router_ms']:7.1f} ms "
-                  f"{r['share_of_dense_ttft'] * 100:5.1f}%" for r in result.router_study]
+        lines += ["", "Router options: per prompt length, router ms, its share of dense time to "
+                  "first token, and the routed speedup / ideal it would give"]
+        for r in result.router_study:
+            cells = [f"p{p} {v * 1e3:6.1f} ms {r['share_of_dense_ttft'].get(p, 0) * 100:4.1f}% "
+                     f"{r['projected_ttft_vs_ideal'].get(p, 0):5.3f}"
+                     for p, v in r["router_s"].items()]
+            lines.append(f"  max_length {r['max_length']:>4}, {r['num_layers']} layers"
+                         f"{', mx.compile' if r['compiled'] else '':<12}: " + " | ".join(cells))
     if result.memory:
         mem = result.memory
         lines += ["", "Memory with lazy loading (GB; blocks never used are never read)"]

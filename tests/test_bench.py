@@ -1,6 +1,7 @@
 """pudding bench: interleaving, the arithmetic of the summary, that the routed request really
 runs only the kept blocks, and the command end to end on a tiny bundle."""
 
+import gc
 import json
 
 import pytest
@@ -12,6 +13,7 @@ from pudding_mlx.bench import (
     make_prompt,
     measure,
     memory_compare,
+    project_router,
     router_study,
     run_request,
     summarise,
@@ -40,7 +42,7 @@ def test_measure_interleaves_after_warmup():
 
 
 def _trial(kind, p, g, ttft, total, router=0.0):
-    return Trial(kind, p, g, router, ttft, total, p / ttft, 0.1)
+    return Trial(kind, p, g, router, ttft, total, p / ttft, 0.1, cpu_s=total / 2)
 
 
 def test_summary_by_hand():
@@ -58,16 +60,26 @@ def test_summary_by_hand():
     s = summarise(trials, facts, skipped=1)
     (t,), (g,) = s["ttft"], s["generation"]
     assert t["ttft_speedup"] == pytest.approx(2.0 / 1.6)
+    assert t["ttft_speedup_best"] == pytest.approx(1.9 / 1.5)
+    assert t["ttft_speedup_cpu"] == pytest.approx(2.0 / 1.6)
     assert t["router_share_of_dense_ttft"] == pytest.approx(0.05)
     assert t["ideal_prefill"] == pytest.approx(prefill_ideal(shape, 64, 1))
     assert t["ttft_vs_ideal"] == pytest.approx(1.25 / prefill_ideal(shape, 64, 1))
     assert t["dense"]["ttft_s"] == {"median": 2.0, "min": 1.9, "max": 2.2}
     assert g["decode_speedup"] == pytest.approx((8 / 2.0) / (8 / 4.0))
     assert g["total_speedup"] == pytest.approx(5.0 / 2.8)
+    assert g["total_speedup_cpu"] == pytest.approx(5.0 / 2.8)
     d_ideal = decode_ideal(shape, 32 + 4, 1, 4.0, 4)
     assert g["ideal_decode"] == pytest.approx(d_ideal)
     assert g["ideal_total"] == pytest.approx(
         combined_ideal([1.0, 4.0], [prefill_ideal(shape, 32, 1), d_ideal]))
+    # Router options: the measured router time gives back the measured ratio; none gives 2/1.5.
+    rows = [{"router_s": {64: 0.1}}, {"router_s": {64: 0.0}}]
+    project_router(rows, s["ttft"])
+    assert rows[0]["projected_ttft_vs_ideal"][64] == pytest.approx(t["ttft_vs_ideal"])
+    assert rows[1]["projected_ttft_vs_ideal"][64] == pytest.approx(
+        2.0 / 1.5 / prefill_ideal(shape, 64, 1))
+    assert rows[0]["share_of_dense_ttft"][64] == pytest.approx(0.05)
     (m,) = s["pudding_vs_mlx_lm"]
     assert m["ttft_ratio"] == pytest.approx(1.0)
     assert m["total_ratio"] == pytest.approx(5.0 / 4.0)
@@ -113,21 +125,45 @@ def test_make_prompt(bundle):
 def test_router_study_restores_router(bundle):
     pm = load(bundle.path, router_backend="mlx")
     before = pm.router.scores("hello, how are you today?")
-    rows = router_study(pm, "hello, how are you today? " * 10, trials=1, dense_ttft=1.0)
+    rows = router_study(pm, {8: "hello, how are you today? " * 10, 4: "hello"}, trials=1)
     assert {(r["max_length"], r["num_layers"], r["compiled"]) for r in rows} >= {
         (32, 2, False), (32, 2, True), (32, 1, False)}
+    assert all(list(r["router_s"]) == [4, 8] for r in rows)
     assert len(pm.router.net.encoder.encoder.layer) == 2 and pm.router.max_length == 32
     assert (pm.router.scores("hello, how are you today?") == before).all()
 
 
-def test_memory_lazy_routed_reads_less(bundle):
+def test_lazy_routed_request_never_reads_skipped_blocks(bundle):
+    import mlx.core as mx
+
+    pm = load(bundle.path, router_backend="mlx", lazy=True)
+    route = pm.route("She poured the water into the glass")
+    run_request(pm, "routed", make_prompt(pm.tokenizer, 12, 0), "", 4, skip=route.skip)
+
+    def grows_by(blocks) -> int:
+        gc.collect()  # arrays of earlier tests' models must not be freed meanwhile
+        gc.disable()
+        try:
+            before = mx.get_active_memory()
+            mx.eval([pm.model.layers[i].parameters() for i in blocks])
+            return mx.get_active_memory() - before
+        finally:
+            gc.enable()
+
+    kept = [i for i in range(6) if i not in route.skip]
+    assert abs(grows_by(kept)) < 0.05 * sum(  # already in memory
+        v.nbytes for _, v in tree_flatten(pm.model.layers[1].parameters()))
+    skipped_bytes = sum(v.nbytes for i in route.skip
+                        for _, v in tree_flatten(pm.model.layers[i].parameters()))
+    # Read only now (a few KB of temporaries may be freed meanwhile).
+    assert grows_by(route.skip) == pytest.approx(skipped_bytes, rel=0.05)
+
+
+def test_memory_compare(bundle):
     out = memory_compare(str(bundle.path), "router", None, "hello, how are you today?", "mlx")
     d, r = out["dense"], out["routed"]
     assert d["skip"] == [] and len(r["skip"]) == 2
-    # Two of six blocks are never materialised: at least their weights are saved.
-    pm = load(bundle.path, router_backend="mlx")
-    block_bytes = sum(v.nbytes for _, v in tree_flatten(pm.model.layers[1].parameters()))
-    assert d["active_gb"] - r["active_gb"] >= 2 * block_bytes / 1e9 * 0.99
+    assert r["active_gb"] < d["active_gb"] and r["peak_gb"] < d["peak_gb"]
 
 
 def test_cli_end_to_end(bundle, tmp_path, capsys, monkeypatch):
@@ -145,7 +181,8 @@ def test_cli_end_to_end(bundle, tmp_path, capsys, monkeypatch):
     assert res["summary"]["skipped"] == 2 and res["notes"] == ["shared machine"]
     assert [r["prompt_tokens"] for r in res["summary"]["ttft"]] == [16, 24]
     assert res["machine"]["mlx"] and res["model"]["dtype"] == "float32"
-    assert res["router_study"]
+    study = res["router_study"]
+    assert set(study[0]["projected_ttft_vs_ideal"]) == {"16", "24"}
 
 
 def test_cli_errors(bundle, capsys, monkeypatch):
