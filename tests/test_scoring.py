@@ -90,3 +90,29 @@ def test_bf16_changes_no_decision_on_smollm2():
            for e in calibration_examples(t, 16, seed=1)]
     check = dtype_check(model, tok, exs, torch.bfloat16)
     assert check.changed == 0, check
+
+
+def test_load_causal_lm_folder_and_errors(tiny, tmp_path):
+    from convert.assets import load_causal_lm
+    from pudding_mlx.errors import PuddingError
+
+    model, tok = tiny
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    loaded, ltok = load_causal_lm(tmp_path / "m", dtype=torch.float32)
+    ids = torch.tensor([ltok.encode("hello, how are you", add_special_tokens=False)])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PuddingError, match="empty"):
+        load_causal_lm(tmp_path / "empty")
+
+
+@pytest.mark.slow
+def test_gguf_loads_and_saves_as_plain_hf(tmp_path):
+    from convert import assets
+
+    model, tok = assets.load_causal_lm(assets.smollm2_gguf())
+    assert len(model.model.layers) == 30 and model.hf_quantizer is None
+    model.save_pretrained(tmp_path / "hf")
+    assert (tmp_path / "hf" / "config.json").exists()
