@@ -35,17 +35,22 @@ def plot(result: dict, path: str | Path) -> None:
             x = [r["prompt_tokens"] for r in rows]
             y, err = _errors(rows, "ttft_s")
             ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label="measured (router included)")
-            ax.plot(x, [r["ideal_prefill"] for r in rows], "k--", label="ideal (FLOPs)")
+            ax.plot(x, [r["ttft_speedup_best"] for r in rows], "x", color="C0",
+                    label="fastest trials")
+            ax.plot(x, [r["ideal_prefill"] for r in rows], "k--", marker="_", ms=16,
+                    label="ideal (FLOPs)")
             ax.set_xlabel("prompt tokens")
             ax.set_title("Time to first token")
         else:
             x = [r["gen_tokens"] for r in rows]
             y, err = _errors(rows, "total_s")
             ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label="measured, whole request")
-            ax.plot(x, [r["ideal_total"] for r in rows], "k--", label="ideal, whole request")
+            ax.plot(x, [r["ideal_total"] for r in rows], "k--", marker="_", ms=16,
+                    label="ideal, whole request")
             y, err = _errors(rows, "decode_tps", invert=True)
             ax.errorbar(x, y, yerr=err, marker="s", capsize=3, label="measured, decoding")
-            ax.plot(x, [r["ideal_decode"] for r in rows], "k:", label="ideal, decoding (bytes)")
+            ax.plot(x, [r["ideal_decode"] for r in rows], "k:", marker="_", ms=16,
+                    label="ideal, decoding (bytes)")
             ax.set_xlabel(f"generated tokens (prompt {rows[0]['prompt_tokens']})")
             ax.set_title("Prefill + generation")
         ax.axhline(1.0, color="grey", lw=0.8)
