@@ -32,7 +32,7 @@ class MLXScorer:
         self.max_length = int(pm.config.get("max_position_embeddings", 2048))
         model_files = sorted((k, v) for k, v in pm.manifest.files.items()
                              if k.startswith("model/"))
-        self.fingerprint = {"backend": "mlx", "model": _digest(model_files)}
+        self.fingerprint = {"backend": "mlx", "model": digest(model_files)}
 
     def score(self, questions: Sequence[Sequence[Request]],
               skip: Sequence[int]) -> list[QuestionScores]:
@@ -79,17 +79,17 @@ class TorchScorer:
         return out
 
 
-def _digest(obj) -> str:
+def digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _source_id(source: str) -> str:
-    """A model source's identity: the sha256 of its config and weights' names and sizes."""
+    """A model source's identity: a digest of its path and its files' names and sizes."""
     path = Path(source)
     if not path.exists():
         return str(source)
     files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
-    return _digest([(p.name, p.stat().st_size) for p in files] + [str(path.resolve())])
+    return digest([(p.name, p.stat().st_size) for p in files] + [str(path.resolve())])
 
 
 class ScoreCache:

@@ -30,6 +30,7 @@ import click
 import numpy as np
 
 from .errors import PuddingError
+from .eval_scoring import digest
 from .eval_stats import above_chance, chance_level, decide, gold_margin, paired_bootstrap
 
 DEFAULT_TASKS = ("arc_challenge", "arc_easy", "boolq", "hellaswag", "piqa", "winogrande",
@@ -198,9 +199,7 @@ def route_questions(pm, cache, task: str, examples, batch: int = 32) -> dict[str
         return out
 
     router_files = sorted((k, v) for k, v in pm.manifest.files.items() if k.startswith("router/"))
-    from .eval_scoring import _digest
-
-    extra = {"router": _digest([router_files, names, pm.manifest.static.name]),
+    extra = {"router": digest([router_files, names, pm.manifest.static.name]),
              "text": "router_text-v1"}
     return cache.fill(task, "routes", qids, compute, chunk=512, desc=f"{task} routing",
                       extra=extra)

@@ -350,3 +350,36 @@ def test_smollm2_backends_agree(tmp_path):
         for q in x:
             np.testing.assert_allclose(x[q][0], y[q][0], atol=2e-3)
     assert res["mlx"]["tasks"]["arc_easy"]["results"]["dense"]["score"] > 0.4  # SmolLM2 works
+
+
+def test_lm_eval_adapter_with_a_stub_harness(setup, monkeypatch):
+    """lm-eval is not installed here: stand in its two imports, then check the registered
+    model's log-likelihoods against the hand computation (router mode: the routed set)."""
+    import importlib
+    import sys
+    import types
+
+    registry = {}
+    api_model = types.ModuleType("lm_eval.api.model")
+    api_model.LM = type("LM", (), {"__init__": lambda self: None})
+    api_registry = types.ModuleType("lm_eval.api.registry")
+    api_registry.register_model = lambda name: lambda cls: registry.setdefault(name, cls)
+    for name, mod in {"lm_eval": types.ModuleType("lm_eval"),
+                      "lm_eval.api": types.ModuleType("lm_eval.api"),
+                      "lm_eval.api.model": api_model,
+                      "lm_eval.api.registry": api_registry}.items():
+        monkeypatch.setitem(sys.modules, name, mod)
+    monkeypatch.delitem(sys.modules, "pudding_mlx.lm_eval_adapter", raising=False)
+    importlib.import_module("pudding_mlx.lm_eval_adapter")
+
+    tb, _, _ = setup
+    lm = registry["pudding-mlx"](bundle=str(tb.path))
+    reqs = [("Question: How do you boil an egg?\nAnswer:", " put it in water"),
+            ("Question: How do you boil an egg?\nAnswer:", " fine"),
+            ("She poured the water into the glass", " because it was empty.")]
+    got = lm.loglikelihood([types.SimpleNamespace(args=r) for r in reqs])
+    sets = {c.name: c.skip for c in tb.manifest.candidates}
+    for (ctx, cont), (ll, _) in zip(reqs, got, strict=True):
+        skip = sets[hand_route(tb, ctx)]
+        assert ll == pytest.approx(hand_loglik(tb.model, tb.tokenizer, ctx, cont, skip),
+                                   abs=1e-4)
