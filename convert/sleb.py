@@ -43,10 +43,11 @@ def sleb_search(model, tokenizer, text: str, k: int, seq_len: int = 128, n_chunk
                 batch_size: int = 16, progress: bool = True) -> dict:
     chunks = text_chunks(tokenizer, text, seq_len, n_chunks)
     scorer = SetScorer(model, chunks, batch_size)
-    cand = greedy_search(scorer, Candidate(f"sleb-ppl-k{k}", "text", "perplexity", k),
+    # Summed mean NLL per chunk is the likelihood loss with every chunk's gold "choice" 0.
+    cand = greedy_search(scorer, Candidate(f"sleb-ppl-k{k}", "text", "likelihood", k),
                          progress=progress)
     out = cand.to_json()
-    out["loss"] = "likelihood"  # the per-chunk loss the search minimised
+    out["loss"] = "perplexity"
     out["perplexity"] = [math.exp(p.loss / len(chunks)) for p in cand.trajectory]
     out["chunks"], out["seq_len"] = len(chunks), seq_len
     return out

@@ -176,3 +176,21 @@ def test_two_process_search_equals_single(tiny, tmp_path):
         assert [p["block"] for p in d["trajectory"]] == [p["block"] for p in s["trajectory"]]
         np.testing.assert_allclose([p["loss"] for p in d["trajectory"]],
                                    [p["loss"] for p in s["trajectory"]], rtol=1e-6)
+
+
+def test_sleb_matches_plain_perplexity(tiny):
+    from convert.sleb import sleb_search
+
+    model, tok = tiny
+    text = " ".join(q + " " + " ".join(c) for q, c in QUESTIONS) * 2
+    out = sleb_search(model, tok, text, k=1, seq_len=16, n_chunks=4, progress=False)
+    ids = tok.encode(text, add_special_tokens=False)
+    chunks = torch.tensor([ids[i * 17:(i + 1) * 17] for i in range(4)])
+    nll = {}
+    for b in range(1, 7):
+        with skipped(model, [b]), torch.no_grad():
+            logp = torch.log_softmax(model(chunks, use_cache=False).logits.double(), -1)
+        nll[b] = -logp[:, :-1].gather(2, chunks[:, 1:, None]).mean().item()
+    best = min(nll, key=nll.get)
+    assert out["skip"] == [best]
+    assert out["perplexity"][0] == pytest.approx(np.exp(nll[best]), rel=1e-6)
