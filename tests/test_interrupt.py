@@ -25,6 +25,7 @@ import pytest
 
 TESTS = Path(__file__).resolve().parent
 SEED = 20261128
+KILLS_PER_STEP = 2
 
 ARC = [("Which gas do plants need?", ["oxygen", "carbon dioxide", "water"], "B"),
        ("How do you boil an egg?", ["in water", "in the sky", "in a glass"], "A"),
@@ -153,30 +154,43 @@ def arm(target: str, n: int, when: str, stop, setattr_=setattr) -> None:
     setattr_(owner, name, wrapper)
 
 
-def child_main(spec_json: str) -> None:
-    """In the child: run one step and SIGKILL this process at the chosen point."""
-    import torch
+def child_main(specs_json: str) -> None:
+    """In the child: import once, then run each spec in a forked process that SIGKILLs itself
+    at its point; prints the exit codes as JSON."""
+    import torch  # noqa: F401  (imported before forking: each run starts warm)
+    import transformers  # noqa: F401
 
-    spec = json.loads(spec_json)
-    torch.set_num_threads(spec["threads"])
-    arm(spec["target"], spec["n"], spec["when"], lambda: os.kill(os.getpid(), signal.SIGKILL))
-    STEPS[spec["step"]](spec["work"], spec["out"])
+    codes = []
+    for spec in json.loads(specs_json):
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            try:
+                import torch
+
+                torch.set_num_threads(spec["threads"])
+                arm(spec["target"], spec["n"], spec["when"],
+                    lambda: os.kill(os.getpid(), signal.SIGKILL))
+                STEPS[spec["step"]](spec["work"], spec["out"])
+            except BaseException:
+                import traceback
+
+                traceback.print_exc()
+                code = 1
+            os._exit(code)
+        codes.append(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+    print(json.dumps(codes))
 
 
-def killed_run(step: str, w: dict, out: Path, point) -> int:
-    """Run `step` in a child killed at `point`; returns the child's exit code."""
-    import torch
-
-    target, n, when = point
-    spec = {"step": step, "work": w, "out": str(out), "target": target, "n": n, "when": when,
-            "threads": torch.get_num_threads()}
+def killed_runs(specs: list[dict]) -> list[int]:
+    """Run each spec's step in a child process killed at its point; returns the exit codes."""
     code = ("import sys; sys.path.insert(0, sys.argv[1]); import test_interrupt; "
             "test_interrupt.child_main(sys.argv[2])")
     env = dict(os.environ, PUDDING_OPENBLAS="0", TQDM_DISABLE="1")
-    done = subprocess.run([sys.executable, "-c", code, str(TESTS), json.dumps(spec)],
-                          capture_output=True, text=True, timeout=300, env=env)
-    assert done.returncode == -signal.SIGKILL, (point, done.returncode, done.stderr[-3000:])
-    return done.returncode
+    done = subprocess.run([sys.executable, "-c", code, str(TESTS), json.dumps(specs)],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def ctrl_c_run(step: str, w: dict, out: Path, point, monkeypatch) -> None:
@@ -220,6 +234,18 @@ def write_random_labels(folder: Path, seed: int = 0) -> None:
     write_json(folder / "meta.json", {"candidates": [{"name": n, "skip": s}
                                                      for n, s in SETS.items()],
                                       "num_shards": len(shards), "complete": True})
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run far faster on one torch thread, above all on a busy machine (the
+    children get the same count, so the outputs are comparable bit for bit)."""
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
 
 
 @pytest.fixture(scope="module")
@@ -318,12 +344,12 @@ def check_after_interruption(step: str, out: Path, old_bundle, reference) -> Non
     assert hash_tree(out) in (hash_tree(old_bundle.path), hash_tree(reference[step]))
 
 
-def _plan(kind: str) -> list:
+def _plan(kind: str, per_step: int) -> list:
     rng = random.Random(f"{SEED}-{kind}")
-    return [(step, point) for step in STEPS for point in kill_points(step, 1, rng)]
+    return [(step, point) for step in STEPS for point in kill_points(step, per_step, rng)]
 
 
-@pytest.mark.parametrize("step, point", _plan("ctrl-c"), ids=lambda x: str(x))
+@pytest.mark.parametrize("step, point", _plan("ctrl-c", 1), ids=lambda x: str(x))
 def test_ctrl_c_then_resume_equals_uninterrupted(work, reference, shared_tiny_bundle, tmp_path,
                                                  step, point, monkeypatch):
     out = tmp_path / ("bundle" if step == "conversion" else "out")
@@ -334,12 +360,30 @@ def test_ctrl_c_then_resume_equals_uninterrupted(work, reference, shared_tiny_bu
     assert RESULTS[step](out) == RESULTS[step](reference[step])
 
 
-@pytest.mark.parametrize("step, point", _plan("kill"), ids=lambda x: str(x))
-def test_kill_then_resume_equals_uninterrupted(work, reference, shared_tiny_bundle, tmp_path,
-                                               step, point):
-    out = tmp_path / ("bundle" if step == "conversion" else "out")
-    prepare(step, out, shared_tiny_bundle)
-    killed_run(step, work, out, point)
+@pytest.fixture(scope="module")
+def kills(work, shared_tiny_bundle, tmp_path_factory):
+    """Each step run once in a child process and SIGKILLed at its seeded point."""
+    import torch
+
+    root = tmp_path_factory.mktemp("killed")
+    plan = _plan("kill", KILLS_PER_STEP)
+    specs = []
+    for i, (step, (target, n, when)) in enumerate(plan):
+        out = root / str(i) / ("bundle" if step == "conversion" else "out")
+        out.parent.mkdir()
+        prepare(step, out, shared_tiny_bundle)
+        specs.append({"step": step, "work": work, "out": str(out), "target": target, "n": n,
+                      "when": when, "threads": torch.get_num_threads()})
+    codes = killed_runs(specs)
+    return [(step, Path(spec["out"]), point, code)
+            for (step, point), spec, code in zip(plan, specs, codes, strict=True)]
+
+
+@pytest.mark.parametrize("i", range(len(STEPS) * KILLS_PER_STEP),
+                         ids=[f"{step}-{point}" for step, point in _plan("kill", KILLS_PER_STEP)])
+def test_kill_then_resume_equals_uninterrupted(kills, work, reference, shared_tiny_bundle, i):
+    step, out, point, code = kills[i]
+    assert code == -signal.SIGKILL, f"{step} at {point}: exit code {code}, not killed"
     check_after_interruption(step, out, shared_tiny_bundle, reference)
     STEPS[step](work, str(out))
     assert RESULTS[step](out) == RESULTS[step](reference[step])
