@@ -15,6 +15,8 @@ import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import click
+
 from .errors import PuddingError
 from .loglik import encode_requests, score_requests
 
@@ -115,6 +117,8 @@ class ScoreCache:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise PuddingError(f"{path}: unreadable cached result ({e}); delete it") from None
         if d.get("fingerprint") != {**self.fingerprint, **(extra or {})}:
+            click.echo(f"{path}: made with other settings ({d.get('fingerprint')}); "
+                       "recomputing", err=True)
             return {}
         return d["values"]
 
