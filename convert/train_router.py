@@ -57,6 +57,7 @@ class TrainConfig:
     eval_fraction: float = 0.2
     head_init: str = "mean"  # "mean": bias = mean train target, weight = 0; "random"
     group_by_length: bool = True  # batches of similar length (less padding), as HF Trainer's
+    inputs: str = "rows"  # "rows": question + each choice (the paper); "context": question once
 
 
 def keep_first_layers(encoder, n: int) -> None:
@@ -163,10 +164,6 @@ def _load_checkpoint(ckpt: Path, router, opt, sched, settings: dict) -> tuple[in
 # -- training --
 
 
-def _rows_targets(q: Questions, target: str) -> np.ndarray:
-    return q.targets(target)[q.row_question].astype(np.float32)
-
-
 def train(labels_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, device: str = "auto",
           stop_after_epoch: int | None = None, overwrite: bool = False) -> dict | None:
     """Train, evaluate and save; returns the metrics (None when stopped early on purpose)."""
@@ -201,12 +198,17 @@ def train(labels_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, device:
     q = group_questions(table.task, table.qid, table.choice, table.gold, table.loglik,
                         table.context, where=str(labels_dir))
     is_eval = split_questions(q.keys, cfg.eval_fraction, cfg.seed)
-    train_rows = np.flatnonzero(~is_eval[q.row_question])
-    eval_rows = np.flatnonzero(is_eval[q.row_question])
-    if len(train_rows) == 0 or len(eval_rows) == 0:
+    if cfg.inputs not in ("rows", "context"):
+        raise PuddingError(f"--inputs must be rows or context, got {cfg.inputs!r}")
+    # training items: label rows, or one context per question; each with its question's target
+    texts, item_q = ((table.text, q.row_question) if cfg.inputs == "rows"
+                     else (q.contexts, np.arange(len(q.keys))))
+    train_items = np.flatnonzero(~is_eval[item_q])
+    eval_items = np.flatnonzero(is_eval[item_q])
+    if len(train_items) == 0 or len(eval_items) == 0:
         raise PuddingError(f"{labels_dir}: too few questions ({len(q.keys)}) to split "
                            f"{1 - cfg.eval_fraction:.0%}/{cfg.eval_fraction:.0%}")
-    y = _rows_targets(q, cfg.target)
+    y = q.targets(cfg.target)[item_q].astype(np.float32)
 
     torch.manual_seed(cfg.seed)
     tokenizer = AutoTokenizer.from_pretrained(cfg.backbone, trust_remote_code=False)
@@ -220,19 +222,19 @@ def train(labels_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, device:
         # would otherwise spend the run learning the targets' offset (about -2 nats).
         with torch.no_grad():
             router.head.weight.zero_()
-            router.head.bias.copy_(torch.from_numpy(y[train_rows].mean(0)))
+            router.head.bias.copy_(torch.from_numpy(y[train_items].mean(0)))
     router.to(device)
 
-    ids = _tokenize(tokenizer, table.text, cfg.max_length)
+    ids = _tokenize(tokenizer, texts, cfg.max_length)
     pad_id = tokenizer.pad_token_id or 0
-    steps_per_epoch = math.ceil(len(train_rows) / cfg.batch_size)
+    steps_per_epoch = math.ceil(len(train_items) / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
     opt = torch.optim.AdamW(router.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = get_linear_schedule_with_warmup(opt, cfg.warmup_steps, total)
     start, history = _load_checkpoint(ckpt, router, opt, sched, settings)
     if start:
         click.echo(f"resuming after epoch {start} of {cfg.epochs} ({ckpt})")
-    click.echo(f"router: {len(train_rows)} train rows, {len(eval_rows)} eval rows, "
+    click.echo(f"router: {len(train_items)} train and {len(eval_items)} eval {cfg.inputs}, "
                f"{len(names)} candidates, {total} steps, device {device}")
     y_t = torch.from_numpy(y)
     t0 = time.perf_counter()
@@ -241,11 +243,11 @@ def train(labels_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, device:
         torch.manual_seed(cfg.seed * 1000 + epoch)  # dropout of this epoch
         gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)  # data order of this epoch
         if cfg.group_by_length:
-            perm = get_length_grouped_indices([len(ids[r]) for r in train_rows], cfg.batch_size,
+            perm = get_length_grouped_indices([len(ids[r]) for r in train_items], cfg.batch_size,
                                               generator=gen)
         else:
-            perm = torch.randperm(len(train_rows), generator=gen).tolist()
-        order = train_rows[perm]
+            perm = torch.randperm(len(train_items), generator=gen).tolist()
+        order = train_items[perm]
         bar = tqdm(range(0, len(order), cfg.batch_size), desc=f"epoch {epoch + 1}/{cfg.epochs}")
         losses = []
         for i in bar:
@@ -258,9 +260,9 @@ def train(labels_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, device:
             opt.zero_grad(set_to_none=True)
             losses.append(loss.item())
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
-        pred = predict(router, [ids[r] for r in eval_rows], pad_id, device, desc="eval")
+        pred = predict(router, [ids[r] for r in eval_items], pad_id, device, desc="eval")
         history.append({"epoch": epoch + 1, "train_mse": float(np.mean(losses)),
-                        "eval_mse": float(np.mean((pred - y[eval_rows]) ** 2))})
+                        "eval_mse": float(np.mean((pred - y[eval_items]) ** 2))})
         click.echo(f"epoch {epoch + 1}: train MSE {history[-1]['train_mse']:.4f}, "
                    f"eval MSE {history[-1]['eval_mse']:.4f}")
         _save_checkpoint(ckpt, epoch + 1, router, opt, sched, settings, history)
@@ -361,6 +363,9 @@ def format_metrics(m: dict) -> str:
               help="Share of each task's questions held out for eval (split by question).")
 @click.option("--head-init", type=click.Choice(["mean", "random"]), default="mean",
               show_default=True, help="mean: head bias = mean train target, weights 0.")
+@click.option("--inputs", type=click.Choice(["rows", "context"]), default="rows",
+              show_default=True, help="Train on every label row (question + one choice, the "
+              "paper) or on each question's context once (what deployment routes on).")
 @click.option("--group-by-length/--no-group-by-length", default=True, show_default=True,
               help="Shuffle, then batch rows of similar token length (less padding).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, mps.")

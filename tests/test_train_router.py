@@ -176,30 +176,37 @@ def test_resume_equals_uninterrupted(tmp_path, tiny_encoder):
 
 
 def test_untrained_router_predicts_train_mean(tmp_path, tiny_encoder):
-    """lr 0 with the mean head init: every prediction is the train mean target, so eval MSE,
-    the router's choice and its metrics can be computed by hand from the table."""
+    """lr 0 with the mean head init: every prediction is the mean train target (over rows, or
+    over questions with --inputs context), so eval MSE, the router's choice and its metrics
+    can be computed by hand from the table."""
     from convert.label_store import read_labels
     from convert.train_router import TrainConfig, train
 
     labels = write_labels(tmp_path / "labels", num_questions=20, seed=3)
-    for target in ("likelihood", "margin"):
-        cfg = TrainConfig(backbone=tiny_encoder, epochs=1, lr=0.0, max_length=24, target=target)
-        m = train(labels, tmp_path / target, cfg, device="cpu")
-        t = read_labels(labels)
-        q = _questions([(a, b, c, d, e, f.tolist()) for a, b, c, d, e, f in zip(
-            t.task, t.qid, t.choice, t.gold, t.text, t.loglik, strict=True)])
-        is_eval = split_questions(q.keys, 0.2, 42)
+    t = read_labels(labels)
+    q = _questions([(a, b, c, d, e, f.tolist()) for a, b, c, d, e, f in zip(
+        t.task, t.qid, t.choice, t.gold, t.text, t.loglik, strict=True)])
+    is_eval = split_questions(q.keys, 0.2, 42)
+    for target, inputs in (("likelihood", "rows"), ("margin", "rows"), ("margin", "context")):
+        cfg = TrainConfig(backbone=tiny_encoder, epochs=1, lr=0.0, max_length=24, target=target,
+                          inputs=inputs)
+        m = train(labels, tmp_path / f"{target}-{inputs}", cfg, device="cpu")
         y = q.targets(target)
-        rows_train = ~is_eval[q.row_question]
-        mean = y[q.row_question][rows_train].mean(0)
-        rows_eval = q.row_question[~rows_train]
+        if inputs == "rows":
+            mean = y[q.row_question][~is_eval[q.row_question]].mean(0)
+        else:
+            mean = y[~is_eval].mean(0)
+        rows_eval = q.row_question[is_eval[q.row_question]]
         assert m["eval_mse"] == pytest.approx(np.mean((y[rows_eval] - mean) ** 2), rel=1e-5)
+        assert m["eval_mse_context"] == pytest.approx(np.mean((y[is_eval] - mean) ** 2),
+                                                      rel=1e-5)
         assert m["questions"] == {"train": 16, "eval": 4}
-        best = int(np.argmax(mean))
+        best = int(np.argmax(y[~is_eval].mean(0)))  # best fixed: by the mean over questions
         assert m["best_fixed"]["candidate"] == f"c{best}"
-        fixed = {k: v for k, v in m["best_fixed"].items() if k != "candidate"}
-        assert m["router_context"] == pytest.approx(fixed)
-        assert m["router_rows"] == pytest.approx(fixed)
+        chosen = int(np.argmax(mean))
+        want = decision_metrics(q, target, np.flatnonzero(is_eval), np.full(4, chosen))
+        assert m["router_context"] == pytest.approx(want)
+        assert m["router_rows"] == pytest.approx(want)
 
 
 def test_cli_writes_router_and_metrics(tmp_path, tiny_encoder):
