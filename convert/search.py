@@ -285,3 +285,35 @@ def run_search(model, tokenizer, examples: dict[str, list[Example]], settings: d
     if dist.rank == 0:
         write_json_atomic(out, doc)
     return doc
+
+
+def merge_runs(paths: Sequence, out, tasks: Sequence[str]) -> dict:
+    """Merge candidates.json files of runs that split the tasks between them (same settings
+    otherwise) into the file one run over `tasks` would write; each task's candidates are
+    taken from the first file where they are finished."""
+    import json
+    from pathlib import Path
+
+    docs = [json.loads(Path(p).read_text()) for p in paths]
+
+    def rest(settings: dict) -> dict:
+        return {key: v for key, v in settings.items() if key != "tasks"}
+
+    if any(rest(d["settings"]) != rest(docs[0]["settings"]) for d in docs):
+        raise PuddingError(f"{', '.join(map(str, paths))}: runs with different settings")
+    merged = {"settings": {**docs[0]["settings"], "tasks": list(tasks)}, "complete": True,
+              "candidates": [], "calibration": {}, "setup_seconds": {}}
+    for task in tasks:
+        names = [candidate_name(task, loss, merged["settings"]["k"])
+                 for loss in merged["settings"]["losses"]]
+        for d in docs:
+            found = {c["name"]: c for c in d["candidates"]}
+            if all(n in found and len(found[n]["trajectory"]) == found[n]["k"] for n in names):
+                merged["candidates"] += [found[n] for n in names]
+                merged["calibration"][task] = d["calibration"][task]
+                merged["setup_seconds"][task] = d["setup_seconds"].get(task)
+                break
+        else:
+            merged["complete"] = False
+    write_json_atomic(out, merged)
+    return merged

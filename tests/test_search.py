@@ -194,3 +194,21 @@ def test_sleb_matches_plain_perplexity(tiny):
     best = min(nll, key=nll.get)
     assert out["skip"] == [best]
     assert out["perplexity"][0] == pytest.approx(np.exp(nll[best]), rel=1e-6)
+
+
+def test_merge_runs_equals_one_run(tiny, tmp_path):
+    from convert.search import merge_runs
+
+    model, tok = tiny
+    exs = {"arc_easy": examples()[:4], "arc_challenge": examples()[3:]}
+    both = run_search(model, tok, exs, {"seed": 0}, tmp_path / "both.json", k=2, progress=False)
+    for task in exs:
+        run_search(model, tok, {task: exs[task]}, {"seed": 0}, tmp_path / f"{task}.json", k=2,
+                   progress=False)
+    merged = merge_runs([tmp_path / "arc_challenge.json", tmp_path / "arc_easy.json"],
+                        tmp_path / "merged.json", list(exs))
+    assert merged["complete"] and merged["settings"] == both["settings"]
+    assert merged["calibration"] == both["calibration"]
+    assert [(c["name"], c["skip"], [p["loss"] for p in c["trajectory"]])
+            for c in merged["candidates"]] == [
+        (c["name"], c["skip"], [p["loss"] for p in c["trajectory"]]) for c in both["candidates"]]
