@@ -71,6 +71,7 @@ class Result:
     summary: dict = field(default_factory=dict)
     router_study: list[dict] = field(default_factory=list)
     memory: dict = field(default_factory=dict)
+    overhead: dict = field(default_factory=dict)  # see wrapper_overhead
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -302,6 +303,29 @@ def project_router(rows: list[dict], ttft: list[dict]) -> None:
             row["projected_ttft_vs_ideal"][p] = speedup / t["ideal_prefill"]
 
 
+def wrapper_overhead(pm, route, tokens: list[int], repeats: int = 200) -> dict:
+    """What pudding adds around mlx-lm, timed alone (the model is not run), in seconds:
+    per dense request (route bookkeeping, token copy, view), per routed request (building
+    the SkipView), and per forward call of a routed request (switching the block list)."""
+
+    def per_call(fn) -> float:
+        tic = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        return (time.perf_counter() - tic) / repeats
+
+    def switch():
+        with view.active():
+            pass
+
+    view = pm.view(route)
+    return {
+        "dense_request_s": per_call(lambda: (pm.route("", "dense"), list(tokens), pm.view([]))),
+        "routed_view_s": per_call(lambda: pm.view(route)),
+        "switch_per_forward_s": per_call(switch) if route.skip else 0.0,
+    }
+
+
 # --- memory with lazy loading --------------------------------------------------------------------
 
 
@@ -387,6 +411,7 @@ def run_bench(pm, settings: Settings, route_mode: str = "router",
     points += [(settings.gen_prompt, g) for g in settings.gen_lengths]
     facts = model_facts(pm)
     route = None
+    routes = {}
     trials = []
     prompts = {}
     for p, g in points:
@@ -395,6 +420,7 @@ def run_bench(pm, settings: Settings, route_mode: str = "router",
             prompts[p] = (tokens, pm.tokenizer.decode(tokens))
         tokens, text = prompts[p]
         route = pm.route(text, route_mode, skip)
+        routes[f"p{p}"] = {"name": route.name, "skip": route.skip}
         if not route.skip:
             raise PuddingError("the routed request skips no block; nothing to compare")
 
@@ -408,6 +434,7 @@ def run_bench(pm, settings: Settings, route_mode: str = "router",
                            " pass --skip or --static to compare one set")
     result = Result(settings, machine_info(), facts,
                     {"mode": route_mode, "name": route.name, "skip": route.skip,
+                     "per_prompt": routes,
                      "router_backend": pm.router.backend,
                      "router_max_length": pm.router.max_length},
                     trials)
@@ -416,6 +443,8 @@ def run_bench(pm, settings: Settings, route_mode: str = "router",
         texts = {p: prompts[p][1] for p in settings.prompt_lengths or prompts}
         result.router_study = router_study(pm, texts, settings.trials)
         project_router(result.router_study, result.summary["ttft"])
+    p = min(prompts)
+    result.overhead = wrapper_overhead(pm, route, prompts[p][0])
     if hasattr(os, "getloadavg"):
         result.machine["load_average_at_end"] = os.getloadavg()
     return result
@@ -477,6 +506,11 @@ def format_table(result: Result) -> str:
                   f"{r['ttft_ratio']:.3f}, total {r['total_ratio']:.3f} (best "
                   f"{r['total_ratio_best']:.3f}, cpu {r['total_ratio_cpu']:.3f})"
                   for r in s["pudding_vs_mlx_lm"]]
+    if result.overhead:
+        o = result.overhead
+        lines += ["", f"pudding's own work, timed alone: {o['dense_request_s'] * 1e6:.0f} us per "
+                  f"dense request, {o['routed_view_s'] * 1e6:.0f} us per routed request, "
+                  f"{o['switch_per_forward_s'] * 1e6:.1f} us per routed forward call"]
     if result.router_study:
         lines += ["", "Router options: per prompt length, router ms, its share of dense time to "
                   "first token, and the routed speedup / ideal it would give"]

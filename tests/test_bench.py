@@ -17,6 +17,7 @@ from pudding_mlx.bench import (
     router_study,
     run_request,
     summarise,
+    wrapper_overhead,
 )
 from pudding_mlx.cli import main
 from pudding_mlx.flops import Shape, combined_ideal, decode_ideal, prefill_ideal
@@ -113,6 +114,14 @@ def test_routed_request_runs_only_kept_blocks(bundle, monkeypatch):
     assert len(route.skip) == 2
 
 
+def test_wrapper_overhead_leaves_the_model_whole(bundle):
+    pm = load(bundle.path, router_backend="mlx")
+    route = pm.route("hello")
+    o = wrapper_overhead(pm, route, [1, 2, 3], repeats=5)
+    assert len(layer_owner(pm.model).layers) == 6
+    assert all(v > 0 for v in o.values())
+
+
 def test_make_prompt(bundle):
     pm = load(bundle.path, router_backend="mlx")
     a, b = make_prompt(pm.tokenizer, 50, 3), make_prompt(pm.tokenizer, 50, 3)
@@ -181,6 +190,8 @@ def test_cli_end_to_end(bundle, tmp_path, capsys, monkeypatch):
     assert res["summary"]["skipped"] == 2 and res["notes"] == ["shared machine"]
     assert [r["prompt_tokens"] for r in res["summary"]["ttft"]] == [16, 24]
     assert res["machine"]["mlx"] and res["model"]["dtype"] == "float32"
+    o = res["overhead"]
+    assert 0 < o["dense_request_s"] < 0.01 and 0 < o["switch_per_forward_s"] < 0.001
     study = res["router_study"]
     assert set(study[0]["projected_ttft_vs_ideal"]) == {"16", "24"}
 
