@@ -410,6 +410,7 @@ def run_bench(pm, settings: Settings, route_mode: str = "router",
     points = [(p, 1) for p in settings.prompt_lengths]
     points += [(settings.gen_prompt, g) for g in settings.gen_lengths]
     facts = model_facts(pm)
+    machine = machine_info()
     route = None
     routes = {}
     trials = []
@@ -432,7 +433,7 @@ def run_bench(pm, settings: Settings, route_mode: str = "router",
     if len(skips) != 1:
         raise PuddingError(f"the prompts were routed to sets of different sizes {sorted(skips)};"
                            " pass --skip or --static to compare one set")
-    result = Result(settings, machine_info(), facts,
+    result = Result(settings, machine, facts,
                     {"mode": route_mode, "name": route.name, "skip": route.skip,
                      "per_prompt": routes,
                      "router_backend": pm.router.backend,
