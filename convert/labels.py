@@ -10,6 +10,9 @@ entering it, so each batch walks the candidates as a trie over blocks (`_walk`) 
 distinct prefix runs once. The counts of block evaluations, with and without sharing, go into
 meta.json.
 
+Resuming: a shard is written whole or not at all; a rerun labels only the missing shards.
+Candidates may be appended (the old list a prefix of the new): each shard gets the new columns.
+
 Data-parallel: under `torchrun`/`accelerate launch` each rank labels the shards whose index is
 its rank modulo the world size; shards depend only on their questions, so the folder ends
 identical to a single process's.
@@ -147,15 +150,37 @@ class Ranks:
 
 
 def _check_meta(out: Path, settings: dict) -> bool:
-    """True when out/meta.json exists with the same settings; error when they differ."""
+    """True when out/meta.json has the same settings and nothing more to do. Candidates may be
+    appended to a finished folder (its candidates a prefix of the new list); anything else that
+    differs is an error."""
     if not (out / META).is_file():
         return False
-    old = read_meta(out).get("settings")
-    if old != settings:
-        diff = sorted(k for k in settings if (old or {}).get(k) != settings[k])
-        raise PuddingError(f"{out / META}: labels made with other settings ({', '.join(diff)});"
-                           " pass --overwrite or another --out")
-    return True
+    meta = read_meta(out)
+    old = meta.get("settings") or {}
+    diff = sorted(k for k in settings if k != "candidates" and old.get(k) != settings[k])
+    n = len(old.get("candidates", []))
+    if diff or old.get("candidates") != settings["candidates"][:n]:
+        raise PuddingError(f"{out / META}: labels made with other settings "
+                           f"({', '.join(diff or ['candidates'])}); pass --overwrite or another"
+                           " --out (new candidates may only be appended)")
+    return old == settings and bool(meta.get("complete"))
+
+
+def _read_loglik(path: Path) -> np.ndarray:
+    import pyarrow.parquet as pq
+
+    col = pq.read_table(path, columns=["loglik"])["loglik"].combine_chunks()
+    return np.asarray(col.flatten(), dtype=np.float32).reshape(len(col), -1)
+
+
+def _shard_width(path: Path) -> int:
+    """Candidates already labelled in a shard (0 if it does not exist)."""
+    import pyarrow.parquet as pq
+
+    if not path.is_file():
+        return 0
+    first = pq.read_table(path, columns=["loglik"])["loglik"][0].as_py()
+    return len(first)
 
 
 def make_labels(out: str | Path, cfg: LabelConfig, device: str = "auto",
@@ -178,9 +203,9 @@ def make_labels(out: str | Path, cfg: LabelConfig, device: str = "auto",
     if overwrite and ranks.rank == 0 and out.exists():
         shutil.rmtree(out)
     ranks.barrier()
-    done = _check_meta(out, settings)  # every rank raises the same error on a mismatch
-    if done and read_meta(out).get("complete"):
+    if _check_meta(out, settings):  # every rank raises the same error on a mismatch
         return read_meta(out)
+    runs = read_meta(out).get("runs", []) if (out / META).is_file() else []
 
     t0 = time.perf_counter()
     examples = label_examples(cfg)
@@ -189,8 +214,9 @@ def make_labels(out: str | Path, cfg: LabelConfig, device: str = "auto",
     shards = [examples[i : i + cfg.shard_size] for i in range(0, len(examples), cfg.shard_size)]
     meta = {"settings": settings, "candidates": cfg.candidates, "num_shards": len(shards),
             "num_questions": len(examples), "rows": sum(len(e.prompt) for e in examples),
-            "complete": False}
-    if ranks.rank == 0 and not done:
+            "complete": False, "runs": runs}
+    ranks.barrier()  # every rank has read the old meta before rank 0 replaces it
+    if ranks.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / META, meta)
     ranks.barrier()
@@ -203,17 +229,21 @@ def make_labels(out: str | Path, cfg: LabelConfig, device: str = "auto",
     if bad:
         raise PuddingError(f"candidates {bad} skip blocks outside 0..{runner.num_blocks - 1}")
     mine = [i for i in range(len(shards)) if i % ranks.world == ranks.rank]
-    todo = [i for i in mine if not shard_path(out, i).is_file()]
+    width = {i: _shard_width(shard_path(out, i)) for i in mine}
+    todo = [i for i in mine if width[i] < len(skips)]
     bar = tqdm(total=sum(len(shards[i]) for i in mine), desc=f"labels (rank {ranks.rank})"
                if ranks.world > 1 else "labels", unit="q",
                initial=sum(len(shards[i]) for i in mine if i not in todo))
-    rows_run = 0  # packed rows this process ran, for the cost without prefix sharing
+    naive = 0  # block evaluations without prefix sharing: each candidate from the embeddings
     for i in todo:
         exs = shards[i]
         requests = [r for ex in exs for r in ex.prompt]
         batches = runner.prepare(encode_requests(tokenizer, requests), cfg.batch_size)
-        ll = score_candidates(runner, batches, len(requests), skips, share_prefix)
-        rows_run += sum(b.rows for b in batches)
+        ll = score_candidates(runner, batches, len(requests), skips[width[i]:], share_prefix)
+        if width[i]:  # candidates appended to a finished shard: keep its columns
+            ll = np.concatenate([_read_loglik(shard_path(out, i)), ll], axis=1)
+        naive += sum(b.rows for b in batches) * sum(runner.num_blocks - len(s)
+                                                    for s in skips[width[i]:])
         write_shard(out, i, {
             "task": [ex.task for ex in exs for _ in ex.prompt],
             "qid": [ex.qid for ex in exs for _ in ex.prompt],
@@ -227,17 +257,17 @@ def make_labels(out: str | Path, cfg: LabelConfig, device: str = "auto",
         bar.set_postfix(block_evals=runner.evals)
     bar.close()
     seconds = time.perf_counter() - t0
-    naive = rows_run * sum(runner.num_blocks - len(s) for s in skips)
     evals, naive, shards_run = ranks.sum([runner.evals, naive, len(todo)])
     ranks.barrier()
     missing = [i for i in range(len(shards)) if not shard_path(out, i).is_file()]
     if missing:
         raise PuddingError(f"{out}: shards {missing[:5]} were not written")
-    meta.update(complete=True, stats={  # of this run (a resumed run counts its own shards)
-        "seconds": round(seconds, 1), "shards_run": shards_run, "processes": ranks.world,
-        "dtype": cfg.dtype,
-        "device": str(dev.type), "block_evals": evals, "naive_block_evals": naive,
-        "share_prefix": share_prefix, "torch_threads": torch.get_num_threads()})
+    stats = {  # of this run; a resumed or appending run counts only the work it did
+        "seconds": round(seconds, 1), "shards_run": shards_run, "candidates": len(skips),
+        "processes": ranks.world, "dtype": cfg.dtype, "device": str(dev.type),
+        "block_evals": evals, "naive_block_evals": naive, "share_prefix": share_prefix,
+        "torch_threads": torch.get_num_threads()}
+    meta.update(complete=True, stats=stats, runs=[*runs, stats])
     if ranks.rank == 0:
         write_json(out / META, meta)
     ranks.barrier()

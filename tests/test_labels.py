@@ -173,3 +173,28 @@ def test_smollm2_labels_match_hf_forward(tmp_path):
         want = [reference_loglik(model, tok, t.context[r], t.text[r][len(t.context[r]):],
                                  c["skip"]) for c in cands]
         np.testing.assert_allclose(t.loglik[r], want, atol=1e-4, err_msg=t.text[r])
+
+
+def test_appending_candidates_equals_labelling_all(setup, tmp_path):
+    from convert.label_store import read_labels
+    from convert.labels import make_labels, read_candidates
+    from pudding_mlx.errors import PuddingError
+
+    root, _, _ = setup
+    out = tmp_path / "out"
+    cfg = _config(root)
+    cfg.candidates = read_candidates(root / "candidates.json")[:2]
+    first = make_labels(out, cfg, device="cpu")
+    assert read_labels(out).loglik.shape[1] == 2
+    meta = make_labels(out, _config(root), device="cpu")  # appends C and D to every shard
+    assert meta["stats"]["candidates"] == 4 and len(meta["runs"]) == 2
+    assert meta["runs"][0] == first["stats"]
+    whole = make_labels(tmp_path / "whole", _config(root), device="cpu")
+    np.testing.assert_allclose(read_labels(out).loglik, read_labels(tmp_path / "whole").loglik,
+                               atol=1e-6)
+    assert (first["stats"]["block_evals"] + meta["stats"]["block_evals"]
+            > whole["stats"]["block_evals"])  # appended sets share no prefix with the first
+    cfg = _config(root)
+    cfg.candidates = cfg.candidates[1:]
+    with pytest.raises(PuddingError, match="appended"):
+        make_labels(out, cfg, device="cpu")
