@@ -147,7 +147,8 @@ def _load_checkpoint(ckpt: Path, router, opt, sched, settings: dict) -> tuple[in
         return 0, []
     state = json.loads(path.read_text())
     if state["settings"] != settings:
-        diff = sorted(k for k in settings if state["settings"].get(k) != settings[k])
+        old = state["settings"]
+        diff = sorted(k for k in set(settings) | set(old) if old.get(k) != settings.get(k))
         raise PuddingError(f"{path}: checkpoint made with other settings ({', '.join(diff)}); "
                            "pass --overwrite to start again")
     epoch = state["epoch"]
