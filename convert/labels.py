@@ -157,7 +157,8 @@ def _check_meta(out: Path, settings: dict) -> bool:
         return False
     meta = read_meta(out)
     old = meta.get("settings") or {}
-    diff = sorted(k for k in settings if k != "candidates" and old.get(k) != settings[k])
+    keys = (set(settings) | set(old)) - {"candidates"}
+    diff = sorted(k for k in keys if old.get(k) != settings.get(k))
     n = len(old.get("candidates", []))
     if diff or old.get("candidates") != settings["candidates"][:n]:
         raise PuddingError(f"{out / META}: labels made with other settings "
