@@ -329,30 +329,49 @@ def wrapper_overhead(pm, route, tokens: list[int], repeats: int = 200) -> dict:
 # --- memory with lazy loading --------------------------------------------------------------------
 
 
-def memory_probe(bundle: str, route_mode: str, skip: list[int] | None, prompt: str,
-                 max_tokens: int, router_backend: str) -> dict:
-    """Load lazily, run one request, and report memory (run in a fresh process)."""
+def memory_probe(bundle: str, route_mode: str, skip: list[int] | None, prompts: list[str],
+                 max_tokens: int, router_backend: str, budget: float | None = None) -> dict:
+    """Load lazily, run one request per prompt, and report memory (run in a fresh process).
+
+    With `budget` (bytes), blocks outside the recently used sets that fit it are evicted
+    before each request (see residency.py).
+    """
     import resource
 
     import mlx.core as mx
 
     from .model import load
+    from .residency import Residency
 
     pm = load(bundle, router_backend=router_backend, verify=False, lazy=True)
     loaded = mx.get_active_memory()
-    route = pm.route(prompt, route_mode, skip)
-    pm.generate(prompt, max_tokens=max_tokens, route=route)
-    return {"mode": route_mode, "skip": route.skip, "active_after_load_gb": loaded / 1e9,
-            "active_gb": mx.get_active_memory() / 1e9, "peak_gb": mx.get_peak_memory() / 1e9,
+    residency = Residency(pm.model, Path(bundle) / "model", budget) if budget else None
+    requests = []
+    for prompt in prompts:
+        route = pm.route(prompt, route_mode, skip)
+        evicted = residency.use(route.skip) if residency else []
+        tic = time.perf_counter()
+        pm.generate(prompt, max_tokens=max_tokens, route=route)
+        requests.append({"skip": route.skip, "evicted": evicted,
+                         "seconds": time.perf_counter() - tic,
+                         "active_gb": mx.get_active_memory() / 1e9})
+    return {"mode": route_mode, "budget_gb": budget and budget / 1e9,
+            "sets_used": len({tuple(r["skip"]) for r in requests}), "requests": requests,
+            "active_after_load_gb": loaded / 1e9, "active_gb": mx.get_active_memory() / 1e9,
+            "peak_gb": mx.get_peak_memory() / 1e9,
             "max_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6}
 
 
-def memory_compare(bundle: str, route_mode: str, skip: list[int] | None, prompt: str,
-                   router_backend: str) -> dict:
-    """Dense vs routed memory, each in its own process (an evaluated block stays resident)."""
+def memory_compare(bundle: str, route_mode: str, skip: list[int] | None, prompts: list[str],
+                   router_backend: str, budget: float | None = None) -> dict:
+    """Dense vs routed (vs routed within `budget` bytes of blocks) memory over the same
+    requests, each in its own process (an evaluated block stays resident)."""
+    runs = [("dense", "dense", None, None), ("routed", route_mode, skip, None)]
+    if budget:
+        runs.append(("routed, budget", route_mode, skip, budget))
     out = {}
-    for name, mode, s in (("dense", "dense", None), ("routed", route_mode, skip)):
-        args = json.dumps([bundle, mode, s, prompt, 16, router_backend])
+    for name, mode, s, b in runs:
+        args = json.dumps([bundle, mode, s, prompts, 16, router_backend, b])
         code = ("import json, sys; from pudding_mlx.bench import memory_probe; "
                 "print(json.dumps(memory_probe(*json.loads(sys.argv[1]))))")
         proc = subprocess.run([sys.executable, "-c", code, args], capture_output=True,
@@ -383,8 +402,7 @@ def machine_info() -> dict:
         "metal": mx.metal.is_available(),
         "openblas_preloaded": "openblas" in os.environ.get("LD_PRELOAD", ""),
     }
-    if info["metal"]:
-        info["gpu"] = mx.metal.device_info()
+    info["device_info"] = mx.device_info()  # on Apple Silicon: the GPU's name and memory
     if hasattr(os, "getloadavg"):
         info["load_average_at_start"] = os.getloadavg()
     return info
@@ -523,9 +541,12 @@ def format_table(result: Result) -> str:
                          f"{', mx.compile' if r['compiled'] else '':<12}: " + " | ".join(cells))
     if result.memory:
         mem = result.memory
-        lines += ["", "Memory with lazy loading (GB; blocks never used are never read)"]
-        lines += [f"  {k:<7} active {v['active_gb']:.3f}  peak {v['peak_gb']:.3f}  "
-                  f"max RSS {v['max_rss_gb']:.3f}  (skips {v['skip']})" for k, v in mem.items()]
+        lines += ["", "Memory with lazy loading over the same requests (GB; blocks never used "
+                  "are never read)"]
+        lines += [f"  {k:<15} active {v['active_gb']:.3f}  peak {v['peak_gb']:.3f}  max RSS "
+                  f"{v['max_rss_gb']:.3f}  ({len(v['requests'])} requests, {v['sets_used']} "
+                  f"sets, {sum(len(r['evicted']) for r in v['requests'])} block evictions)"
+                  for k, v in mem.items()]
     return "\n".join(lines)
 
 
@@ -560,15 +581,20 @@ def _lengths(ctx, param, value: str) -> tuple[int, ...]:
 @click.option("--router-study", is_flag=True,
               help="Time the router with shorter inputs, fewer layers and mx.compile.")
 @click.option("--memory", is_flag=True,
-              help="Peak memory dense vs routed with lazy loading (two fresh processes).")
+              help="Peak memory dense vs routed with lazy loading (fresh processes).")
+@click.option("--memory-requests", default=4, show_default=True, type=click.IntRange(1),
+              help="Requests (different random prompts) of the memory runs.")
+@click.option("--memory-budget", type=click.FloatRange(min=0, min_open=True), default=None,
+              metavar="GB", help="Also run the memory requests keeping only the blocks of "
+              "recently used sets that fit in GB (blocks only; implies --memory).")
 @click.option("--output", "-o", type=click.Path(file_okay=False), default=None,
               help="Write bench.json and bench.png into this folder.")
 @click.option("--note", multiple=True, help="A note stored in bench.json (repeatable).")
 @click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the bundle files.")
 @route_options
 def bench(bundle, prompt_lengths, gen_lengths, gen_prompt, trials, warmup, seed, prompt_file,
-          compare_mlx_lm, router_study, memory, output, note, no_verify, route_mode, skip,
-          router_backend):
+          compare_mlx_lm, router_study, memory, memory_requests, memory_budget, output, note,
+          no_verify, route_mode, skip, router_backend):
     """Dense vs routed speed, side by side, against the ideal speedup of the skipped blocks.
 
     The routed set comes from the router (or --static / --skip); --dense is meaningless here.
@@ -590,9 +616,11 @@ def bench(bundle, prompt_lengths, gen_lengths, gen_prompt, trials, warmup, seed,
     with tqdm(total=total, desc="bench", unit="request") as bar:
         result = run_bench(pm, settings, route_mode, skip, lambda: bar.update())
     result.notes = list(note)
-    if memory:
-        prompt = pm.tokenizer.decode(make_prompt(pm.tokenizer, 128, seed))
-        result.memory = memory_compare(bundle, route_mode, skip, prompt, router_backend)
+    if memory or memory_budget:
+        prompts = [pm.tokenizer.decode(make_prompt(pm.tokenizer, 128, seed + i))
+                   for i in range(memory_requests)]
+        result.memory = memory_compare(bundle, route_mode, skip, prompts, router_backend,
+                                       memory_budget and memory_budget * 1e9)
     click.echo(format_table(result))
     if output:
         from .bench_plot import plot

@@ -4,6 +4,7 @@ runs only the kept blocks, and the command end to end on a tiny bundle."""
 import gc
 import json
 
+import mlx.core as mx
 import pytest
 from helpers import tiny_bundle
 from mlx.utils import tree_flatten
@@ -20,9 +21,11 @@ from pudding_mlx.bench import (
     wrapper_overhead,
 )
 from pudding_mlx.cli import main
+from pudding_mlx.errors import PuddingError
 from pudding_mlx.flops import Shape, combined_ideal, decode_ideal, prefill_ideal
 from pudding_mlx.masking import layer_owner
 from pudding_mlx.model import load
+from pudding_mlx.residency import Residency
 
 SETS = {"a": [1, 2], "b": [2, 3], "c": [3, 4]}
 
@@ -142,37 +145,59 @@ def test_router_study_restores_router(bundle):
     assert (pm.router.scores("hello, how are you today?") == before).all()
 
 
-def test_lazy_routed_request_never_reads_skipped_blocks(bundle):
-    import mlx.core as mx
+def _grows_by(pm, blocks) -> int:
+    """Active memory added by evaluating `blocks`' weights (0 when they are resident)."""
+    gc.collect()  # arrays of earlier tests' models must not be freed meanwhile
+    gc.disable()
+    try:
+        before = mx.get_active_memory()
+        mx.eval([pm.model.layers[i].parameters() for i in blocks])
+        return mx.get_active_memory() - before
+    finally:
+        gc.enable()
 
+
+def _bytes(pm, blocks) -> int:
+    return sum(v.nbytes for i in blocks for _, v in tree_flatten(pm.model.layers[i].parameters()))
+
+
+def test_lazy_routed_request_never_reads_skipped_blocks(bundle):
     pm = load(bundle.path, router_backend="mlx", lazy=True)
     route = pm.route("She poured the water into the glass")
     run_request(pm, "routed", make_prompt(pm.tokenizer, 12, 0), "", 4, skip=route.skip)
-
-    def grows_by(blocks) -> int:
-        gc.collect()  # arrays of earlier tests' models must not be freed meanwhile
-        gc.disable()
-        try:
-            before = mx.get_active_memory()
-            mx.eval([pm.model.layers[i].parameters() for i in blocks])
-            return mx.get_active_memory() - before
-        finally:
-            gc.enable()
-
     kept = [i for i in range(6) if i not in route.skip]
-    assert abs(grows_by(kept)) < 0.05 * sum(  # already in memory
-        v.nbytes for _, v in tree_flatten(pm.model.layers[1].parameters()))
-    skipped_bytes = sum(v.nbytes for i in route.skip
-                        for _, v in tree_flatten(pm.model.layers[i].parameters()))
+    assert abs(_grows_by(pm, kept)) < 0.05 * _bytes(pm, [1])  # already in memory
     # Read only now (a few KB of temporaries may be freed meanwhile).
-    assert grows_by(route.skip) == pytest.approx(skipped_bytes, rel=0.05)
+    assert _grows_by(pm, route.skip) == pytest.approx(_bytes(pm, route.skip), rel=0.05)
+
+
+def test_residency_evicts_and_reads_back(bundle):
+    reference = load(bundle.path, router_backend="mlx")
+    want = {n: reference.generate([5, 6, 7, 8], max_tokens=6, skip=s) for n, s in SETS.items()}
+    pm = load(bundle.path, router_backend="mlx", lazy=True)
+    res = Residency(pm.model, bundle.path / "model", budget=_bytes(pm, range(4)))
+    assert res.use(SETS["a"]) == [1, 2]  # never read: dropped from the start
+    assert pm.generate([5, 6, 7, 8], max_tokens=6, skip=SETS["a"]) == want["a"]
+    assert res.use(SETS["c"]) == [3, 4]  # kept blocks of a and c together exceed 4 blocks
+    assert pm.generate([5, 6, 7, 8], max_tokens=6, skip=SETS["c"]) == want["c"]
+    assert _grows_by(pm, [3, 4]) == pytest.approx(_bytes(pm, [3, 4]), rel=0.05)  # were out
+    assert res.use(SETS["a"]) == [1, 2]
+    assert pm.generate([5, 6, 7, 8], max_tokens=6, skip=SETS["a"]) == want["a"]  # read back
+    with pytest.raises(PuddingError, match="smaller than one set"):
+        Residency(pm.model, bundle.path / "model", budget=_bytes(pm, range(3))).use(SETS["a"])
 
 
 def test_memory_compare(bundle):
-    out = memory_compare(str(bundle.path), "router", None, "hello, how are you today?", "mlx")
-    d, r = out["dense"], out["routed"]
-    assert d["skip"] == [] and len(r["skip"]) == 2
+    prompts = ["hello, how are you today?", "Which gas do plants absorb?"]
+    pm = load(bundle.path, router_backend="mlx")
+    budget = _bytes(pm, range(4))
+    out = memory_compare(str(bundle.path), "router", None, prompts, "mlx", budget)
+    d, r, b = out["dense"], out["routed"], out["routed, budget"]
+    assert [x["skip"] for x in d["requests"]] == [[], []]
+    assert [len(x["skip"]) for x in r["requests"]] == [2, 2]
     assert r["active_gb"] < d["active_gb"] and r["peak_gb"] < d["peak_gb"]
+    assert b["budget_gb"] == pytest.approx(budget / 1e9)
+    assert [x["skip"] for x in b["requests"]] == [x["skip"] for x in r["requests"]]
 
 
 def test_cli_end_to_end(bundle, tmp_path, capsys, monkeypatch):
@@ -180,9 +205,11 @@ def test_cli_end_to_end(bundle, tmp_path, capsys, monkeypatch):
     out = tmp_path / "res"
     main(["bench", "-b", str(bundle.path), "--prompt-lengths", "16,24", "--gen-lengths", "6",
           "--gen-prompt", "8", "--trials", "2", "--warmup", "1", "--compare-mlx-lm",
-          "--router-study", "--output", str(out), "--note", "shared machine"])
+          "--router-study", "--memory-budget", "0.0006", "--memory-requests", "2",
+          "--output", str(out), "--note", "shared machine"])
     text = capsys.readouterr().out
     assert "Time to first token" in text and "pudding dense time / plain mlx-lm" in text
+    assert "routed, budget" in text
     res = json.loads((out / "bench.json").read_text())
     assert (out / "bench.png").read_bytes()[:4] == b"\x89PNG"
     assert len(res["trials"]) == 3 * 3 * 2
