@@ -299,7 +299,7 @@ def label_result(out: Path) -> dict:
     from convert.label_store import read_labels
 
     t = read_labels(out)
-    meta = {k: v for k, v in t.meta.items() if k != "stats"}
+    meta = {k: v for k, v in t.meta.items() if k not in ("stats", "runs")}  # run records
     return {"meta": meta, "rows": list(zip(t.task, t.qid, t.choice.tolist(), t.gold.tolist(),
                                            t.text, t.context, strict=True)),
             "loglik": t.loglik.tobytes()}
