@@ -429,31 +429,30 @@ def run_bench(pm, settings: Settings, route_mode: str = "router",
     points += [(settings.gen_prompt, g) for g in settings.gen_lengths]
     facts = model_facts(pm)
     machine = machine_info()
-    route = None
-    routes = {}
+    prompts, routes = {}, {}
+    for p in dict.fromkeys(p for p, _ in points):
+        tokens = make_prompt(pm.tokenizer, p, settings.seed + p, text_source)
+        prompts[p] = (tokens, pm.tokenizer.decode(tokens))
+        routes[p] = pm.route(prompts[p][1], route_mode, skip)
+    skips = {len(r.skip) for r in routes.values()}
+    if skips == {0}:
+        raise PuddingError("the routed request skips no block; nothing to compare")
+    if len(skips) != 1:
+        raise PuddingError(f"the prompts were routed to sets of different sizes {sorted(skips)};"
+                           " pass --skip or --static to compare one set")
     trials = []
-    prompts = {}
     for p, g in points:
-        if p not in prompts:
-            tokens = make_prompt(pm.tokenizer, p, settings.seed + p, text_source)
-            prompts[p] = (tokens, pm.tokenizer.decode(tokens))
         tokens, text = prompts[p]
-        route = pm.route(text, route_mode, skip)
-        routes[f"p{p}"] = {"name": route.name, "skip": route.skip}
-        if not route.skip:
-            raise PuddingError("the routed request skips no block; nothing to compare")
 
         def request(kind: str, tokens=tokens, text=text, g=g) -> Trial:
             return run_request(pm, kind, tokens, text, g, route_mode, skip)
 
         trials += measure(request, kinds, settings.trials, settings.warmup, progress)
-    skips = {len(pm.route(prompts[p][1], route_mode, skip).skip) for p in prompts}
-    if len(skips) != 1:
-        raise PuddingError(f"the prompts were routed to sets of different sizes {sorted(skips)};"
-                           " pass --skip or --static to compare one set")
+    route = routes[settings.gen_prompt if settings.gen_lengths else max(routes)]
     result = Result(settings, machine, facts,
                     {"mode": route_mode, "name": route.name, "skip": route.skip,
-                     "per_prompt": routes,
+                     "per_prompt": {f"p{p}": {"name": r.name, "skip": r.skip}
+                                    for p, r in routes.items()},
                      "router_backend": pm.router.backend,
                      "router_max_length": pm.router.max_length},
                     trials)
