@@ -119,7 +119,8 @@ def _notes(results: dict) -> str:
              "errors."]
     best = results.get("static_best")
     if best:
-        notes.append(f"- static:best = {best['name']}: the best {best['criterion']} "
+        notes.append(f"- static:best = {best['name']}: the candidate with the highest "
+                     f"{best['criterion']} "
                      f"({', '.join(f'{t} {n}' for t, n in best['slice'].items())} examples, "
                      f"seed {best['seed']}).")
     return "\n".join(notes)

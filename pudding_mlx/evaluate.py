@@ -38,9 +38,9 @@ DEFAULT_TASKS = ("arc_challenge", "arc_easy", "boolq", "hellaswag", "piqa", "win
 DEFAULT_METHODS = "dense,static:*,static:best,pudding,oracle,random"
 ROUTED = ("pudding", "oracle", "random")
 TEST_SPLIT_TASKS = ("arc_challenge", "arc_easy", "openbookqa")
-BEST_CRITERION = ("mean over a seeded train-split slice of each calibration task (HellaSwag: "
-                  "the holdout) of the gold answer's mean token log-likelihood in the method's "
-                  "prompt format (the search's likelihood loss)")
+BEST_CRITERION = ("mean token log-likelihood of the gold answer (method prompt format: the "
+                  "search's likelihood loss) on a seeded train-split slice of each calibration "
+                  "task (HellaSwag: its holdout)")
 
 
 @dataclass
