@@ -21,7 +21,7 @@ import json
 import shutil
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import click
@@ -281,6 +281,8 @@ def build(model, out, work, profile_name, data_dir, max_examples_per_task, **ove
     and continues an interrupted one."""
     profile = make_profile(profile_name, max_examples_per_task=max_examples_per_task,
                            **overrides)
+    click.echo(f"profile {profile_name}: " + ", ".join(
+        f"{k}={','.join(v) if isinstance(v, tuple) else v}" for k, v in asdict(profile).items()))
     start = time.perf_counter()
     results = run_build(model, out, work, profile, data_dir)
     click.echo("step       time")

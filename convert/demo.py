@@ -105,6 +105,7 @@ def demo(bundle, rebuild, max_tokens):
         raise PuddingError("--max-tokens must be at least 1")
     if bundle is not None and rebuild:
         raise PuddingError("--rebuild rebuilds the cached bundle; it cannot go with --bundle")
+    began = time.perf_counter()
     bundle = Path(bundle) if bundle else demo_bundle(rebuild)
     start = time.perf_counter()
     pm = load(bundle)
@@ -129,3 +130,4 @@ def demo(bundle, rebuild, max_tokens):
     for kind, route, routed, dense in rows:
         click.echo(f"{kind:<23} {len(route.skip):>7}  {route.seconds * 1e3:>9.1f}  "
                    f"{routed:>12.1f}  {dense:>11.1f}")
+    click.echo(f"demo done in {time.perf_counter() - began:.0f} s")
