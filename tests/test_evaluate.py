@@ -353,7 +353,7 @@ def test_smollm2_backends_agree(tmp_path):
         for q in x:
             # fp32 in both; long PIQA answers sum ~50 token log-probs (seen: 1e-2 abs, 5e-5 rel)
             np.testing.assert_allclose(x[q][0], y[q][0], rtol=5e-4, atol=2e-3)
-    assert res["mlx"]["tasks"]["arc_easy"]["results"]["dense"]["score"] >= 0.4  # chance: 0.25
+    assert res["mlx"]["tasks"]["arc_easy"]["results"]["dense"]["score"] > 0.3  # chance: 0.25
 
 
 def test_lm_eval_adapter_with_a_stub_harness(setup, monkeypatch):
