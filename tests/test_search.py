@@ -174,8 +174,9 @@ def test_two_process_search_equals_single(tiny, tmp_path):
     assert [c["skip"] for c in dist["candidates"]] == [c["skip"] for c in single["candidates"]]
     for d, s in zip(dist["candidates"], single["candidates"], strict=True):
         assert [p["block"] for p in d["trajectory"]] == [p["block"] for p in s["trajectory"]]
+        # Shards batch the rows differently, so fp32 sums differ in the last digits.
         np.testing.assert_allclose([p["loss"] for p in d["trajectory"]],
-                                   [p["loss"] for p in s["trajectory"]], rtol=1e-6)
+                                   [p["loss"] for p in s["trajectory"]], rtol=1e-4, atol=1e-5)
 
 
 def test_sleb_matches_plain_perplexity(tiny):
