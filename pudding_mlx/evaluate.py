@@ -124,10 +124,22 @@ def parse_set(value: str) -> tuple[str, list[int]]:
 
 
 def read_sets_file(path: str | Path) -> dict[str, list[int]]:
-    """Named skip sets from a candidates file (`pudding search`'s, a SLEB run's): a JSON list
-    or {"candidates": [...]}, each {"name": ..., "skip": [...]}."""
+    """Named skip sets from a candidates file: `pudding search`'s {"candidates": [...]}, a JSON
+    list, or one set such as the SLEB baseline's {"name": ..., "skip": [...]}."""
+    import json
+
     from convert.to_bundle import read_candidates
 
+    try:
+        d = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise PuddingError(f"{path}: cannot read skip sets ({e})") from None
+    if isinstance(d, dict) and "skip" in d:
+        skip = d["skip"]
+        if not isinstance(skip, list) or any(isinstance(i, bool) or not isinstance(i, int)
+                                             for i in skip):
+            raise PuddingError(f"{path}: 'skip' must be a list of block indices")
+        return {str(d.get("name") or Path(path).stem): sorted(skip)}
     return {c.name: sorted(c.skip) for c in read_candidates(path)[0]}
 
 

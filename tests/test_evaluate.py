@@ -298,6 +298,22 @@ def test_method_and_set_parsing():
         parse_methods("static:nope", sets, ["a", "b"], "static")
 
 
+def test_sets_file_forms(tmp_path):
+    from pudding_mlx.errors import PuddingError
+    from pudding_mlx.evaluate import read_sets_file
+
+    one = tmp_path / "sleb.json"  # the SLEB baseline's single set
+    one.write_text(json.dumps({"name": "sleb-ppl-k6", "skip": [26, 3, 7], "loss": "perplexity"}))
+    assert read_sets_file(one) == {"sleb-ppl-k6": [3, 7, 26]}
+    many = tmp_path / "candidates.json"
+    many.write_text(json.dumps({"candidates": [{"name": "a", "skip": [2]},
+                                               {"name": "b", "skip": [4, 3]}]}))
+    assert read_sets_file(many) == {"a": [2], "b": [3, 4]}
+    one.write_text(json.dumps({"skip": ["x"]}))
+    with pytest.raises(PuddingError, match="skip"):
+        read_sets_file(one)
+
+
 def test_cli_runs_and_reports_bad_input(setup, tmp_path):
     from click.testing import CliRunner
 
