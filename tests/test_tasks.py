@@ -137,3 +137,22 @@ def test_seeded_sample():
     a, b = sample_examples(exs, 10, seed=0), sample_examples(exs, 10, seed=0)
     assert a == b and a != sample_examples(exs, 10, seed=1) and a != exs[:10]
     assert len(sample_examples(exs, 1000, seed=0)) == 100
+
+
+def test_offline_without_train_split_holds_out_half_of_validation(tmp_path, monkeypatch):
+    from convert import assets
+
+    (tmp_path / "arc_easy").mkdir()
+    rows = [{**ARC_ROW, "id": f"q{i}"} for i in range(10)]
+    (tmp_path / "arc_easy" / "validation.jsonl").write_text(
+        "\n".join(json.dumps(r) for r in rows))
+    monkeypatch.setattr(assets, "default_data_dirs", lambda: [tmp_path])
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    train = load_examples("arc_easy", "train")
+    val = load_examples("arc_easy", "validation")
+    assert len(train) == 5 and len(val) == 5
+    assert {e.qid for e in train} | {e.qid for e in val} == {f"arc_easy:q{i}" for i in range(10)}
+    # With a real train split, validation is whole again.
+    (tmp_path / "arc_easy" / "train.jsonl").write_text(json.dumps(rows[0]))
+    assert len(load_examples("arc_easy", "train")) == 1
+    assert len(load_examples("arc_easy", "validation")) == 10
