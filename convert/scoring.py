@@ -212,6 +212,7 @@ class DtypeCheck:
     examples: int
     changed: int  # examples whose argmax choice differs between float32 and the dtype
     max_abs_diff: float  # largest |l(fp32) - l(dtype)| over all choices
+    changed_gaps: list[float]  # fp32 score gap between the two choices of each changed example
 
 
 def dtype_check(model, tokenizer, examples, dtype, batch_size: int = 16) -> DtypeCheck:
@@ -228,5 +229,7 @@ def dtype_check(model, tokenizer, examples, dtype, batch_size: int = 16) -> Dtyp
         scores.append(np.array(answer_logprobs(m, tokenizer, requests, batch_size=batch_size)))
         del m
     ref, low = (choice_decisions(s, examples) for s in scores)
-    return DtypeCheck(len(examples), sum(a != b for a, b in zip(ref, low, strict=True)),
-                      float(np.abs(scores[0] - scores[1]).max()))
+    starts = np.cumsum([0] + [len(ex.prompt) for ex in examples])
+    gaps = [float(scores[0][starts[i] + a] - scores[0][starts[i] + b])
+            for i, (a, b) in enumerate(zip(ref, low, strict=True)) if a != b]
+    return DtypeCheck(len(examples), len(gaps), float(np.abs(scores[0] - scores[1]).max()), gaps)
