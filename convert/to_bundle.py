@@ -97,7 +97,8 @@ def resolve_static(value: str | None, candidates: list[Candidate]) -> Candidate:
 
 
 def read_router_config(router_dir: str | Path, candidates: list[Candidate]):
-    """The router's RouterConfig, checked against the candidates (same names, same order)."""
+    """The router's RouterConfig, checked against the candidates (the same names, in any order:
+    the manifest keeps the router's output order)."""
     from .router_model import ROUTER_CONFIG, WEIGHTS, RouterConfig
 
     router_dir = Path(router_dir)
@@ -110,10 +111,10 @@ def read_router_config(router_dir: str | Path, candidates: list[Candidate]):
     except TypeError as e:
         raise PuddingError(f"{router_dir / ROUTER_CONFIG}: malformed ({e})") from None
     names = [c.name for c in candidates]
-    if list(cfg.outputs) != names or cfg.num_outputs != len(names):
+    if sorted(cfg.outputs) != sorted(names) or cfg.num_outputs != len(names):
         raise PuddingError(
-            f"{router_dir / ROUTER_CONFIG}: router outputs {cfg.outputs} must equal the candidate "
-            f"names in order {names}"
+            f"{router_dir / ROUTER_CONFIG}: router outputs {cfg.outputs} must name the "
+            f"candidates {names}"
         )
     return cfg
 

@@ -169,7 +169,7 @@ def test_reconvert_replaces_bundle(inputs, tmp_path):
 
 
 @pytest.mark.parametrize("case, match", [
-    ("router_order", "must equal the candidate names"),
+    ("router_names", "must name the candidates"),
     ("out_of_range", "out of range"),
     ("static_unknown", "neither a candidate name nor a file"),
     ("not_a_bundle", "not empty and not a bundle"),
@@ -183,9 +183,9 @@ def test_bad_inputs_fail_early(inputs, tmp_path, monkeypatch, case, match):
     root = inputs[0]
     cands, router_dir, out = root / "candidates.json", root / "router", tmp_path / "out"
     settings = ConvertSettings()
-    if case == "router_order":
+    if case == "router_names":
         d = json.loads(cands.read_text())
-        d["candidates"].reverse()
+        d["candidates"][0]["name"] = "renamed"
         cands = tmp_path / "c.json"
         cands.write_text(json.dumps(d))
     elif case == "out_of_range":
@@ -247,3 +247,25 @@ def test_convert_smollm2_float32(tmp_path):
     assert all(r["max_abs_logprob"] <= 1e-3 for r in results)
     verify_files(out, m)
     print(json.dumps(m.extra["parity"], indent=1))
+
+
+def test_candidates_in_another_order_than_router_outputs(inputs, tmp_path):
+    """Labels may list candidates in another order than candidates.json: the manifest keeps
+    the router's order, so routes still name the set the torch router picks."""
+    import pudding_mlx
+
+    root, _, _, router, rtok = inputs
+    work = tmp_path / "in"
+    shutil.copytree(root / "hf", work / "hf")
+    shutil.copytree(root / "router", work / "router")
+    d = json.loads((root / "candidates.json").read_text())
+    d["candidates"].reverse()
+    (work / "candidates.json").write_text(json.dumps(d))
+    result = run_convert(work, tmp_path / "b", "--no-coreml")
+    assert result.exit_code == 0, result.output
+    pm = pudding_mlx.load(tmp_path / "b", router_backend="mlx")
+    for prompt in PROMPTS:
+        enc = rtok(prompt, return_tensors="pt")
+        with torch.no_grad():
+            want = int(router(enc["input_ids"], enc["attention_mask"]).argmax())
+        assert pm.route(prompt).name == NAMES[want]
