@@ -329,14 +329,16 @@ def evaluate(router, tokenizer, q: Questions, table: LabelTable, is_eval: np.nda
 
 
 def format_metrics(m: dict) -> str:
+    rows = [("router (context)", "router_context"), ("router (rows)", "router_rows"),
+            (f"best fixed ({m['best_fixed']['candidate']})", "best_fixed"),
+            ("random", "random"), ("oracle", "oracle")]
+    w = max(len(label) for label, _ in rows) + 2
     lines = [f"eval MSE {m['eval_mse']:.4f} (rows), {m['eval_mse_context']:.4f} (context); "
              f"target {m['target']}; {m['questions']['eval']} eval questions",
-             f"{'routing':<22}{'top1':>7}{'regret':>9}{'ll_regret':>11}{'acc':>7}"]
-    for label, k in (("router (context)", "router_context"), ("router (rows)", "router_rows"),
-                     (f"best fixed ({m['best_fixed']['candidate']})", "best_fixed"),
-                     ("random", "random"), ("oracle", "oracle")):
+             f"{'routing':<{w}}{'top1':>7}{'regret':>9}{'ll_regret':>11}{'acc':>7}"]
+    for label, k in rows:
         r = m[k]
-        lines.append(f"{label:<22}{r['top1']:>7.3f}{r['regret']:>9.4f}"
+        lines.append(f"{label:<{w}}{r['top1']:>7.3f}{r['regret']:>9.4f}"
                      f"{r['loglik_regret']:>11.4f}{r['acc']:>7.3f}")
     return "\n".join(lines)
 
