@@ -52,7 +52,7 @@ def tiny_wordpiece_tokenizer():
     chars = sorted({c.lower() for s in CORPUS for c in s if not c.isspace()})
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *dict.fromkeys(words + chars)]
     vocab += [f"##{c}" for c in chars]
-    return BertTokenizerFast(vocab=dict((t, i) for i, t in enumerate(vocab)), do_lower_case=True)
+    return BertTokenizerFast(vocab={t: i for i, t in enumerate(vocab)}, do_lower_case=True)
 
 
 def tiny_llama(
@@ -184,3 +184,25 @@ def tiny_bundle(
     )
     write_manifest(path, manifest)
     return TinyBundle(path, manifest, model, tok, router, rtok)
+
+
+def run_cli(args, monkeypatch, capsys, stdin: bytes | None = None):
+    """`pudding ARGS` in-process through the real entry point: (exit code, stdout, stderr).
+
+    `stdin` is given as bytes and read as the console would.
+    """
+    import io
+    import sys
+
+    from pudding_mlx.cli import main
+
+    monkeypatch.setenv("PUDDING_OPENBLAS", "0")
+    if stdin is not None:
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin), encoding="utf-8"))
+    code = 0
+    try:
+        main(args)
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err

@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from helpers import run_cli as run
 
 import pudding_mlx
 from pudding_mlx.bundle import MANIFEST, read_manifest, verify_files, write_manifest
@@ -22,16 +23,6 @@ def bundle(shared_tiny_bundle, tmp_path):
     return Path(shutil.copytree(shared_tiny_bundle.path, tmp_path / "b"))
 
 
-def run(args, monkeypatch, capsys):
-    """`pudding ARGS` in-process through the real entry point: (exit code, stdout, stderr)."""
-    monkeypatch.setenv("PUDDING_OPENBLAS", "0")
-    code = 0
-    try:
-        main(args)
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def generate(bundle, monkeypatch, capsys, *extra):

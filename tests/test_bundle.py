@@ -10,11 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import run_cli as run
 from helpers import tiny_bundle
 
 import pudding_mlx
 from pudding_mlx.bundle import MANIFEST, write_manifest
-from pudding_mlx.cli import main
 from pudding_mlx.errors import BundleError
 
 
@@ -35,16 +35,6 @@ def edit_manifest(path: Path, change) -> None:
     (path / MANIFEST).write_text(json.dumps(d))
 
 
-def run(args, monkeypatch, capsys):
-    """`pudding ARGS` in-process through the real entry point: (exit code, stdout, stderr)."""
-    monkeypatch.setenv("PUDDING_OPENBLAS", "0")
-    code = 0
-    try:
-        main(args)
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def set_skip(d, skip):

@@ -15,24 +15,13 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from helpers import run_cli as run
 
 from pudding_mlx.bundle import hash_tree, read_manifest, verify_files
-from pudding_mlx.cli import main
 from pudding_mlx.errors import PuddingError
 
 NAMES = ["early", "middle", "late"]
 SETS = {"early": [1, 2], "middle": [2, 3], "late": [3, 4]}
-
-
-def run(args, monkeypatch, capsys):
-    monkeypatch.setenv("PUDDING_OPENBLAS", "0")
-    code = 0
-    try:
-        main(args)
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def assert_one_line(code, err, *phrases):

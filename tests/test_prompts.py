@@ -5,15 +5,12 @@ max_length tokens (checked against the torch router), and the CLI says so once."
 
 from __future__ import annotations
 
-import io
-import sys
-
 import numpy as np
 import pytest
 import torch
+from helpers import run_cli as run
 
 import pudding_mlx
-from pudding_mlx.cli import main
 
 CONTROL = "be\x00ep\x07 \x1b[31mred\x1b[0m\r\x08\x7f\x0c tab\tend\u200b\u202e"
 INVALID_UTF8 = b"\xff\xfe caf\xc3 \xe2\x82 ok \xed\xa0\x80 \xf0\x9f\x98\x80 \xc3\xa9t\xc3\xa9"
@@ -29,18 +26,6 @@ def pm(tiny):
     return pudding_mlx.load(tiny.path)
 
 
-def run(args, monkeypatch, capsys, stdin: bytes | None = None):
-    """`pudding ARGS` in-process (stdin given as bytes, read as the console would)."""
-    monkeypatch.setenv("PUDDING_OPENBLAS", "0")
-    if stdin is not None:
-        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin), encoding="utf-8"))
-    code = 0
-    try:
-        main(args)
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def chat_ids(tok, text: str) -> list[int]:
