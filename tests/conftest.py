@@ -15,3 +15,15 @@ def shared_tiny_bundle(tmp_path_factory):
     from helpers import tiny_bundle
 
     return tiny_bundle(tmp_path_factory.mktemp("shared-bundle") / "bundle")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models run far faster on one torch thread, above all on a busy machine (child
+    processes started by a test get the same count, so outputs compare bit for bit)."""
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)

@@ -236,16 +236,7 @@ def write_random_labels(folder: Path, seed: int = 0) -> None:
                                       "num_shards": len(shards), "complete": True})
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run far faster on one torch thread, above all on a busy machine (the
-    children get the same count, so the outputs are comparable bit for bit)."""
-    import torch
-
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
