@@ -32,6 +32,7 @@ import numpy as np
 
 from pudding_mlx.errors import PuddingError
 
+from .dist import Dist
 from .label_store import META, read_meta, shard_path, write_json, write_shard
 from .tasks import CALIBRATION_TASKS, Example
 
@@ -119,35 +120,6 @@ def score_candidates(runner, batches, n_requests: int, skips: list[list[int]],
 # -- multi-process --
 
 
-@dataclass
-class Ranks:
-    rank: int = 0
-    world: int = 1
-
-    @classmethod
-    def current(cls) -> Ranks:
-        import torch.distributed as td
-
-        if td.is_available() and td.is_initialized():
-            return cls(td.get_rank(), td.get_world_size())
-        return cls()
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            import torch.distributed as td
-
-            td.barrier()
-
-    def sum(self, values: list[int]) -> list[int]:
-        if self.world == 1:
-            return values
-        import torch
-        import torch.distributed as td
-
-        t = torch.tensor(values, dtype=torch.float64)
-        td.all_reduce(t)
-        return [int(v) for v in t.tolist()]
-
 
 def _check_meta(out: Path, settings: dict) -> bool:
     """True when out/meta.json has the same settings and nothing more to do. Candidates may be
@@ -200,7 +172,7 @@ def make_labels(out: str | Path, cfg: LabelConfig, device: str = "auto",
     dtype = choose_dtype(dev, cfg.dtype)
     cfg.dtype = str(dtype).removeprefix("torch.")
     settings = {"format": FORMAT, **asdict(cfg)}
-    ranks = Ranks.current()
+    ranks = Dist()
     if overwrite and ranks.rank == 0 and out.exists():
         shutil.rmtree(out)
     ranks.barrier()

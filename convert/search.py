@@ -22,6 +22,7 @@ import numpy as np
 
 from pudding_mlx.errors import PuddingError
 
+from .dist import Dist
 from .scoring import BlockRunner, TokenRequest, encode_requests
 from .tasks import Example
 
@@ -75,34 +76,6 @@ class Candidate:
     def from_json(cls, d: dict) -> Candidate:
         return cls(**{**d, "trajectory": [Phase(**p) for p in d["trajectory"]]})
 
-
-class Dist:
-    """torch.distributed helpers; a single process when no process group is initialised."""
-
-    def __init__(self):
-        import torch.distributed as td
-
-        self.on = td.is_available() and td.is_initialized()
-        self.rank = td.get_rank() if self.on else 0
-        self.world = td.get_world_size() if self.on else 1
-
-    def gather(self, obj) -> list:
-        if not self.on:
-            return [obj]
-        import torch.distributed as td
-
-        out = [None] * self.world
-        td.all_gather_object(out, obj)
-        return out
-
-    def broadcast(self, obj):
-        if not self.on:
-            return obj
-        import torch.distributed as td
-
-        box = [obj]
-        td.broadcast_object_list(box, src=0)
-        return box[0]
 
 
 @dataclass
