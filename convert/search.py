@@ -290,3 +290,21 @@ def merge_runs(paths: Sequence, out, tasks: Sequence[str]) -> dict:
             merged["complete"] = False
     write_json_atomic(out, merged)
     return merged
+
+
+def truncate_run(doc: dict, k: int, out) -> dict:
+    """The candidates.json a search for `k` blocks would write, from a finished run with a
+    larger k: greedy phases never look ahead, so its first k phases are that search."""
+    old_k = doc["settings"]["k"]
+    if not doc.get("complete") or k > old_k or k < 1:
+        raise PuddingError(f"--from-run: need a complete run with k >= {k} (it has k={old_k}, "
+                           f"complete={doc.get('complete')})")
+    candidates = []
+    for c in doc["candidates"]:
+        trajectory = c["trajectory"][:k]
+        candidates.append({**c, "name": candidate_name(c["task"], c["loss"], k), "k": k,
+                           "skip": sorted(p["block"] for p in trajectory),
+                           "trajectory": trajectory})
+    short = {**doc, "settings": {**doc["settings"], "k": k}, "candidates": candidates}
+    write_json_atomic(out, short)
+    return short

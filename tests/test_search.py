@@ -8,12 +8,13 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import tiny_llama
+from helpers import run_cli, tiny_llama
 
 from convert.scoring import BlockRunner
 from convert.search import Candidate, SetScorer, greedy_search, run_search, tokenize_examples
 from convert.skip import skipped
 from convert.tasks import TASKS
+from pudding_mlx.errors import PuddingError
 
 QUESTIONS = [
     ("Which gas do plants absorb from the air?", ["carbon dioxide", "water", "fine", "Paris"]),
@@ -213,3 +214,23 @@ def test_merge_runs_equals_one_run(tiny, tmp_path):
     assert [(c["name"], c["skip"], [p["loss"] for p in c["trajectory"]])
             for c in merged["candidates"]] == [
         (c["name"], c["skip"], [p["loss"] for p in c["trajectory"]]) for c in both["candidates"]]
+
+
+def test_from_run_equals_a_smaller_search(tiny, tmp_path, monkeypatch, capsys):
+    from convert.search import truncate_run
+
+    model, tok = tiny
+    exs = {"arc_easy": examples()}
+    big = run_search(model, tok, exs, {"seed": 0}, tmp_path / "k3.json", k=3, progress=False)
+    small = run_search(model, tok, exs, {"seed": 0}, tmp_path / "k2.json", k=2, progress=False)
+    code, out, _ = run_cli(["search", "-k", "2", "--from-run", str(tmp_path / "k3.json"),
+                            "--out", str(tmp_path / "cut.json")], monkeypatch, capsys)
+    assert code == 0 and "arc_easy-likelihood-k2: skip" in out
+    cut = json.loads((tmp_path / "cut.json").read_text())
+    assert cut["settings"] == small["settings"] and cut["calibration"] == small["calibration"]
+    assert [(c["name"], c["k"], c["skip"], [(p["block"], p["loss"]) for p in c["trajectory"]])
+            for c in cut["candidates"]] == [
+        (c["name"], c["k"], c["skip"], [(p["block"], p["loss"]) for p in c["trajectory"]])
+        for c in small["candidates"]]
+    with pytest.raises(PuddingError, match="k >= 4"):
+        truncate_run(big, 4, tmp_path / "bad.json")

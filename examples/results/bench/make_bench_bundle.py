@@ -1,6 +1,7 @@
 """The bundles behind these results: SmolLM2-135M-Instruct in MLX (float32 and float16), the
-all-MiniLM-L6-v2 router with a random head (routing time does not depend on training) and ten
-hand-made sets of 6 of the 30 blocks. Usage: python make_bench_bundle.py OUT_DIR"""
+all-MiniLM-L6-v2 router (the default 64 input tokens) with a random head (routing time does not
+depend on training) and ten hand-made sets of 6 of the 30 blocks.
+Usage: python make_bench_bundle.py OUT_DIR"""
 
 import sys
 from pathlib import Path
@@ -22,7 +23,7 @@ SETS = [[20, 21, 22, 23, 24, 25], [19, 21, 22, 23, 25, 26], [3, 5, 20, 22, 24, 2
 def main(out: Path) -> None:
     names = [f"set{i}" for i in range(len(SETS))]
     torch.manual_seed(0)
-    config = RouterConfig(backbone="all-MiniLM-L6-v2", num_outputs=len(SETS), max_length=128,
+    config = RouterConfig(backbone="all-MiniLM-L6-v2", num_outputs=len(SETS),
                           pooling="mean", outputs=names)
     router = Router.from_backbone(str(minilm_path()), config).eval()
     router_tokenizer = AutoTokenizer.from_pretrained(str(minilm_path()))
@@ -36,8 +37,8 @@ def main(out: Path) -> None:
             candidates=[Candidate(n, s, task="hand-made", loss="none", k=6)
                         for n, s in zip(names, SETS, strict=True)],
             static=Candidate("static", SETS[0], task="hand-made", loss="none", k=6),
-            router=RouterInfo(backbone="all-MiniLM-L6-v2", max_length=128, outputs=names,
-                              pooling="mean"),
+            router=RouterInfo(backbone="all-MiniLM-L6-v2", max_length=config.max_length,
+                              outputs=names, pooling="mean"),
             protected=[0]))
 
 
