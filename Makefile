@@ -9,7 +9,7 @@ ifneq ($(wildcard $(OPENBLAS)),)
 export LD_PRELOAD := $(OPENBLAS)
 endif
 
-.PHONY: setup demo test test-slow lint
+.PHONY: setup demo test test-slow test-lm-eval lint
 
 setup:
 	@if [ "$$(uname)" = Linux ] && [ ! -e $(OPENBLAS) ] && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
@@ -29,6 +29,11 @@ test:
 
 test-slow:
 	$(PY) -m pytest -q -m slow
+
+# lm-eval is an optional extra (not in CI): install it, then run the adapter under it.
+test-lm-eval:
+	$(PY) -m pip install -q -e ".[lm-eval]"
+	$(PY) -m pytest -q -m lm_eval
 
 lint:
 	$(VENV)/bin/ruff check pudding_mlx convert router_coreml tests

@@ -27,11 +27,13 @@ def encode_requests(tokenizer, requests: Sequence[tuple[str, str]]) -> list[Toke
     return encode(tokenizer, requests)
 
 
-def _token_logprobs(logits: mx.array, targets: Sequence[int]) -> mx.array:
-    """log p(target_t) from logits [T, V], in float32."""
-    logits = logits.astype(mx.float32)
+def _score(logits: mx.array, targets: Sequence[int]) -> tuple[mx.array, mx.array]:
+    """Summed log p(target_t) from logits [T, V] in float32, and whether every target is the
+    argmax."""
+    logits, targets = logits.astype(mx.float32), mx.array(targets)
     lp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-    return mx.take_along_axis(lp, mx.array(targets)[:, None], axis=-1)[:, 0]
+    return (mx.take_along_axis(lp, targets[:, None], axis=-1).sum(),
+            mx.all(mx.argmax(logits, axis=-1) == targets))
 
 
 def _batched(cache: list, n: int) -> list | None:
@@ -49,16 +51,18 @@ def _batched(cache: list, n: int) -> list | None:
 
 
 def continuation_logprobs(model: nn.Module, make_cache: Callable[[], list],
-                          context: list[int], continuations: Sequence[list[int]]) -> list[float]:
-    """Summed log-prob of each continuation after `context`; the context is run once.
+                          context: list[int], continuations: Sequence[list[int]]
+                          ) -> list[tuple[float, bool]]:
+    """(summed log-prob, greedy) of each continuation after `context`; the context is run once.
 
-    The continuations then run as one right-padded batch on copies of the context's cache
-    (padding comes after every real token, so the causal mask keeps it out), or one by one
-    with the cache trimmed back after each when the cache cannot be copied.
+    Greedy: every token of the continuation is the model's argmax (lm-eval's is_greedy). The
+    continuations run as one right-padded batch on copies of the context's cache (padding
+    comes after every real token, so the causal mask keeps it out), or one by one with the
+    cache trimmed back after each when the cache cannot be copied.
     """
     cache = make_cache()
     last = model(mx.array(context)[None], cache=cache)[0, -1:]
-    totals = [_token_logprobs(last, [c[0]])[0] for c in continuations]
+    scores = [_score(last, [c[0]]) for c in continuations]
     rest = [i for i, c in enumerate(continuations) if len(c) > 1]
     batch = _batched(cache, len(rest)) if len(rest) > 1 else None
     if batch is not None:
@@ -67,24 +71,25 @@ def continuation_logprobs(model: nn.Module, make_cache: Callable[[], list],
         logits = model(mx.array(ids), cache=batch)
         for b, i in enumerate(rest):
             cont = continuations[i]
-            totals[i] = totals[i] + _token_logprobs(logits[b, :len(cont) - 1], cont[1:]).sum()
+            s, g = _score(logits[b, :len(cont) - 1], cont[1:])
+            scores[i] = (scores[i][0] + s, scores[i][1] & g)
     else:
         if not can_trim_prompt_cache(cache):
             raise PuddingError("this model's cache can neither be copied nor trimmed; cannot "
                                "share the context between continuations")
         for i in rest:
             cont = continuations[i]
-            logits = model(mx.array(cont[:-1])[None], cache=cache)[0]
-            totals[i] = totals[i] + _token_logprobs(logits, cont[1:]).sum()
-            mx.eval(totals[i])
+            s, g = _score(model(mx.array(cont[:-1])[None], cache=cache)[0], cont[1:])
+            scores[i] = (scores[i][0] + s, scores[i][1] & g)
+            mx.eval(scores[i])
             trim_prompt_cache(cache, len(cont) - 1)
-    return [t.item() for t in totals]
+    return [(s.item(), g.item()) for s, g in scores]
 
 
-def score_requests(model: nn.Module, make_cache: Callable[[], list],
+def loglikelihoods(model: nn.Module, make_cache: Callable[[], list],
                    token_requests: Sequence[TokenRequest],
-                   max_length: int = 2048) -> tuple[list[float], list[int]]:
-    """(summed log-prob, token count) of every request's continuation.
+                   max_length: int = 2048) -> list[tuple[float, bool]]:
+    """(summed log-prob, greedy) of every request's continuation.
 
     Consecutive requests with the same context ids share one prefill. Each context is cut from
     the left so that it and its continuation fit `max_length` positions, as in the torch backend.
@@ -95,12 +100,20 @@ def score_requests(model: nn.Module, make_cache: Callable[[], list],
             raise PuddingError(f"a continuation of {len(cont)} tokens exceeds max_length "
                                f"{max_length}")
         reqs.append((ctx[-(max_length - len(cont) + 1):], cont))
-    sums: list[float] = []
+    out: list[tuple[float, bool]] = []
     i = 0
     while i < len(reqs):
         j = i
         while j < len(reqs) and reqs[j][0] == reqs[i][0]:
             j += 1
-        sums += continuation_logprobs(model, make_cache, reqs[i][0], [c for _, c in reqs[i:j]])
+        out += continuation_logprobs(model, make_cache, reqs[i][0], [c for _, c in reqs[i:j]])
         i = j
-    return sums, [len(c) for _, c in reqs]
+    return out
+
+
+def score_requests(model: nn.Module, make_cache: Callable[[], list],
+                   token_requests: Sequence[TokenRequest],
+                   max_length: int = 2048) -> tuple[list[float], list[int]]:
+    """(summed log-prob, token count) of every request's continuation (see `loglikelihoods`)."""
+    out = loglikelihoods(model, make_cache, token_requests, max_length)
+    return [s for s, _ in out], [len(cont) for _, cont in token_requests]

@@ -60,8 +60,8 @@ def test_paired_bootstrap_average_over_tasks():
 @pytest.mark.parametrize("skip", [[], [2, 3]])
 def test_shared_prefill_matches_plain_forward(tmp_path, monkeypatch, skip, batched):
     """Context prefilled once, several continuations (one of 1 token, one crossing the KV
-    cache's 256-slot step), as a batch or one by one with cache trimming, vs one plain
-    forward per request on the whole sequence."""
+    cache's 256-slot step, some the model's own argmax), as a batch or one by one with cache
+    trimming, vs one plain forward per request on the whole sequence: sums and greedy flags."""
     from pudding_mlx import loglik
 
     if not batched:
@@ -69,7 +69,7 @@ def test_shared_prefill_matches_plain_forward(tmp_path, monkeypatch, skip, batch
     import mlx.core as mx
     from helpers import tiny_llama
 
-    from pudding_mlx.loglik import score_requests
+    from pudding_mlx.loglik import loglikelihoods, score_requests
     from pudding_mlx.masking import skip_view
     from pudding_mlx.model import load_lm
 
@@ -81,11 +81,20 @@ def test_shared_prefill_matches_plain_forward(tmp_path, monkeypatch, skip, batch
     rng = np.random.default_rng(0)
     ctx = rng.integers(3, 300, 250).tolist()
     conts = [rng.integers(3, 300, n).tolist() for n in (1, 4, 12, 3)]
-    sums, counts = score_requests(view, lambda: make_prompt_cache(view),
-                                  [(ctx, c) for c in conts])
-    assert counts == [1, 4, 12, 3]
-    for cont, got in zip(conts, sums, strict=True):
+    greedy: list[int] = []
+    for _ in range(3):
+        greedy.append(mx.argmax(view(mx.array(ctx + greedy)[None])[0, -1]).item())
+    conts += [greedy, greedy[:1], [*greedy[:2], (greedy[2] + 1) % 300]]
+    reqs = [(ctx, c) for c in conts]
+    got = loglikelihoods(view, lambda: make_prompt_cache(view), reqs)
+    assert score_requests(view, lambda: make_prompt_cache(view), reqs) == (
+        [s for s, _ in got], [1, 4, 12, 3, 3, 1, 3])
+    flags = []
+    for cont, (ll, is_greedy) in zip(conts, got, strict=True):
         logits = view(mx.array(ctx + cont)[None])[0].astype(mx.float32)
         lp = np.array(logits - mx.logsumexp(logits, axis=-1, keepdims=True), dtype=np.float64)
-        want = sum(lp[len(ctx) - 1 + t, tok] for t, tok in enumerate(cont))
-        assert got == pytest.approx(want, abs=2e-4)
+        rows = lp[len(ctx) - 1:len(ctx) - 1 + len(cont)]
+        assert ll == pytest.approx(rows[np.arange(len(cont)), cont].sum(), abs=2e-4)
+        assert is_greedy == (rows.argmax(-1) == cont).all()
+        flags.append(is_greedy)
+    assert flags[4:] == [True, True, False]

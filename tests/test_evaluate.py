@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -85,6 +86,19 @@ def run(tb, data, out, **kw):
 # --- the reference, by hand ----------------------------------------------------------------------
 
 
+def hand_logits(model, ids: list[int], skip=()):
+    """Logits [T, V] (float64) of one plain forward of `ids`, blocks in `skip` removed."""
+    import torch
+
+    layers = model.model.layers
+    model.model.layers = torch.nn.ModuleList(b for i, b in enumerate(layers) if i not in skip)
+    try:
+        with torch.no_grad():
+            return model(torch.tensor([ids])).logits[0].double()
+    finally:
+        model.model.layers = layers
+
+
 def hand_loglik(model, tok, context: str, continuation: str, skip=(), mean=False) -> float:
     """log p(continuation | context): one plain forward of the concatenated ids (context and
     continuation encoded separately), blocks in `skip` removed, our own log-softmax."""
@@ -92,18 +106,20 @@ def hand_loglik(model, tok, context: str, continuation: str, skip=(), mean=False
 
     ctx = tok.encode(context, add_special_tokens=False)
     cont = tok.encode(continuation, add_special_tokens=False)
-    layers = model.model.layers
-    model.model.layers = torch.nn.ModuleList(b for i, b in enumerate(layers) if i not in skip)
-    try:
-        with torch.no_grad():
-            logits = model(torch.tensor([ctx + cont])).logits[0].double()
-    finally:
-        model.model.layers = layers
+    logits = hand_logits(model, ctx + cont, skip)
     total = 0.0
     for t, token in enumerate(cont):
         row = logits[len(ctx) + t - 1]
         total += float(row[token] - torch.logsumexp(row, dim=0))
     return total / len(cont) if mean else total
+
+
+def hand_greedy(model, ids: list[int], n: int, skip=()) -> list[int]:
+    """n tokens of greedy decoding after `ids` (end-of-text included), one full forward each."""
+    out: list[int] = []
+    for _ in range(n):
+        out.append(int(hand_logits(model, ids + out, skip)[-1].argmax()))
+    return out
 
 
 def hand_correct(model, tok, e, skip) -> dict[str, int]:
@@ -126,6 +142,13 @@ def hand_route(tb, text: str) -> str:
     with torch.no_grad():
         scores = tb.router(enc["input_ids"], enc["attention_mask"])[0]
     return tb.manifest.router.outputs[int(torch.argmax(scores))]
+
+
+def hand_is_greedy(tb, context: str, continuation: str, skip) -> bool:
+    """Whether every continuation token is the argmax (lm-eval's is_greedy), by hand."""
+    ctx = tb.tokenizer.encode(context, add_special_tokens=False)
+    cont = tb.tokenizer.encode(continuation, add_special_tokens=False)
+    return hand_greedy(tb.model, ctx, len(cont), skip) == cont
 
 
 def test_command_matches_hand_computed_accuracy(setup, tmp_path):
@@ -373,9 +396,10 @@ def test_smollm2_backends_agree(tmp_path):
 
 
 def test_lm_eval_adapter_with_a_stub_harness(setup, monkeypatch):
-    """lm-eval is not installed here: stand in its two imports, then check the registered
-    model's log-likelihoods against the hand computation (router mode: the routed set)."""
-    import importlib
+    """Without lm-eval (CI): stand in its imports, then check the registered model's
+    log-likelihoods and greedy flags against the hand computation (router mode: the routed
+    set). The lm_eval-marked tests below run the real harness."""
+    import importlib.util
     import sys
     import types
 
@@ -384,22 +408,172 @@ def test_lm_eval_adapter_with_a_stub_harness(setup, monkeypatch):
     api_model.LM = type("LM", (), {"__init__": lambda self: None})
     api_registry = types.ModuleType("lm_eval.api.registry")
     api_registry.register_model = lambda name: lambda cls: registry.setdefault(name, cls)
+    utils = types.ModuleType("lm_eval.utils")  # rolling windows: not exercised here
+    utils.get_rolling_token_windows = utils.make_disjoint_window = None
     for name, mod in {"lm_eval": types.ModuleType("lm_eval"),
                       "lm_eval.api": types.ModuleType("lm_eval.api"),
                       "lm_eval.api.model": api_model,
-                      "lm_eval.api.registry": api_registry}.items():
+                      "lm_eval.api.registry": api_registry,
+                      "lm_eval.utils": utils}.items():
         monkeypatch.setitem(sys.modules, name, mod)
-    monkeypatch.delitem(sys.modules, "pudding_mlx.lm_eval_adapter", raising=False)
-    importlib.import_module("pudding_mlx.lm_eval_adapter")
+    # a fresh copy, kept out of sys.modules (where the real harness's import may be)
+    spec = importlib.util.find_spec("pudding_mlx.lm_eval_adapter")
+    spec.loader.exec_module(importlib.util.module_from_spec(spec))
 
     tb, _, _ = setup
     lm = registry["pudding-mlx"](bundle=str(tb.path))
-    reqs = [("Question: How do you boil an egg?\nAnswer:", " put it in water"),
-            ("Question: How do you boil an egg?\nAnswer:", " fine"),
+    sets = {c.name: c.skip for c in tb.manifest.candidates}
+    egg = "Question: How do you boil an egg?\nAnswer:"
+    ids = tb.tokenizer.encode(egg, add_special_tokens=False)
+    # the model's own next token (one: this random model's next ones are stray bytes)
+    own = tb.tokenizer.decode(hand_greedy(tb.model, ids, 1, sets[hand_route(tb, egg)]))
+    reqs = [(egg, " put it in water"), (egg, " fine"), (egg, own),
             ("She poured the water into the glass", " because it was empty.")]
     got = lm.loglikelihood([types.SimpleNamespace(args=r) for r in reqs])
-    sets = {c.name: c.skip for c in tb.manifest.candidates}
-    for (ctx, cont), (ll, _) in zip(reqs, got, strict=True):
+    flags = []
+    for (ctx, cont), (ll, is_greedy) in zip(reqs, got, strict=True):
         skip = sets[hand_route(tb, ctx)]
         assert ll == pytest.approx(hand_loglik(tb.model, tb.tokenizer, ctx, cont, skip),
                                    abs=1e-4)
+        assert is_greedy == hand_is_greedy(tb, ctx, cont, skip)
+        flags.append(is_greedy)
+    assert flags == [False, False, True, False]
+
+
+# --- the real lm-evaluation-harness (`make test-lm-eval`; CI does not install lm-eval) ---------
+
+
+LM_EVAL_UNTIL = ["\n", "sw"]  # "sw" cuts one row's generation short (the tiny model's "Whswut")
+
+
+def write_lm_eval_tasks(root: Path, tb, n: int = 5, seed: int = 10) -> tuple[Path, list[dict]]:
+    """A local lm-eval task per request type over n rows (tasks as YAML, written as JSON);
+    even rows' `next` is the routed model's own greedy token (by torch). The seed gives rows
+    routed to both sets, and right and wrong answers, greedy flags and exact matches."""
+    rng = random.Random(seed)
+    sets = {c.name: c.skip for c in tb.manifest.candidates}
+    rows = []
+    for i in range(n):
+        q = _text(rng, 5) + "?"
+        ids = tb.tokenizer.encode(q, add_special_tokens=False)
+        own = tb.tokenizer.decode(hand_greedy(tb.model, ids, 1, sets[hand_route(tb, q)]))
+        rows.append({"q": q, "choices": _distinct(rng, 4), "gold": i % 4, "text": _text(rng, 9),
+                     "next": own if i % 2 == 0 else " " + _text(rng, 1)})
+    data = root / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = {"dataset_path": "json", "test_split": "test", "doc_to_text": "{{q}}",
+              "dataset_kwargs": {"data_files": {"test": str(data)},
+                                 "cache_dir": str(root / "datasets")}}
+    tasks = {
+        "tiny_mc": {"output_type": "multiple_choice", "doc_to_choice": "choices",
+                    "doc_to_target": "gold", "metric_list": [{"metric": "acc"},
+                                                             {"metric": "acc_norm"}]},
+        "tiny_next": {"output_type": "loglikelihood", "doc_to_target": "{{next}}",
+                      "target_delimiter": "", "metric_list": [{"metric": "acc"}]},
+        "tiny_text": {"output_type": "loglikelihood_rolling", "doc_to_text": "",
+                      "doc_to_target": "{{text}}", "metric_list": [{"metric": "word_perplexity"}]},
+        "tiny_gen": {"output_type": "generate_until", "doc_to_target": "{{next}}",
+                     "generation_kwargs": {"until": LM_EVAL_UNTIL, "max_gen_toks": 3},
+                     "metric_list": [{"metric": "exact_match"}]},
+    }
+    (root / "tasks").mkdir()
+    for name, cfg in tasks.items():
+        (root / "tasks" / f"{name}.yaml").write_text(json.dumps({"task": name, **common, **cfg}))
+    return root / "tasks", rows
+
+
+def hand_mc(tb, row, skip) -> tuple[list[float], int, int]:
+    """Per-choice log-liks, acc and acc_norm of one tiny_mc row, by hand."""
+    ll = [hand_loglik(tb.model, tb.tokenizer, row["q"], " " + c, skip) for c in row["choices"]]
+    normed = [x / len(c) for x, c in zip(ll, row["choices"], strict=True)]
+    return ll, int(np.argmax(ll) == row["gold"]), int(np.argmax(normed) == row["gold"])
+
+
+@pytest.fixture(scope="module")
+def lm_eval_tasks(setup, tmp_path_factory):
+    tb, _, _ = setup
+    return write_lm_eval_tasks(tmp_path_factory.mktemp("lm-eval"), tb)
+
+
+@pytest.mark.lm_eval
+def test_real_lm_eval_matches_hand_computation(setup, lm_eval_tasks):
+    """simple_evaluate on four local tasks (multiple choice, loglikelihood, rolling,
+    generation) in router mode: every response and metric against the hand computation."""
+    import torch
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    import pudding_mlx.lm_eval_adapter  # noqa: F401  (registers "pudding-mlx")
+
+    tb, _, _ = setup
+    tasks, rows = lm_eval_tasks
+    res = simple_evaluate(model="pudding-mlx", model_args=f"bundle={tb.path},mode=router",
+                          tasks=["tiny_mc", "tiny_next", "tiny_text", "tiny_gen"],
+                          task_manager=TaskManager(include_path=str(tasks)), bootstrap_iters=0)
+    samples = {t: sorted(v, key=lambda s: s["doc_id"]) for t, v in res["samples"].items()}
+    sets = {c.name: c.skip for c in tb.manifest.candidates}
+    tok, eos = tb.tokenizer, tb.tokenizer.eos_token_id
+    acc, acc_norm, greedy, lls, words, gen, routes = [], [], [], [], 0, [], set()
+    for i, row in enumerate(rows):
+        ctx = row["q"]
+        routes |= {hand_route(tb, ctx), hand_route(tb, row["text"])}
+        skip = sets[hand_route(tb, ctx)]
+        ll, a, an = hand_mc(tb, row, skip)
+        mc = samples["tiny_mc"][i]
+        np.testing.assert_allclose([float(r[0][0]) for r in mc["resps"]], ll, atol=1e-4)
+        assert (mc["acc"], mc["acc_norm"]) == (a, an)
+        acc.append(a)
+        acc_norm.append(an)
+
+        nx = samples["tiny_next"][i]
+        assert float(nx["resps"][0][0][0]) == pytest.approx(
+            hand_loglik(tb.model, tok, ctx, row["next"], skip), abs=1e-4)
+        greedy.append(hand_is_greedy(tb, ctx, row["next"], skip))
+        assert nx["acc"] == int(greedy[-1])
+
+        # rolling: log p(text | BOS), routed from the text (one window: far below 512 tokens)
+        ids = tok.encode(row["text"], add_special_tokens=False)
+        logits = hand_logits(tb.model, [tok.bos_token_id, *ids], sets[hand_route(tb, row["text"])])
+        lp = torch.log_softmax(logits, -1)[torch.arange(len(ids)), ids].sum().item()
+        assert float(samples["tiny_text"][i]["resps"][0][0]) == pytest.approx(lp, abs=1e-4)
+        lls.append(lp)
+        words += len(row["text"].split())
+
+        out = hand_greedy(tb.model, tok.encode(ctx), 3, skip)
+        out = out[:out.index(eos)] if eos in out else out
+        text = re.split("|".join(LM_EVAL_UNTIL), tok.decode(out, skip_special_tokens=True))[0]
+        assert samples["tiny_gen"][i]["resps"][0][0] == text
+        gen.append(text == row["next"])
+    got = res["results"]
+    assert got["tiny_mc"]["acc,none"] == pytest.approx(np.mean(acc))
+    assert got["tiny_mc"]["acc_norm,none"] == pytest.approx(np.mean(acc_norm))
+    assert got["tiny_next"]["acc,none"] == pytest.approx(np.mean(greedy))
+    # the rows exercise both routes, both greedy flags and both generation outcomes
+    assert len(routes) == len(set(greedy)) == len(set(gen)) == 2
+    assert got["tiny_text"]["word_perplexity,none"] == pytest.approx(np.exp(-sum(lls) / words))
+    assert got["tiny_gen"]["exact_match,none"] == pytest.approx(np.mean(gen))
+
+
+@pytest.mark.lm_eval
+def test_real_lm_eval_cli_through_the_module(setup, lm_eval_tasks, tmp_path):
+    """The command in the adapter's docstring, in static mode: the logged log-likelihoods
+    (which tell the modes apart) and the accuracies against the hand computation."""
+    import subprocess
+    import sys
+
+    tb, _, _ = setup
+    tasks, rows = lm_eval_tasks
+    cmd = [sys.executable, "-m", "pudding_mlx.lm_eval_adapter", "--model", "pudding-mlx",
+           "--model_args", f"bundle={tb.path},mode=static", "--tasks", "tiny_mc",
+           "--include_path", str(tasks), "--output_path", str(tmp_path), "--log_samples"]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert r.returncode == 0, r.stderr[-3000:]
+    (path,) = tmp_path.rglob("results_*.json")
+    got = json.loads(path.read_text())["results"]["tiny_mc"]
+    (path,) = tmp_path.rglob("samples_tiny_mc_*.jsonl")
+    samples = sorted(map(json.loads, path.read_text().splitlines()), key=lambda s: s["doc_id"])
+    hand = [hand_mc(tb, row, tb.manifest.static.skip) for row in rows]
+    for s, (ll, _, _) in zip(samples, hand, strict=True):
+        np.testing.assert_allclose([float(r[0][0]) for r in s["resps"]], ll, atol=1e-4)
+    assert got["acc,none"] == pytest.approx(np.mean([a for _, a, _ in hand]))
+    assert got["acc_norm,none"] == pytest.approx(np.mean([an for _, _, an in hand]))
