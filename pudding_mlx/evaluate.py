@@ -88,7 +88,8 @@ def eval_examples(task: str, data_dir: str | None, limit: int | None, seed: int)
     examples = load_examples(task, split, data_dir)  # HellaSwag: minus the holdout
     if limit is not None and limit < len(examples):
         rng = np.random.default_rng([seed, zlib.crc32(task.encode())])
-        keep = np.sort(rng.choice(len(examples), size=limit, replace=False))
+        # a prefix of one permutation: a larger --limit extends a smaller one (cache reuse)
+        keep = np.sort(rng.permutation(len(examples))[:limit])
         examples = [examples[i] for i in keep]
     return split, examples
 

@@ -274,6 +274,8 @@ def test_limit_is_a_seeded_subset_in_data_order(setup):
     order = [e.qid for e in full]
     assert [e.qid for e in a] == [e.qid for e in b]
     assert [order.index(e.qid) for e in a] == sorted(order.index(e.qid) for e in a)
+    _, c = eval_examples("piqa", str(data), 5, 0)  # a larger limit extends a smaller one
+    assert {e.qid for e in a} < {e.qid for e in c}
 
 
 def test_oracle_and_random_from_scores():
