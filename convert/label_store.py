@@ -54,6 +54,27 @@ def write_json(path: Path, obj: dict) -> None:
     os.replace(tmp, path)
 
 
+def remove_stale_temps(folder: Path) -> list[Path]:
+    """Delete the temporary files of writers that no longer run (a killed label run)."""
+    removed = []
+    for tmp in folder.glob(".*.tmp"):
+        pid = tmp.name.rsplit(".", 2)[-2]
+        if pid.isdigit() and not _running(int(pid)):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def read_meta(folder: str | Path) -> dict:
     path = Path(folder) / META
     if not path.is_file():

@@ -33,7 +33,7 @@ import numpy as np
 from pudding_mlx.errors import PuddingError
 
 from .dist import Dist
-from .label_store import META, read_meta, shard_path, write_json, write_shard
+from .label_store import META, read_meta, remove_stale_temps, shard_path, write_json, write_shard
 from .tasks import CALIBRATION_TASKS, Example
 
 FORMAT = 1
@@ -191,6 +191,7 @@ def make_labels(out: str | Path, cfg: LabelConfig, device: str = "auto",
     ranks.barrier()  # every rank has read the old meta before rank 0 replaces it
     if ranks.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(out)
         write_json(out / META, meta)
     ranks.barrier()
 

@@ -1,5 +1,5 @@
 """Classic SLEB (Song et al., 2024) as the static baseline: greedy block removal by the
-perplexity of a text, one set for every prompt. Run with `python -m convert.sleb`.
+perplexity of a text, one set for every prompt: `pudding sleb` (resumable, like the search).
 
 It is the method's greedy search with the loss replaced: each chunk of `seq_len + 1` tokens is
 one request (first token as context, the rest scored), and the summed mean negative
@@ -8,15 +8,16 @@ log-likelihood over chunks is n_chunks * log(perplexity). Prefix reuse applies u
 
 from __future__ import annotations
 
+import json
 import math
-import time
+from collections.abc import Callable
 from pathlib import Path
 
 import click
 
 from pudding_mlx.errors import PuddingError
 
-from .search import Candidate, SetScorer, TokenExample, greedy_search, write_json_atomic
+from .search import Candidate, Phase, SetScorer, TokenExample, greedy_search, write_json_atomic
 
 
 def text_chunks(tokenizer, text: str, seq_len: int = 128, n_chunks: int = 32) -> list[TokenExample]:
@@ -40,17 +41,42 @@ def tasks_text(tasks: list[str], per_task: int, seed: int, data_dir=None) -> str
 
 
 def sleb_search(model, tokenizer, text: str, k: int, seq_len: int = 128, n_chunks: int = 32,
-                batch_size: int = 16, progress: bool = True) -> dict:
+                batch_size: int = 16, progress: bool = True, done: dict | None = None,
+                on_phase: Callable[[dict], None] | None = None) -> dict:
+    """Greedy removal of k blocks; `done` (an earlier result on the same text) supplies its
+    first phases, so an interrupted or smaller run is continued, a larger one cut to k."""
     chunks = text_chunks(tokenizer, text, seq_len, n_chunks)
     scorer = SetScorer(model, chunks, batch_size)
     # Summed mean NLL per chunk is the likelihood loss with every chunk's gold "choice" 0.
-    cand = greedy_search(scorer, Candidate(f"sleb-ppl-k{k}", "text", "likelihood", k),
-                         progress=progress)
-    out = cand.to_json()
-    out["loss"] = "perplexity"
-    out["perplexity"] = [math.exp(p.loss / len(chunks)) for p in cand.trajectory]
-    out["chunks"], out["seq_len"] = len(chunks), seq_len
-    return out
+    cand = Candidate(f"sleb-ppl-k{k}", "text", "likelihood", k)
+    if done:
+        cand.trajectory = [Phase(**p) for p in done["trajectory"][:k]]
+        cand.skip = sorted(p.block for p in cand.trajectory)
+
+    def result(c: Candidate) -> dict:
+        out = c.to_json()
+        out["loss"] = "perplexity"
+        out["perplexity"] = [math.exp(p.loss / len(chunks)) for p in c.trajectory]
+        out["chunks"], out["seq_len"] = len(chunks), seq_len
+        return out
+
+    greedy_search(scorer, cand, on_phase=on_phase and (lambda c: on_phase(result(c))),
+                  progress=progress)
+    return result(cand)
+
+
+def _earlier_run(path: Path, settings: dict) -> dict:
+    """The result in `path`, which must have been made with these settings (any k)."""
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise PuddingError(f"{path}: unreadable ({e}); pass --restart to start over") from e
+    if {**old.get("settings", {}), "k": None} != {**settings, "k": None}:
+        changed = sorted(key for key in set(settings) | set(old.get("settings", {}))
+                         if key != "k" and settings.get(key) != old["settings"].get(key))
+        raise PuddingError(f"{path} was made with other settings ({', '.join(changed)}); "
+                           "pass --restart to start over or choose another --out")
+    return old
 
 
 @click.command("sleb")
@@ -65,9 +91,16 @@ def sleb_search(model, tokenizer, text: str, k: int, seq_len: int = 128, n_chunk
 @click.option("--device", default="auto", show_default=True)
 @click.option("--dtype", default="auto", show_default=True)
 @click.option("--batch-size", default=16, show_default=True)
+@click.option("--restart", is_flag=True, help="Ignore an existing --out and start over.")
+@click.option("--from-run", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Start from this earlier run (same settings, any k) instead of --out.")
 @click.option("--out", default="sleb.json", show_default=True, type=click.Path())
-def sleb(model_path, text_file, k, seq_len, chunks, seed, device, dtype, batch_size, out):
-    """Static SLEB baseline: k blocks removed greedily by text perplexity."""
+def sleb(model_path, text_file, k, seq_len, chunks, seed, device, dtype, batch_size, restart,
+         from_run, out):
+    """Static SLEB baseline: k blocks removed greedily by text perplexity.
+
+    Resumable: an existing --out (or --from-run) with fewer phases is continued, one with more
+    is cut to k (greedy phases never look ahead)."""
     from . import assets
     from .device import choose_dtype, resolve_device
     from .tasks import CALIBRATION_TASKS
@@ -83,20 +116,15 @@ def sleb(model_path, text_file, k, seq_len, chunks, seed, device, dtype, batch_s
     else:
         text = tasks_text(list(CALIBRATION_TASKS), 64, seed)
         source = f"train-split correct-answer texts of {', '.join(CALIBRATION_TASKS)} (64 each)"
+    settings = {"model": str(model_path), "text": source, "seed": seed, "seq_len": seq_len,
+                "chunks": chunks, "dtype": str(torch_dtype).removeprefix("torch."), "k": k}
+    start = Path(from_run or out)
+    done = _earlier_run(start, settings) if start.exists() and not restart else None
     model, tok = assets.load_causal_lm(model_path, dtype=torch_dtype, device=dev)
-    start = time.perf_counter()
-    result = sleb_search(model, tok, text, k, seq_len, chunks, batch_size)
-    result["settings"] = {"model": str(model_path), "text": source, "seed": seed,
-                          "dtype": str(torch_dtype).removeprefix("torch."), "k": k,
-                          "seconds": time.perf_counter() - start}
+    result = sleb_search(model, tok, text, k, seq_len, chunks, batch_size, done=done,
+                         on_phase=lambda r: write_json_atomic(out, {**r, "settings": settings}))
+    result["settings"] = settings
     write_json_atomic(out, result)
-    secs = result["settings"]["seconds"]
+    secs = sum(p["seconds"] for p in result["trajectory"])
     click.echo(f"{result['name']}: skip {result['skip']}, perplexity "
-               f"{result['perplexity'][-1]:.2f} ({secs:.0f} s); wrote {out}")
-
-
-if __name__ == "__main__":
-    try:
-        sleb.main(standalone_mode=False)
-    except PuddingError as e:
-        raise SystemExit(f"error: {e}") from e
+               f"{result['perplexity'][-1]:.2f} ({secs:.0f} s of search); wrote {out}")

@@ -24,6 +24,7 @@ COMMANDS = {
     "eval": "pudding_mlx.evaluate:evaluate",
     "demo": "convert.demo:demo",
     "search": "convert.search_cli:search",
+    "sleb": "convert.sleb:sleb",
     "label": "convert.labels:label",
     "train-router": "convert.train_router:train_router",
     "convert": "convert.to_bundle:convert",

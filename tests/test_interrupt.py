@@ -290,6 +290,7 @@ def label_result(out: Path) -> dict:
     from convert.label_store import read_labels
 
     t = read_labels(out)
+    assert not list(out.glob(".*.tmp"))  # a resumed run removes what a killed writer left
     meta = {k: v for k, v in t.meta.items() if k not in ("stats", "runs")}  # run records
     return {"meta": meta, "rows": list(zip(t.task, t.qid, t.choice.tolist(), t.gold.tolist(),
                                            t.text, t.context, strict=True)),

@@ -198,3 +198,20 @@ def test_appending_candidates_equals_labelling_all(setup, tmp_path):
     cfg.candidates = cfg.candidates[1:]
     with pytest.raises(PuddingError, match="appended"):
         make_labels(out, cfg, device="cpu")
+
+
+def test_stale_temp_files_are_removed(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from convert.label_store import remove_stale_temps
+
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    dead = tmp_path / f".shard-00003.parquet.{done.stdout.strip()}.tmp"
+    live = tmp_path / f".meta.json.{os.getpid()}.tmp"  # a writer that still runs
+    for f in (dead, live):
+        f.write_text("partial")
+    assert remove_stale_temps(tmp_path) == [dead]
+    assert live.exists() and not dead.exists()

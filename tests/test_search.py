@@ -4,6 +4,7 @@ reference: plain HF forwards with blocks removed, hand-written loss, every trial
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -234,3 +235,35 @@ def test_from_run_equals_a_smaller_search(tiny, tmp_path, monkeypatch, capsys):
         for c in small["candidates"]]
     with pytest.raises(PuddingError, match="k >= 4"):
         truncate_run(big, 4, tmp_path / "bad.json")
+
+
+def test_sleb_cli_resumes_extends_and_cuts(tmp_path, monkeypatch, capsys):
+    tiny_llama(tmp_path / "m", num_layers=6)
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(q + " " + " ".join(c) for q, c in QUESTIONS) * 2)
+    base = ["sleb", "--model", str(tmp_path / "m"), "--text", str(text), "--seq-len", "16",
+            "--chunks", "4", "--dtype", "float32", "--device", "cpu"]
+
+    def run(*args):
+        code, out, err = run_cli([*base, *args], monkeypatch, capsys)
+        assert code == 0, err
+        return json.loads(Path(args[args.index("--out") + 1]).read_text())
+
+    def phases(r):
+        return [(p["block"], pytest.approx(p["loss"], rel=1e-6)) for p in r["trajectory"]]
+
+    full = run("-k", "3", "--out", str(tmp_path / "a.json"))
+    assert len(full["trajectory"]) == 3 and full["settings"]["k"] == 3
+    cut = {**full, "trajectory": full["trajectory"][:1]}  # as if killed after one phase
+    (tmp_path / "b.json").write_text(json.dumps(cut))
+    resumed = run("-k", "3", "--out", str(tmp_path / "b.json"))
+    assert phases(resumed) == phases(full)
+    assert resumed["trajectory"][0] == full["trajectory"][0]  # kept, timings and all
+    small = run("-k", "2", "--from-run", str(tmp_path / "a.json"),
+                "--out", str(tmp_path / "c.json"))
+    fresh = run("-k", "2", "--out", str(tmp_path / "d.json"))
+    assert small["skip"] == fresh["skip"] and phases(small) == phases(fresh)
+    assert small["perplexity"] == pytest.approx(fresh["perplexity"], rel=1e-6)
+    code, _, err = run_cli([*base, "--seq-len", "8", "-k", "3", "--out", str(tmp_path / "a.json")],
+                           monkeypatch, capsys)  # the last --seq-len counts
+    assert code != 0 and "other settings (seq_len)" in err
