@@ -34,6 +34,7 @@ from pudding_mlx.errors import PuddingError
 
 from .dist import Dist
 from .label_store import META, read_meta, remove_stale_temps, shard_path, write_json, write_shard
+from .resume import changed_settings
 from .tasks import CALIBRATION_TASKS, Example
 
 FORMAT = 1
@@ -117,10 +118,6 @@ def score_candidates(runner, batches, n_requests: int, skips: list[list[int]],
     return out
 
 
-# -- multi-process --
-
-
-
 def _check_meta(out: Path, settings: dict) -> bool:
     """True when out/meta.json has the same settings and nothing more to do. Candidates may be
     appended to a finished folder (its candidates a prefix of the new list); anything else that
@@ -129,8 +126,7 @@ def _check_meta(out: Path, settings: dict) -> bool:
         return False
     meta = read_meta(out)
     old = meta.get("settings") or {}
-    keys = (set(settings) | set(old)) - {"candidates"}
-    diff = sorted(k for k in keys if old.get(k) != settings.get(k))
+    diff = changed_settings(old, settings, ignore=["candidates"])
     n = len(old.get("candidates", []))
     if diff or old.get("candidates") != settings["candidates"][:n]:
         raise PuddingError(f"{out / META}: labels made with other settings "

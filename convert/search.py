@@ -23,6 +23,7 @@ import numpy as np
 from pudding_mlx.errors import PuddingError
 
 from .dist import Dist
+from .resume import read_run
 from .scoring import BlockRunner, TokenRequest, encode_requests
 from .tasks import Example
 
@@ -75,7 +76,6 @@ class Candidate:
     @classmethod
     def from_json(cls, d: dict) -> Candidate:
         return cls(**{**d, "trajectory": [Phase(**p) for p in d["trajectory"]]})
-
 
 
 @dataclass
@@ -212,23 +212,13 @@ def run_search(model, tokenizer, examples: dict[str, list[Example]], settings: d
     `settings` records what the result depends on (model, seed, samples, dtype, ...); it is
     stored with tasks, losses and k, and compared on resume.
     """
-    import json
     from pathlib import Path
 
     dist = Dist()
     settings = {**settings, "tasks": list(examples), "losses": list(losses), "k": k}
     doc = None
     if dist.rank == 0 and Path(out).exists() and not restart:
-        try:
-            old = json.loads(Path(out).read_text())
-        except (OSError, ValueError) as e:
-            raise PuddingError(f"{out}: unreadable ({e}); pass --restart to start over") from e
-        if old.get("settings") != settings:
-            changed = sorted(key for key in set(settings) | set(old.get("settings", {}))
-                             if settings.get(key) != old.get("settings", {}).get(key))
-            raise PuddingError(f"{out} was written with other settings ({', '.join(changed)}); "
-                               "pass --restart to start over or choose another --out")
-        doc = old
+        doc = read_run(out, settings)
     doc = dist.broadcast(doc)
     if doc is None:
         doc = {"settings": settings, "complete": False, "candidates": [],

@@ -8,7 +8,6 @@ log-likelihood over chunks is n_chunks * log(perplexity). Prefix reuse applies u
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +16,7 @@ import click
 
 from pudding_mlx.errors import PuddingError
 
+from .resume import read_run
 from .search import Candidate, Phase, SetScorer, TokenExample, greedy_search, write_json_atomic
 
 
@@ -65,20 +65,6 @@ def sleb_search(model, tokenizer, text: str, k: int, seq_len: int = 128, n_chunk
     return result(cand)
 
 
-def _earlier_run(path: Path, settings: dict) -> dict:
-    """The result in `path`, which must have been made with these settings (any k)."""
-    try:
-        old = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise PuddingError(f"{path}: unreadable ({e}); pass --restart to start over") from e
-    if {**old.get("settings", {}), "k": None} != {**settings, "k": None}:
-        changed = sorted(key for key in set(settings) | set(old.get("settings", {}))
-                         if key != "k" and settings.get(key) != old["settings"].get(key))
-        raise PuddingError(f"{path} was made with other settings ({', '.join(changed)}); "
-                           "pass --restart to start over or choose another --out")
-    return old
-
-
 @click.command("sleb")
 @click.option("--model", "model_path", default=None,
               help="HF id/folder or GGUF [default: SmolLM2].")
@@ -119,7 +105,7 @@ def sleb(model_path, text_file, k, seq_len, chunks, seed, device, dtype, batch_s
     settings = {"model": str(model_path), "text": source, "seed": seed, "seq_len": seq_len,
                 "chunks": chunks, "dtype": str(torch_dtype).removeprefix("torch."), "k": k}
     start = Path(from_run or out)
-    done = _earlier_run(start, settings) if start.exists() and not restart else None
+    done = read_run(start, settings, ignore=["k"]) if start.exists() and not restart else None
     model, tok = assets.load_causal_lm(model_path, dtype=torch_dtype, device=dev)
     result = sleb_search(model, tok, text, k, seq_len, chunks, batch_size, done=done,
                          on_phase=lambda r: write_json_atomic(out, {**r, "settings": settings}))

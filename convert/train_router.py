@@ -29,6 +29,7 @@ from pudding_mlx.errors import PuddingError
 from .assets import minilm_path
 from .device import resolve_device
 from .label_store import META, LabelTable, read_labels, write_json
+from .resume import changed_settings
 from .router_metrics import (
     TARGETS,
     Questions,
@@ -147,8 +148,7 @@ def _load_checkpoint(ckpt: Path, router, opt, sched, settings: dict) -> tuple[in
         return 0, []
     state = json.loads(path.read_text())
     if state["settings"] != settings:
-        old = state["settings"]
-        diff = sorted(k for k in set(settings) | set(old) if old.get(k) != settings.get(k))
+        diff = changed_settings(state["settings"], settings)
         raise PuddingError(f"{path}: checkpoint made with other settings ({', '.join(diff)}); "
                            "pass --overwrite to start again")
     epoch = state["epoch"]

@@ -37,7 +37,8 @@ class Residency:
 
     def use(self, skip: Sequence[int]) -> list[int]:
         """Note a request that skips `skip`; evict what no longer fits. Returns evicted blocks."""
-        kept = tuple(i for i in range(len(self.blocks)) if i not in set(skip))
+        skipped = set(skip)
+        kept = tuple(i for i in range(len(self.blocks)) if i not in skipped)
         self.recent = [kept, *[k for k in self.recent if k != kept]]
         resident: set[int] = set()
         for k in self.recent:
