@@ -1,11 +1,11 @@
-"""Naive vs prefix-reuse greedy search, side by side in one run.
+"""Naive vs prefix-reuse vs prefix+state-reuse greedy search, side by side in one run.
 
-Both searches get the same model, examples and batches; their phases alternate (naive phase 1,
-prefix phase 1, naive phase 2, ...) so a busy machine slows both alike. Reports whether they
-chose the same blocks with the same losses, the block evaluations (one block applied to one
-packed row) and the wall-time ratio.
+The searches get the same model, examples and batches; their phases alternate (naive phase 1,
+prefix phase 1, full phase 1, naive phase 2, ...) so a busy machine slows all alike. Reports
+whether they chose the same blocks with the same losses, the block evaluations (one block
+applied to one packed row), wall and CPU time, and each one's ratio to naive.
 
-    python benchmarks/search_speed.py --task arc_easy --samples 16 -k 2 --out speed.json
+    python benchmarks/search_speed.py --task arc_easy --samples 16 -k 3 --out speed.json
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import click
 @click.option("--loss", default="likelihood", show_default=True)
 @click.option("--samples", default=16, show_default=True)
 @click.option("--seed", default=0, show_default=True)
-@click.option("-k", "--k", "k", default=2, show_default=True)
+@click.option("-k", "--k", "k", default=3, show_default=True)
 @click.option("--dtype", default="auto", show_default=True)
 @click.option("--batch-size", default=32, show_default=True)
 @click.option("--out", default=None, type=click.Path(), help="Write the report as JSON.")
@@ -39,28 +39,32 @@ def main(model_path, task, loss, samples, seed, k, dtype, batch_size, out):
     model, tok = assets.load_causal_lm(model_path, dtype=torch_dtype, device=dev)
     exs = tokenize_examples(tok, calibration_examples(task, samples, seed))
     answer_logprobs(model, tok, [("Warm up", " the kernels")])  # first-call costs out of timing
-    runs = {}
-    for name, reuse in (("naive", False), ("prefix", True)):
-        runs[name] = (SetScorer(model, exs, batch_size, reuse_prefix=reuse),
-                      Candidate(name, task, loss, 0), [])
+    modes = {"naive": {"reuse_prefix": False}, "prefix": {"state_budget_gb": 0},
+             "full": {}}
+    runs = {name: (SetScorer(model, exs, batch_size, **kw), Candidate(name, task, loss, 0), [], [])
+            for name, kw in modes.items()}
     for phase in range(1, k + 1):
-        for scorer, cand, times in runs.values():
+        for scorer, cand, wall, cpu in runs.values():
             cand.k = phase
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             greedy_search(scorer, cand)
-            times.append(time.perf_counter() - start)
-    (ns, nc, nt), (ps, pc, pt) = runs["naive"], runs["prefix"]
+            wall.append(time.perf_counter() - start)
+            cpu.append(time.process_time() - cpu_start)
+    blocks = {name: [p.block for p in c.trajectory] for name, (_, c, _, _) in runs.items()}
+    losses = {name: [p.loss for p in c.trajectory] for name, (_, c, _, _) in runs.items()}
+    evals = {name: s.runner.evals for name, (s, _, _, _) in runs.items()}
+    wall = {name: w for name, (_, _, w, _) in runs.items()}
+    cpu = {name: c for name, (_, _, _, c) in runs.items()}
     report = {
         "model": str(model_path), "task": task, "loss": loss, "samples": samples, "k": k,
-        "dtype": str(torch_dtype).removeprefix("torch."),
-        "same_blocks": [p.block for p in nc.trajectory] == [p.block for p in pc.trajectory],
-        "blocks": [p.block for p in pc.trajectory],
-        "loss_naive": [p.loss for p in nc.trajectory],
-        "loss_prefix": [p.loss for p in pc.trajectory],
-        "block_evals": {"naive": ns.runner.evals, "prefix": ps.runner.evals},
-        "seconds": {"naive": nt, "prefix": pt},
-        "eval_ratio": ns.runner.evals / ps.runner.evals,
-        "wall_ratio": sum(nt) / sum(pt),
+        "dtype": str(torch_dtype).removeprefix("torch."), "batch_size": batch_size,
+        "same_blocks": all(b == blocks["naive"] for b in blocks.values()),
+        "same_losses": all(v == losses["naive"] for v in losses.values()),
+        "blocks": blocks["full"], "losses": losses,
+        "block_evals": evals, "seconds": wall, "cpu_seconds": cpu,
+        "eval_ratio": {m: evals["naive"] / evals[m] for m in modes},
+        "wall_ratio": {m: sum(wall["naive"]) / sum(wall[m]) for m in modes},
+        "cpu_ratio": {m: sum(cpu["naive"]) / sum(cpu[m]) for m in modes},
     }
     text = json.dumps(report, indent=1)
     click.echo(text)

@@ -130,12 +130,14 @@ def run_step(work: Path, step: Step, echo: Callable[[str], None] = click.echo) -
         echo(f"[{step.name}] resuming an interrupted run")
     write_record(record_path, {"inputs": step.inputs, "state": "running"})
     echo(f"[{step.name}] running")
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     step.run()
     seconds = time.perf_counter() - start
     fingerprint = step.fingerprint()
+    # of this run only: an interrupted step's earlier runs are in its own outputs' timings
     write_record(record_path, {"inputs": step.inputs, "state": "done", "output": fingerprint,
-                               "seconds": round(seconds, 1)})
+                               "seconds": round(seconds, 1),
+                               "cpu_seconds": round(time.process_time() - cpu, 1)})
     echo(f"[{step.name}] done in {seconds:.1f} s")
     return StepResult(step.name, False, seconds, fingerprint)
 

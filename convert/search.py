@@ -3,9 +3,14 @@
 For one task, every evaluated skip set S gets l_S(x, a) for every calibration example x and
 choice a (mean answer-token log-prob, `scoring`). In each of k phases every remaining block b
 (never the first or last) is tried on top of the current set C; the one with the lowest loss
-joins C. Two speed-ups, neither of which changes the result:
+joins C. Three speed-ups, none of which changes the result:
 - prefix reuse: trial C+{b} equals C up to block b, so one pass of C stores the hidden state
   entering each trial block and every trial runs only the blocks after b;
+- state reuse across phases: the hidden state entering block w depends only on the skipped
+  blocks below w. Trials keep the state entering a few *watched* blocks (the runners-up of the
+  previous phase, the likeliest next choices; as many as `state_budget_gb` holds); when w is
+  chosen, the next phase's trials b < w start from the state entering w that the same trial
+  stored, instead of from b;
 - memoisation: per-set scores are kept, so the second loss of a task reuses every set the
   first one already evaluated (all of phase 1, and more while their choices agree).
 Data-parallel: under torch.distributed each rank scores its shard of examples; per-example
@@ -55,6 +60,7 @@ class Phase:
     loss: float  # L(S) after adding it
     seconds: float
     block_evals: int  # blocks applied to one packed row, summed over ranks
+    cpu_seconds: float | None = None  # this process's CPU time (None in runs before it was kept)
 
 
 @dataclass
@@ -91,11 +97,11 @@ def tokenize_examples(tokenizer, examples: Sequence[Example]) -> list[TokenExamp
 
 class SetScorer:
     """Per-choice scores l_S of one task's calibration examples (this rank's shard), memoised
-    per skip set, computed with prefix reuse (or naively, for comparison)."""
+    per skip set, computed with prefix and state reuse (or naively, for comparison)."""
 
     def __init__(self, model, examples: Sequence[TokenExample], batch_size: int = 16,
                  reuse_prefix: bool = True, max_length: int | None = None,
-                 dist: Dist | None = None):
+                 dist: Dist | None = None, state_budget_gb: float = 2.0):
         self.dist = dist or Dist()
         self.global_ids = list(range(self.dist.rank, len(examples), self.dist.world))
         mine = [examples[i] for i in self.global_ids]
@@ -109,26 +115,53 @@ class SetScorer:
         self.n_requests = len(requests)
         self.reuse_prefix = reuse_prefix
         self.cache: dict[frozenset, np.ndarray] = {}
+        # (batch index, the blocks applied to it in order) -> hidden state
+        self.states: dict[tuple[int, tuple[int, ...]], object] = {}
+        self.states_for: frozenset = frozenset()  # the `current` set the states were kept for
+        itemsize = next(model.parameters()).element_size()
+        self.state_bytes = sum(b.input_ids.numel() for b in self.batches) * itemsize * (
+            model.config.hidden_size)
+        self.state_budget = state_budget_gb * 2**30
 
-    def scores(self, current: Sequence[int], trials: Sequence[int]) -> dict[int, np.ndarray]:
-        """l_S per request for S = current + {b}, b in trials (memoised)."""
+    def watch_count(self, trials: int) -> int:
+        """How many blocks' entering states every trial can keep within the memory budget."""
+        if not self.reuse_prefix or not self.state_bytes or not trials:
+            return 0
+        # one state per trial may survive from the previous phase (the one entering its choice)
+        return max(0, int(self.state_budget // (self.state_bytes * trials)) - 1)
+
+    def scores(self, current: Sequence[int], trials: Sequence[int],
+               watch: Sequence[int] = ()) -> dict[int, np.ndarray]:
+        """l_S per request for S = current + {b}, b in trials (memoised); trials keep the
+        hidden state entering each `watch` block for later phases."""
         import torch
 
         key = {b: frozenset(current) | {b} for b in trials}
         todo = [b for b in trials if key[b] not in self.cache]
+        self._drop_states(frozenset(current))
         if todo:
-            keep = [i for i in range(self.num_blocks) if i not in set(current)]
             out = {b: np.zeros(self.n_requests) for b in todo}
             with torch.inference_mode():
-                for batch in self.batches:
-                    for b, sums in self._batch_trials(batch, keep, todo).items():
+                for n, batch in enumerate(self.batches):
+                    for b, sums in self._batch_trials(n, batch, current, todo,
+                                                      set(watch)).items():
                         out[b][batch.requests] = sums / batch.counts
             for b in todo:
                 self.cache[key[b]] = out[b]
         return {b: self.cache[key[b]] for b in trials}
 
-    def _batch_trials(self, batch, keep: list[int], trials: list[int]) -> dict[int, np.ndarray]:
+    def _drop_states(self, current: frozenset) -> None:
+        """Forget the states no set containing `current` can reach (all of them when a new
+        search starts: its sets do not contain the old one's)."""
+        if not self.states_for <= current:
+            self.states.clear()
+        self.states = {key: h for key, h in self.states.items() if not current & set(key[1])}
+        self.states_for = current
+
+    def _batch_trials(self, n: int, batch, current: list[int], trials: list[int],
+                      watch: set[int]) -> dict[int, np.ndarray]:
         run = self.runner
+        keep = [i for i in range(self.num_blocks) if i not in set(current)]
         if not self.reuse_prefix:
             return {b: run.head(run.run(run.embed(batch), batch, [i for i in keep if i != b]),
                                 batch) for b in trials}
@@ -141,12 +174,28 @@ class SetScorer:
             if i == last:
                 break
             h = run.run(h, batch, [i])
-        return {b: run.head(run.run(entering[b], batch, [i for i in keep if i > b]), batch)
-                for b in trials}
+        out = {}
+        for b in trials:
+            blocks = [i for i in keep if i > b]
+            applied = tuple(i for i in keep if i < b)  # a hidden state is its blocks applied
+            # Start from the deepest state a trial of an earlier phase stored for these blocks.
+            h, start = entering[b], 0
+            for at in range(len(blocks) - 1, 0, -1):
+                state = self.states.get((n, applied + tuple(blocks[:at])))
+                if state is not None:
+                    h, start = state, at
+                    break
+            for at in range(start, len(blocks)):
+                if blocks[at] in watch:
+                    self.states.setdefault((n, applied + tuple(blocks[:at])), h)
+                h = run.run(h, batch, [blocks[at]])
+            out[b] = run.head(h, batch)
+        return out
 
-    def losses(self, current: Sequence[int], trials: Sequence[int], loss: str) -> dict[int, float]:
+    def losses(self, current: Sequence[int], trials: Sequence[int], loss: str,
+               watch: Sequence[int] = ()) -> dict[int, float]:
         """L(current + {b}) per trial, summed over all ranks' examples in global order."""
-        scores = self.scores(current, trials)
+        scores = self.scores(current, trials, watch)
         local = np.stack([example_losses(scores[b], self.offsets, self.gold, loss)
                           for b in trials]) if self.gold else np.zeros((len(trials), 0))
         full = np.zeros((len(trials), self.n_examples))
@@ -169,14 +218,21 @@ def greedy_search(scorer: SetScorer, candidate: Candidate,
         raise PuddingError(f"k={candidate.k}: only {len(allowed)} blocks may be removed")
     bar = tqdm(total=candidate.k, initial=len(candidate.trajectory), desc=candidate.name,
                disable=not progress or scorer.dist.rank != 0)
+    ranking: list[int] = []  # the previous phase's trials, best first
     while not candidate.done:
-        start, evals = time.perf_counter(), scorer.total_evals()
+        start, cpu, evals = time.perf_counter(), time.process_time(), scorer.total_evals()
         current = [p.block for p in candidate.trajectory]
         trials = [b for b in allowed if b not in current]
-        losses = scorer.losses(current, trials, candidate.loss)
-        best = min(trials, key=lambda b: (losses[b], b))
+        # the previous phase's runners-up; before any ranking, the deepest blocks (which
+        # greedy depth pruning removes most often)
+        order = ranking or sorted(trials, reverse=True)
+        watch = [b for b in order if b in trials][:scorer.watch_count(len(trials))]
+        losses = scorer.losses(current, trials, candidate.loss, watch)
+        ranking = sorted(trials, key=lambda b: (losses[b], b))
+        best = ranking[0]
         candidate.trajectory.append(Phase(best, losses[best], time.perf_counter() - start,
-                                          scorer.total_evals() - evals))
+                                          scorer.total_evals() - evals,
+                                          time.process_time() - cpu))
         candidate.skip = sorted(current + [best])
         bar.update(1)
         if on_phase is not None:

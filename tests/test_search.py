@@ -82,10 +82,32 @@ def test_search_matches_brute_force(tiny, loss):
     got = greedy_search(fast, Candidate("c", "arc_easy", loss, 3))
     naive = SetScorer(model, tokenize_examples(tok, exs), batch_size=3, reuse_prefix=False)
     slow = greedy_search(naive, Candidate("c", "arc_easy", loss, 3))
+    prefix = SetScorer(model, tokenize_examples(tok, exs), batch_size=3, state_budget_gb=0)
+    mid = greedy_search(prefix, Candidate("c", "arc_easy", loss, 3))
     assert [p.block for p in got.trajectory] == ref
     assert [p.block for p in slow.trajectory] == ref
+    assert [p.block for p in mid.trajectory] == ref
     assert got.skip == sorted(ref)
-    assert fast.runner.evals < naive.runner.evals < ref_evals
+    # state reuse replays the very same block computations: losses are bit-identical
+    assert [p.loss for p in got.trajectory] == [p.loss for p in mid.trajectory]
+    assert fast.runner.evals <= prefix.runner.evals < naive.runner.evals < ref_evals
+
+
+def test_state_reuse_replays_the_same_computation(tiny):
+    model, tok = tiny
+    reqs = tokenize_examples(tok, examples())
+    fast, plain = SetScorer(model, reqs, batch_size=3), SetScorer(model, reqs, batch_size=3)
+    fast.scores([], [1, 2, 3, 4, 5, 6], watch=[5])
+    plain.scores([], [1, 2, 3, 4, 5, 6])
+    before = fast.runner.evals, plain.runner.evals
+    got, ref = fast.scores([5], [1, 2, 3, 4, 6]), plain.scores([5], [1, 2, 3, 4, 6])
+    for b in ref:
+        np.testing.assert_array_equal(got[b], ref[b])
+    # trials 1-4 resume from the state entering block 5 that phase 1 stored: blocks 2-4, 3-4,
+    # 4 and none are not run again
+    rows = sum(batch.rows for batch in fast.batches)
+    saved = (plain.runner.evals - before[1]) - (fast.runner.evals - before[0])
+    assert saved == rows * (3 + 2 + 1 + 0)
 
 
 def test_second_loss_reuses_first(tiny):
