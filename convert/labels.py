@@ -30,12 +30,14 @@ from pathlib import Path
 import click
 import numpy as np
 
+from pudding_mlx.bundle import read_candidates
 from pudding_mlx.errors import PuddingError
+from pudding_mlx.files import remove_stale_temps, write_json
+from pudding_mlx.tasks import CALIBRATION_TASKS, Example
 
 from .dist import Dist
-from .label_store import META, read_meta, remove_stale_temps, shard_path, write_json, write_shard
+from .label_store import META, read_meta, shard_path, write_shard
 from .resume import changed_settings
-from .tasks import CALIBRATION_TASKS, Example
 
 FORMAT = 1
 
@@ -54,26 +56,14 @@ class LabelConfig:
     split: str = "train"
 
 
-def read_candidates(path: str | Path) -> list[dict]:
-    """[{"name", "skip"}] from a `pudding search` candidates.json, in file order."""
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-        out = [{"name": str(c["name"]), "skip": sorted(int(b) for b in c["skip"])}
-               for c in data["candidates"]]
-    except FileNotFoundError:
-        raise PuddingError(f"{path}: no such candidates file (run `pudding search`)") from None
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise PuddingError(f"{path}: not a candidates file ({type(e).__name__}: {e})") from None
-    names = [c["name"] for c in out]
-    if not out or len(set(names)) != len(names):
-        raise PuddingError(f"{path}: expected distinct candidate names, got {names}")
-    return out
+def candidate_table(path: str | Path) -> list[dict]:
+    """[{"name", "skip"}] of a candidates file, in file order (what the label meta records)."""
+    return [{"name": c.name, "skip": c.skip} for c in read_candidates(path)[0]]
 
 
 def label_examples(cfg: LabelConfig) -> list[Example]:
     """The questions to label: a seeded sample of each task's split, task after task."""
-    from .data import load_examples, sample_examples
+    from pudding_mlx.data import load_examples, sample_examples
 
     return [ex for task in cfg.tasks
             for ex in sample_examples(load_examples(task, cfg.split, cfg.data_dir),
@@ -158,9 +148,11 @@ def make_labels(out: str | Path, cfg: LabelConfig, device: str = "auto",
     import torch
     from tqdm.auto import tqdm
 
+    from pudding_mlx.tasks import encode_requests
+
     from .assets import load_causal_lm
     from .device import choose_dtype
-    from .scoring import BlockRunner, encode_requests
+    from .scoring import BlockRunner
     from .search_cli import init_distributed
 
     out = Path(out)
@@ -275,15 +267,16 @@ def label(candidates_path, out, model, tasks, max_examples_per_task, split, seed
     """Label training questions with every candidate's answer log-likelihoods (router data).
 
     Runs data-parallel under torchrun / accelerate launch (one set of shards per process)."""
+    from pudding_mlx.files import check_writable_file
+
     from .assets import default_model
-    from .atomic import check_writable_file
 
     check_writable_file(Path(out) / META)  # before the model loads
     if model is None:
         model = json.loads(Path(candidates_path).read_text()).get("settings", {}).get(
             "model") if Path(candidates_path).is_file() else None
         model = model or default_model()
-    cfg = LabelConfig(model=str(model), candidates=read_candidates(candidates_path),
+    cfg = LabelConfig(model=str(model), candidates=candidate_table(candidates_path),
                       tasks=[t.strip() for t in tasks.split(",") if t.strip()],
                       max_examples_per_task=max_examples_per_task, seed=seed, dtype=dtype,
                       batch_size=batch_size, shard_size=shard_size, data_dir=data_dir,

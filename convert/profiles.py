@@ -6,8 +6,7 @@ import sys
 from dataclasses import dataclass, fields, replace
 
 from pudding_mlx.errors import PuddingError
-
-from .tasks import CALIBRATION_TASKS
+from pudding_mlx.tasks import CALIBRATION_TASKS
 
 # MLX on Linux CPUs runs float32 faster than float16; Apple silicon prefers float16.
 DEFAULT_DTYPE = "float32" if sys.platform == "linux" else "float16"

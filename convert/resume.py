@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from pathlib import Path
 
 from pudding_mlx.errors import PuddingError
+from pudding_mlx.files import read_json
 
 
 def changed_settings(old: dict, new: dict, ignore: Iterable[str] = ()) -> list[str]:
@@ -18,10 +18,7 @@ def read_run(path: str | Path, settings: dict, ignore: Iterable[str] = ()) -> di
     """The JSON result in `path`, which must have been made with `settings` (the keys in
     `ignore` may differ)."""
     path = Path(path)
-    try:
-        old = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise PuddingError(f"{path}: unreadable ({e}); pass --restart to start over") from e
+    old = read_json(path, "pass --restart to start over")
     if changed := changed_settings(old.get("settings") or {}, settings, ignore):
         raise PuddingError(f"{path} was made with other settings ({', '.join(changed)}); "
                            "pass --restart to start over or choose another --out")

@@ -52,7 +52,10 @@ class Router(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask)[0]
-        return self.head(pool(hidden, attention_mask, self.config.pooling))
+        return self.head(self.pool(hidden, attention_mask))
+
+    def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return pool(hidden, attention_mask, self.config.pooling)
 
     @classmethod
     def from_backbone(

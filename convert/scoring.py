@@ -23,29 +23,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from pudding_mlx.bundle import check_skip_set
 from pudding_mlx.errors import PuddingError
+from pudding_mlx.tasks import TokenRequest, encode_requests
 
-from .skip import check_skip, decoder_layers
-
-TokenRequest = tuple[list[int], list[int]]
-
-
-def encode_requests(tokenizer, requests: Sequence[tuple[str, str]]) -> list[TokenRequest]:
-    """Token ids (context, continuation) per request, lm-eval style."""
-    out = []
-    for context, continuation in requests:
-        n_space = len(context) - len(context.rstrip())
-        if n_space:
-            context, continuation = context[:-n_space], context[-n_space:] + continuation
-        ctx = tokenizer.encode(context, add_special_tokens=False)
-        cont = tokenizer.encode(continuation, add_special_tokens=False)
-        if not cont:
-            raise PuddingError(f"empty continuation for context {context[:60]!r}")
-        if not ctx:  # lm-eval scores an empty context after the end-of-text token
-            ctx = [tokenizer.bos_token_id if tokenizer.bos_token_id is not None
-                   else tokenizer.eos_token_id]
-        out.append((ctx, cont))
-    return out
+from .skip import decoder_layers
 
 
 @dataclass
@@ -187,7 +169,7 @@ def answer_logprobs(model, tokenizer, requests: Sequence[tuple[str, str]], skip:
     if reduce not in ("mean", "sum"):
         raise PuddingError(f"reduce={reduce!r}: expected 'mean' or 'sum'")
     runner = BlockRunner(model)
-    keep = [i for i in range(runner.num_blocks) if i not in check_skip(skip, runner.num_blocks)]
+    keep = [i for i in range(runner.num_blocks) if i not in check_skip_set(skip, runner.num_blocks)]
     batches = runner.prepare(encode_requests(tokenizer, requests), batch_size, max_length)
     out = np.zeros(len(requests))
     with torch.inference_mode():

@@ -25,12 +25,14 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from pudding_mlx.bundle import Candidate
 from pudding_mlx.errors import PuddingError
+from pudding_mlx.files import read_json, write_json
+from pudding_mlx.tasks import Example, TokenRequest, encode_requests
 
 from .dist import Dist
 from .resume import read_run
-from .scoring import BlockRunner, TokenRequest, encode_requests
-from .tasks import Example
+from .scoring import BlockRunner
 
 LOSSES = ("likelihood", "margin")
 
@@ -64,24 +66,31 @@ class Phase:
 
 
 @dataclass
-class Candidate:
-    name: str
-    task: str
-    loss: str
-    k: int
-    skip: list[int] = field(default_factory=list)  # sorted, 0-based
+class GreedyRun:
+    """One greedy search: the candidate set it grows and the phases that chose its blocks."""
+
+    candidate: Candidate
     trajectory: list[Phase] = field(default_factory=list)
+
+    @classmethod
+    def new(cls, name: str, task: str, loss: str, k: int) -> GreedyRun:
+        return cls(Candidate(name, [], task, loss, k))
+
+    @property
+    def name(self) -> str:
+        return self.candidate.name
 
     @property
     def done(self) -> bool:
-        return len(self.trajectory) >= self.k
+        return len(self.trajectory) >= self.candidate.k
 
     def to_json(self) -> dict:
-        return asdict(self)
+        return {**asdict(self.candidate), "trajectory": [asdict(p) for p in self.trajectory]}
 
     @classmethod
-    def from_json(cls, d: dict) -> Candidate:
-        return cls(**{**d, "trajectory": [Phase(**p) for p in d["trajectory"]]})
+    def from_json(cls, d: dict, where: str = "candidates.json") -> GreedyRun:
+        return cls(Candidate.from_dict(d, where, strict=False),
+                   [Phase(**p) for p in d["trajectory"]])
 
 
 @dataclass
@@ -207,21 +216,22 @@ class SetScorer:
         return int(sum(self.dist.gather(self.runner.evals)))
 
 
-def greedy_search(scorer: SetScorer, candidate: Candidate,
-                  on_phase: Callable[[Candidate], None] | None = None,
-                  progress: bool = False) -> Candidate:
-    """Extend `candidate` (possibly resumed mid-way) to k blocks, one greedy phase at a time."""
+def greedy_search(scorer: SetScorer, run: GreedyRun,
+                  on_phase: Callable[[GreedyRun], None] | None = None,
+                  progress: bool = False) -> GreedyRun:
+    """Extend `run` (possibly resumed mid-way) to k blocks, one greedy phase at a time."""
     from tqdm.auto import tqdm
 
+    candidate = run.candidate
     allowed = range(1, scorer.num_blocks - 1)
     if candidate.k > len(allowed):
         raise PuddingError(f"k={candidate.k}: only {len(allowed)} blocks may be removed")
-    bar = tqdm(total=candidate.k, initial=len(candidate.trajectory), desc=candidate.name,
+    bar = tqdm(total=candidate.k, initial=len(run.trajectory), desc=candidate.name,
                disable=not progress or scorer.dist.rank != 0)
     ranking: list[int] = []  # the previous phase's trials, best first
-    while not candidate.done:
+    while not run.done:
         start, cpu, evals = time.perf_counter(), time.process_time(), scorer.total_evals()
-        current = [p.block for p in candidate.trajectory]
+        current = [p.block for p in run.trajectory]
         trials = [b for b in allowed if b not in current]
         # the previous phase's runners-up; before any ranking, the deepest blocks (which
         # greedy depth pruning removes most often)
@@ -230,32 +240,18 @@ def greedy_search(scorer: SetScorer, candidate: Candidate,
         losses = scorer.losses(current, trials, candidate.loss, watch)
         ranking = sorted(trials, key=lambda b: (losses[b], b))
         best = ranking[0]
-        candidate.trajectory.append(Phase(best, losses[best], time.perf_counter() - start,
-                                          scorer.total_evals() - evals,
-                                          time.process_time() - cpu))
+        run.trajectory.append(Phase(best, losses[best], time.perf_counter() - start,
+                                    scorer.total_evals() - evals, time.process_time() - cpu))
         candidate.skip = sorted(current + [best])
         bar.update(1)
         if on_phase is not None:
-            on_phase(candidate)
+            on_phase(run)
     bar.close()
-    return candidate
+    return run
 
 
 def candidate_name(task: str, loss: str, k: int) -> str:
     return f"{task}-{loss}-k{k}"
-
-
-def write_json_atomic(path, doc: dict) -> None:
-    """Write JSON via a temp file and os.replace, so readers never see half a file."""
-    import json
-    import os
-    from pathlib import Path
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=1) + "\n")
-    os.replace(tmp, path)
 
 
 def run_search(model, tokenizer, examples: dict[str, list[Example]], settings: dict, out,
@@ -280,29 +276,29 @@ def run_search(model, tokenizer, examples: dict[str, list[Example]], settings: d
         doc = {"settings": settings, "complete": False, "candidates": [],
                "calibration": {t: [e.qid for e in exs] for t, exs in examples.items()},
                "setup_seconds": {}}
-    done = {c["name"]: Candidate.from_json(c) for c in doc["candidates"]}
+    done = {c["name"]: GreedyRun.from_json(c, str(out)) for c in doc["candidates"]}
 
-    def save(candidate: Candidate) -> None:
-        done[candidate.name] = candidate
+    def save(run: GreedyRun) -> None:
+        done[run.name] = run
         doc["candidates"] = [c.to_json() for c in done.values()]
         if dist.rank == 0:
-            write_json_atomic(out, doc)
+            write_json(out, doc)
 
     for task, exs in examples.items():
-        todo = [Candidate(candidate_name(task, loss, k), task, loss, k) for loss in losses]
-        todo = [done.get(c.name, c) for c in todo]
-        if all(c.done for c in todo):
+        todo = [GreedyRun.new(candidate_name(task, loss, k), task, loss, k) for loss in losses]
+        todo = [done.get(r.name, r) for r in todo]
+        if all(r.done for r in todo):
             continue
         start = time.perf_counter()
         scorer = SetScorer(model, tokenize_examples(tokenizer, exs), batch_size, reuse_prefix,
                            max_length, dist)
         doc["setup_seconds"][task] = time.perf_counter() - start
-        for candidate in todo:
-            greedy_search(scorer, candidate, on_phase=save, progress=progress)
+        for run in todo:
+            greedy_search(scorer, run, on_phase=save, progress=progress)
     doc["complete"] = True
     doc["candidates"] = [c.to_json() for c in done.values()]
     if dist.rank == 0:
-        write_json_atomic(out, doc)
+        write_json(out, doc)
     return doc
 
 
@@ -310,10 +306,7 @@ def merge_runs(paths: Sequence, out, tasks: Sequence[str]) -> dict:
     """Merge candidates.json files of runs that split the tasks between them (same settings
     otherwise) into the file one run over `tasks` would write; each task's candidates are
     taken from the first file where they are finished."""
-    import json
-    from pathlib import Path
-
-    docs = [json.loads(Path(p).read_text()) for p in paths]
+    docs = [read_json(p) for p in paths]
 
     def rest(settings: dict) -> dict:
         return {key: v for key, v in settings.items() if key != "tasks"}
@@ -334,7 +327,7 @@ def merge_runs(paths: Sequence, out, tasks: Sequence[str]) -> dict:
                 break
         else:
             merged["complete"] = False
-    write_json_atomic(out, merged)
+    write_json(out, merged)
     return merged
 
 
@@ -352,5 +345,5 @@ def truncate_run(doc: dict, k: int, out) -> dict:
                            "skip": sorted(p["block"] for p in trajectory),
                            "trajectory": trajectory})
     short = {**doc, "settings": {**doc["settings"], "k": k}, "candidates": candidates}
-    write_json_atomic(out, short)
+    write_json(out, short)
     return short

@@ -68,12 +68,13 @@ def search(model_path, tasks, losses, k, samples, seed, data_dir, device, dtype,
         return
     import torch
 
+    from pudding_mlx.data import calibration_examples
+    from pudding_mlx.files import check_writable_file
+    from pudding_mlx.tasks import get_task
+
     from . import assets
-    from .atomic import check_writable_file
-    from .data import calibration_examples
     from .device import choose_dtype
     from .search import LOSSES, run_search
-    from .tasks import get_task
 
     if threads:
         torch.set_num_threads(threads)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from contextlib import contextmanager
 
+from pudding_mlx.bundle import check_skip_set
 from pudding_mlx.errors import PuddingError
 
 
@@ -18,13 +19,6 @@ def decoder_layers(model):
     return layers
 
 
-def check_skip(skip: Iterable[int], num_blocks: int) -> tuple[int, ...]:
-    skip = tuple(sorted({int(i) for i in skip}))
-    if skip and (skip[0] < 0 or skip[-1] >= num_blocks):
-        raise PuddingError(f"skip set {list(skip)} out of range for {num_blocks} blocks")
-    return skip
-
-
 @contextmanager
 def skipped(model, skip: Iterable[int]):
     """Run `model` with the blocks in `skip` removed (0-based). Use with use_cache=False: the
@@ -32,7 +26,7 @@ def skipped(model, skip: Iterable[int]):
     import torch
 
     layers = decoder_layers(model)
-    skip = set(check_skip(skip, len(layers)))
+    skip = set(check_skip_set(skip, len(layers)))
     model.model.layers = torch.nn.ModuleList(b for i, b in enumerate(layers) if i not in skip)
     try:
         yield model

@@ -15,9 +15,10 @@ from pathlib import Path
 import click
 
 from pudding_mlx.errors import PuddingError
+from pudding_mlx.files import write_json
 
 from .resume import read_run
-from .search import Candidate, Phase, SetScorer, TokenExample, greedy_search, write_json_atomic
+from .search import GreedyRun, Phase, SetScorer, TokenExample, greedy_search
 
 
 def text_chunks(tokenizer, text: str, seq_len: int = 128, n_chunks: int = 32) -> list[TokenExample]:
@@ -33,7 +34,7 @@ def text_chunks(tokenizer, text: str, seq_len: int = 128, n_chunks: int = 32) ->
 def tasks_text(tasks: list[str], per_task: int, seed: int, data_dir=None) -> str:
     """A calibration text from the tasks' train splits: the method's text of the correct answer
     for a seeded sample of each task, one per paragraph."""
-    from .data import calibration_examples
+    from pudding_mlx.data import calibration_examples
 
     parts = [ex.texts[ex.gold] for t in tasks
              for ex in calibration_examples(t, per_task, seed, data_dir)]
@@ -48,21 +49,21 @@ def sleb_search(model, tokenizer, text: str, k: int, seq_len: int = 128, n_chunk
     chunks = text_chunks(tokenizer, text, seq_len, n_chunks)
     scorer = SetScorer(model, chunks, batch_size)
     # Summed mean NLL per chunk is the likelihood loss with every chunk's gold "choice" 0.
-    cand = Candidate(f"sleb-ppl-k{k}", "text", "likelihood", k)
+    run = GreedyRun.new(f"sleb-ppl-k{k}", "text", "likelihood", k)
     if done:
-        cand.trajectory = [Phase(**p) for p in done["trajectory"][:k]]
-        cand.skip = sorted(p.block for p in cand.trajectory)
+        run.trajectory = [Phase(**p) for p in done["trajectory"][:k]]
+        run.candidate.skip = sorted(p.block for p in run.trajectory)
 
-    def result(c: Candidate) -> dict:
-        out = c.to_json()
+    def result(r: GreedyRun) -> dict:
+        out = r.to_json()
         out["loss"] = "perplexity"
-        out["perplexity"] = [math.exp(p.loss / len(chunks)) for p in c.trajectory]
+        out["perplexity"] = [math.exp(p.loss / len(chunks)) for p in r.trajectory]
         out["chunks"], out["seq_len"] = len(chunks), seq_len
         return out
 
-    greedy_search(scorer, cand, on_phase=on_phase and (lambda c: on_phase(result(c))),
+    greedy_search(scorer, run, on_phase=on_phase and (lambda r: on_phase(result(r))),
                   progress=progress)
-    return result(cand)
+    return result(run)
 
 
 @click.command("sleb")
@@ -87,9 +88,10 @@ def sleb(model_path, text_file, k, seq_len, chunks, seed, device, dtype, batch_s
 
     Resumable: an existing --out (or --from-run) with fewer phases is continued, one with more
     is cut to k (greedy phases never look ahead)."""
+    from pudding_mlx.tasks import CALIBRATION_TASKS
+
     from . import assets
     from .device import choose_dtype, resolve_device
-    from .tasks import CALIBRATION_TASKS
 
     dev = resolve_device(device)
     torch_dtype = choose_dtype(dev, dtype)
@@ -108,9 +110,9 @@ def sleb(model_path, text_file, k, seq_len, chunks, seed, device, dtype, batch_s
     done = read_run(start, settings, ignore=["k"]) if start.exists() and not restart else None
     model, tok = assets.load_causal_lm(model_path, dtype=torch_dtype, device=dev)
     result = sleb_search(model, tok, text, k, seq_len, chunks, batch_size, done=done,
-                         on_phase=lambda r: write_json_atomic(out, {**r, "settings": settings}))
+                         on_phase=lambda r: write_json(out, {**r, "settings": settings}))
     result["settings"] = settings
-    write_json_atomic(out, result)
+    write_json(out, result)
     secs = sum(p["seconds"] for p in result["trajectory"])
     click.echo(f"{result['name']}: skip {result['skip']}, perplexity "
                f"{result['perplexity'][-1]:.2f} ({secs:.0f} s of search); wrote {out}")

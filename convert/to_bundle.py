@@ -8,7 +8,6 @@ Any failed check leaves no bundle behind (and an existing one untouched).
 
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -16,8 +15,16 @@ from pathlib import Path
 import click
 import numpy as np
 
-from pudding_mlx.bundle import MANIFEST, Candidate, Manifest, RouterInfo, write_manifest
+from pudding_mlx.bundle import (
+    MANIFEST,
+    Candidate,
+    Manifest,
+    RouterInfo,
+    read_candidates,
+    write_manifest,
+)
 from pudding_mlx.errors import BundleError, PuddingError
+from pudding_mlx.files import read_json
 
 from .to_mlx import DTYPES, MLXSettings
 
@@ -34,50 +41,6 @@ class ConvertSettings:
     max_kl: float | None = None  # override the parity gate: mean KL <= max_kl only
 
 
-def _read_json(path: Path):
-    try:
-        return json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise PuddingError(f"{path}: missing") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise PuddingError(f"{path}: not valid JSON ({e})") from None
-
-
-def _candidate(d, where: str, default_name: str = "") -> Candidate:
-    if isinstance(d, list):
-        d = {"skip": d}
-    if not isinstance(d, dict) or "skip" not in d:
-        raise PuddingError(f"{where}: a candidate must be an object with a 'skip' list")
-    skip = d["skip"]
-    if not isinstance(skip, list) or any(isinstance(i, bool) or not isinstance(i, int)
-                                         for i in skip):
-        raise PuddingError(f"{where}: 'skip' must be a list of block indices, got {skip!r}")
-    name = d.get("name", default_name)
-    if not isinstance(name, str) or not name:
-        raise PuddingError(f"{where}: a candidate needs a non-empty 'name'")
-    try:
-        return Candidate(name=name, skip=sorted(skip), task=str(d.get("task", "")),
-                         loss=str(d.get("loss", "")), k=int(d.get("k", len(skip))))
-    except (TypeError, ValueError) as e:
-        raise PuddingError(f"{where}: candidate {name!r} is malformed ({e})") from None
-
-
-def read_candidates(path: str | Path) -> tuple[list[Candidate], dict]:
-    """Candidates (name, skip, task, loss, k) and the search settings from candidates.json.
-
-    Accepts the search's {"candidates": [...], "settings": {...}} or a bare list.
-    """
-    d = _read_json(path)
-    items, settings = (d, {}) if isinstance(d, list) else (d.get("candidates"), d.get("settings"))
-    if not isinstance(items, list) or not items:
-        raise PuddingError(f"{path}: expected a non-empty 'candidates' list")
-    cands = [_candidate(c, f"{path}: candidate {i}") for i, c in enumerate(items)]
-    names = [c.name for c in cands]
-    if len(set(names)) != len(names):
-        raise PuddingError(f"{path}: duplicate candidate names {names}")
-    return cands, settings if isinstance(settings, dict) else {}
-
-
 def resolve_static(value: str | None, candidates: list[Candidate]) -> Candidate:
     """The static fallback: a candidate's name, a JSON file (a skip list or an object with
     'skip'), or by default the first candidate."""
@@ -89,7 +52,8 @@ def resolve_static(value: str | None, candidates: list[Candidate]) -> Candidate:
     path = Path(value)
     if not path.is_file():
         raise PuddingError(f"--static {value!r}: neither a candidate name nor a file")
-    static = _candidate(_read_json(path), str(path), default_name="static")
+    static = Candidate.from_dict(read_json(path), str(path), default_name="static",
+                                 strict=False)
     for c in candidates:
         if c.name == static.name and c.skip != static.skip:
             raise PuddingError(f"{path}: static set is named {c.name!r} like a different candidate")
@@ -105,7 +69,7 @@ def read_router_config(router_dir: str | Path, candidates: list[Candidate]):
     for name in (ROUTER_CONFIG, WEIGHTS, "config.json"):
         if not (router_dir / name).is_file():
             raise PuddingError(f"{router_dir / name}: missing (not a trained router folder)")
-    d = _read_json(router_dir / ROUTER_CONFIG)
+    d = read_json(router_dir / ROUTER_CONFIG)
     try:
         cfg = RouterConfig(**d)
     except TypeError as e:
@@ -167,11 +131,11 @@ def write_bundle(
     settings: ConvertSettings | None = None,
 ) -> Manifest:
     """Convert everything into the bundle folder `out` (atomically); returns its manifest."""
+    from pudding_mlx.files import atomic_folder, check_writable
     from pudding_mlx.masking import num_blocks, protected_blocks
     from pudding_mlx.model import load_lm
 
     from .assets import load_causal_lm
-    from .atomic import atomic_folder, check_writable
     from .router_model import Router
     from .skip import decoder_layers
     from .to_mlx import PROMPTS, check_parity, convert_llm_to_mlx, tolerance_for

@@ -13,8 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from pudding_mlx.errors import PuddingError
-
-from .atomic import scratch_folder
+from pudding_mlx.files import scratch_folder
 
 DTYPES = ("float16", "bfloat16", "float32")
 BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}

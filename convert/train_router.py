@@ -25,10 +25,11 @@ import click
 import numpy as np
 
 from pudding_mlx.errors import PuddingError
+from pudding_mlx.files import write_json
 
 from .assets import minilm_path
 from .device import resolve_device
-from .label_store import META, LabelTable, read_labels, write_json
+from .label_store import META, LabelTable, read_labels
 from .resume import changed_settings
 from .router_metrics import (
     TARGETS,
@@ -375,7 +376,7 @@ def format_metrics(m: dict) -> str:
 @click.option("--overwrite", is_flag=True, help="Discard an earlier run or checkpoint in --out.")
 def train_router(labels, out_dir, device, overwrite, **kw):
     """Train the router on LABELS (a `pudding label` folder) by MSE on the raw targets."""
-    from .atomic import check_writable_file
+    from pudding_mlx.files import check_writable_file
 
     check_writable_file(Path(out_dir) / "metrics.json")  # before training, not after epoch 1
     t0 = time.perf_counter()

@@ -7,6 +7,8 @@ A bundle is a folder:
                         config.json and tokenizer files
     router.mlpackage/   optional Core ML router
 
+Candidate files (`pudding search`'s candidates.json, a bare list, one set) are read here too,
+with the one skip-set rule (`check_skip_set`) that the manifest, the torch side and MLX share.
 Only the standard library is imported here so both sides can use it.
 """
 
@@ -15,15 +17,37 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .errors import BundleError
+from .errors import BundleError, PuddingError
+from .files import read_json
 
 FORMAT_VERSION = 1
 MANIFEST = "pudding.json"
 LOSSES = ("likelihood", "margin", "perplexity")
+
+
+def check_skip_set(skip: Iterable[int], num_blocks: int, protected: Iterable[int] = (),
+               what: str | None = None) -> tuple[int, ...]:
+    """The skip-set rule: distinct blocks in 0..num_blocks-1, none protected, not all of them.
+    Returns the set sorted."""
+    skip = list(skip)
+    what = what or f"skip set {skip}"
+    bad = [i for i in skip if isinstance(i, bool) or not isinstance(i, int)
+           or not 0 <= i < num_blocks]
+    if bad:
+        raise PuddingError(f"{what} skips block(s) {bad} out of range 0..{num_blocks - 1}")
+    if len(set(skip)) != len(skip):
+        raise PuddingError(f"{what} repeats a block: {skip}")
+    if hit := sorted(set(skip) & set(protected)):
+        raise PuddingError(f"{what} skips protected block(s) {hit} (the attention mask is "
+                           "built from their cache)")
+    if len(skip) == num_blocks:
+        raise PuddingError(f"{what} skips every block")
+    return tuple(sorted(skip))
 
 
 @dataclass
@@ -35,6 +59,48 @@ class Candidate:
     task: str = ""
     loss: str = ""
     k: int = 0
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str, default_name: str = "",
+                  strict: bool = True) -> Candidate:
+        """A candidate from JSON: an object with 'name' and 'skip' (or a bare skip list, named
+        `default_name`); `strict` refuses keys other than the fields (the manifest's rule)."""
+        if isinstance(d, list):
+            d = {"skip": d}
+        if not isinstance(d, dict) or not isinstance(d.get("skip"), list):
+            raise PuddingError(f"{where}: a candidate must be an object with a 'skip' list")
+        name = d.get("name", default_name)
+        if not isinstance(name, str) or not name:
+            raise PuddingError(f"{where}: a candidate needs a non-empty 'name'")
+        if strict and (unknown := sorted(set(d) - {f.name for f in fields(cls)})):
+            raise PuddingError(f"{where}: malformed field (candidate {name!r} has unknown "
+                               f"key(s) {unknown})")
+        skip = d["skip"]
+        if any(isinstance(i, bool) or not isinstance(i, int) for i in skip):
+            raise PuddingError(f"{where}: candidate {name!r} skip must be a list of block "
+                               f"indices, got {skip!r}")
+        k = d.get("k", len(skip))
+        if isinstance(k, bool) or not isinstance(k, int):
+            raise PuddingError(f"{where}: candidate {name!r} k must be an integer, got {k!r}")
+        return cls(name, sorted(skip), str(d.get("task", "")), str(d.get("loss", "")), k)
+
+
+def read_candidates(path: str | Path) -> tuple[list[Candidate], dict]:
+    """Candidates and the search settings from a candidates file: `pudding search`'s
+    {"candidates": [...], "settings": {...}}, a bare list, or one set such as the SLEB
+    baseline's {"name": ..., "skip": [...]} (named after the file when it has no name)."""
+    d = read_json(path, "expected a candidates file from `pudding search`")
+    if isinstance(d, dict) and "skip" in d:
+        return [Candidate.from_dict(d, str(path), Path(path).stem, strict=False)], {}
+    items, settings = (d, {}) if isinstance(d, list) else (d.get("candidates"), d.get("settings"))
+    if not isinstance(items, list) or not items:
+        raise PuddingError(f"{path}: expected a non-empty 'candidates' list")
+    cands = [Candidate.from_dict(c, f"{path}: candidate {i}", strict=False)
+             for i, c in enumerate(items)]
+    names = [c.name for c in cands]
+    if len(set(names)) != len(names):
+        raise PuddingError(f"{path}: duplicate candidate names {names}")
+    return cands, settings if isinstance(settings, dict) else {}
 
 
 @dataclass
@@ -122,20 +188,10 @@ class Manifest:
             safe_relpath(rel, where)
 
     def _check_set(self, c: Candidate, where: str) -> None:
-        label = f"candidate {c.name!r}"
-        if len(set(c.skip)) != len(c.skip):
-            raise BundleError(f"{where}: {label} repeats a block: {c.skip}")
-        bad = [i for i in c.skip if not 0 <= i < self.num_blocks]
-        if bad:
-            raise BundleError(
-                f"{where}: {label} skips block(s) {bad} out of range 0..{self.num_blocks - 1}"
-            )
-        hit = sorted(set(c.skip) & set(self.protected))
-        if hit:
-            raise BundleError(
-                f"{where}: {label} skips protected block(s) {hit} (the attention mask is "
-                "built from them)"
-            )
+        try:
+            check_skip_set(c.skip, self.num_blocks, self.protected, f"candidate {c.name!r}")
+        except PuddingError as e:
+            raise BundleError(f"{where}: {e}") from None
 
     def candidate(self, name: str) -> Candidate:
         for c in self.candidates:
@@ -159,9 +215,10 @@ def _int(v: Any, what: str, where: str) -> int:
 def _candidate(d: Any, where: str) -> Candidate:
     if not isinstance(d, dict):
         raise BundleError(f"{where}: a candidate must be an object, got {d!r}")
-    c = Candidate(**d)
-    c.skip = [_int(i, f"candidate {c.name!r} skip", where) for i in c.skip]
-    return c
+    try:
+        return Candidate.from_dict(d, where)
+    except PuddingError as e:
+        raise BundleError(str(e)) from None
 
 
 def safe_relpath(rel: str, where: str = MANIFEST) -> str:

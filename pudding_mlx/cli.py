@@ -1,7 +1,8 @@
 """The `pudding` command: one click group; each subcommand lives in its own module.
 
 Subcommands are imported only when run, so `pudding generate` never imports torch and
-`pudding --help` stays fast.
+`pudding --help` stays fast. The torch side's subcommands (search, label, ...) are entry points
+of the group `pudding.commands` (`plugins.py`): this package never imports them.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import sys
 import click
 
 from .errors import PuddingError
+from .plugins import COMMANDS as PLUGIN_COMMANDS
+from .plugins import plugins
 
 # name -> "module:attribute" of a click.Command
 COMMANDS = {
@@ -22,26 +25,22 @@ COMMANDS = {
     "info": "pudding_mlx.info:info",
     "bench": "pudding_mlx.bench:bench",
     "eval": "pudding_mlx.evaluate:evaluate",
-    "demo": "convert.demo:demo",
-    "search": "convert.search_cli:search",
-    "sleb": "convert.sleb:sleb",
-    "label": "convert.labels:label",
-    "train-router": "convert.train_router:train_router",
-    "convert": "convert.to_bundle:convert",
-    "build": "convert.build:build",
 }
 
 
 class LazyGroup(click.Group):
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return list(COMMANDS)
+        return [*COMMANDS, *(n for n in plugins(PLUGIN_COMMANDS) if n not in COMMANDS)]
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         target = COMMANDS.get(name)
-        if target is None:
+        plugin = plugins(PLUGIN_COMMANDS).get(name)
+        if target is None and plugin is None:
             return None
-        module, attr = target.split(":")
         try:
+            if target is None:
+                return plugin.load()
+            module, attr = target.split(":")
             return getattr(importlib.import_module(module), attr)
         except ImportError as e:
             return _missing(name, e)

@@ -2,28 +2,22 @@
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import click
+
+from .files import write_atomic, write_json
 
 LABELS = {"arc_challenge": "ARC-C", "arc_easy": "ARC-E", "boolq": "BoolQ",
           "hellaswag": "HellaSwag", "piqa": "PIQA", "winogrande": "WinoGrande",
           "openbookqa": "OBQA"}
 
 
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_all(folder: str | Path, results: dict) -> None:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    _write(folder / "results.json", json.dumps(results, indent=1) + "\n")
-    _write(folder / "results.md", markdown(results))
+    write_json(folder / "results.json", results)
+    write_atomic(folder / "results.md", markdown(results))
     if any(t["skip_frequency"] for t in results["tasks"].values()):
         try:
             skip_heatmap(folder / "skip_heatmap.png", results)

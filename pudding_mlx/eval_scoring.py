@@ -3,24 +3,23 @@ on-disk cache of their results.
 
 A backend scores questions, each a list of (context, continuation) requests, with a skip set
 and returns per question the summed log-prob and the token count of every continuation. The
-MLX backend runs the bundle's model (`loglik`); the torch backend runs an HF model through
-`convert.scoring.answer_logprobs` (CUDA machines). Both tokenise the same way.
+MLX backend runs the bundle's model (`loglik`); other backends are plugins (`plugins.py`: the
+torch side registers `torch`, an HF model on CUDA/CPU). All tokenise the same way.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import click
 
-from .errors import PuddingError
-from .loglik import encode_requests, score_requests
+from .files import read_json, write_json
+from .loglik import score_requests
+from .tasks import Request, encode_requests
 
-Request = tuple[str, str]
 QuestionScores = tuple[list[float], list[int]]  # summed log-prob, token count per request
 
 
@@ -48,44 +47,11 @@ class MLXScorer:
                 for q in questions]
 
 
-class TorchScorer:
-    """Scores with an HF torch model (`convert.scoring`), e.g. on a CUDA machine."""
-
-    chunk = 512  # questions per answer_logprobs call (packed and batched inside it)
-
-    def __init__(self, source: str, device: str = "auto", dtype: str = "auto",
-                 batch_size: int = 16):
-        from convert.assets import load_causal_lm
-        from convert.device import choose_dtype, resolve_device
-
-        dev = resolve_device(device)
-        torch_dtype = choose_dtype(dev, dtype)
-        self.model, self.tokenizer = load_causal_lm(source, dtype=torch_dtype, device=dev)
-        self.batch_size = batch_size
-        self.description = f"torch {dev} {str(torch_dtype).removeprefix('torch.')}"
-        self.fingerprint = {"backend": "torch", "source": _source_id(source),
-                            "dtype": str(torch_dtype)}
-
-    def score(self, questions: Sequence[Sequence[Request]],
-              skip: Sequence[int]) -> list[QuestionScores]:
-        from convert.scoring import answer_logprobs
-
-        flat = [r for q in questions for r in q]
-        sums = answer_logprobs(self.model, self.tokenizer, flat, skip=skip,
-                               batch_size=self.batch_size, reduce="sum")
-        counts = [len(c) for _, c in encode_requests(self.tokenizer, flat)]
-        out, at = [], 0
-        for q in questions:
-            out.append(([float(s) for s in sums[at:at + len(q)]], counts[at:at + len(q)]))
-            at += len(q)
-        return out
-
-
 def digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _source_id(source: str) -> str:
+def source_id(source: str) -> str:
     """A model source's identity: a digest of its path and its files' names and sizes."""
     path = Path(source)
     if not path.exists():
@@ -112,10 +78,7 @@ class ScoreCache:
         path = self.path(task, name)
         if not path.is_file():
             return {}
-        try:
-            d = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise PuddingError(f"{path}: unreadable cached result ({e}); delete it") from None
+        d = read_json(path, "an unreadable cached result: delete it")
         if d.get("fingerprint") != {**self.fingerprint, **(extra or {})}:
             click.echo(f"{path}: made with other settings ({d.get('fingerprint')}); "
                        "recomputing", err=True)
@@ -124,11 +87,8 @@ class ScoreCache:
 
     def save(self, task: str, name: str, values: dict, extra: dict | None = None) -> None:
         path = self.path(task, name)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"fingerprint": {**self.fingerprint, **(extra or {})},
-                                   "values": values}))
-        os.replace(tmp, path)
+        write_json(path, {"fingerprint": {**self.fingerprint, **(extra or {})},
+                          "values": values}, indent=None)
 
     def fill(self, task: str, name: str, qids: Sequence[str],
              compute: Callable[[list[int]], list], chunk: int = 128, desc: str = "",

@@ -2,7 +2,7 @@
 sets on the commonsense tasks, side by side, with paired bootstrap intervals.
 
 Protocol (lm-evaluation-harness, zero-shot): each task's lm-eval context and choices
-(`convert.tasks`, target delimiter " "), acc = argmax of the summed log-likelihood, acc_norm =
+(`pudding_mlx.tasks`, target delimiter " "), acc = argmax of the summed log-likelihood, acc_norm =
 argmax of it divided by the choice's length in characters, WinoGrande partial scoring.
 
 Every skip set that some method needs is scored once per question (cached in --output, so an
@@ -14,7 +14,7 @@ interrupted run resumes); the methods only pick, per question, whose scores coun
 - random: a uniformly random candidate per question (seeded).
 
 Splits: validation, or test for ARC / OpenBookQA when a local test split exists; HellaSwag
-always excludes `convert.data.hellaswag_holdout` (the rows used for calibration and labels).
+always excludes `pudding_mlx.data.hellaswag_holdout` (the rows used for calibration and labels).
 """
 
 from __future__ import annotations
@@ -29,9 +29,13 @@ from pathlib import Path
 import click
 import numpy as np
 
+from .bundle import read_candidates
+from .data import calibration_examples, default_data_dirs, find_split, load_examples
 from .errors import PuddingError
 from .eval_scoring import digest
 from .eval_stats import above_chance, chance_level, decide, gold_margin, paired_bootstrap
+from .plugins import EVAL_BACKENDS, plugins
+from .tasks import CALIBRATION_TASKS, EVAL_TASKS, get_task
 
 DEFAULT_TASKS = ("arc_challenge", "arc_easy", "boolq", "hellaswag", "piqa", "winogrande",
                  "openbookqa")
@@ -70,11 +74,8 @@ class EvalSettings:
 
 def eval_split(task: str, data_dir: str | None) -> str:
     """"test" for ARC and OpenBookQA when a local test split exists, else "validation"."""
-    from convert import assets
-    from convert.data import find_split
-
     if task in TEST_SPLIT_TASKS:
-        dirs = [Path(data_dir)] if data_dir else assets.default_data_dirs()
+        dirs = [Path(data_dir)] if data_dir else default_data_dirs()
         if any(find_split(d, task, "test") for d in dirs):
             return "test"
     return "validation"
@@ -82,8 +83,6 @@ def eval_split(task: str, data_dir: str | None) -> str:
 
 def eval_examples(task: str, data_dir: str | None, limit: int | None, seed: int):
     """(split, examples): the evaluation rows of a task, a seeded subset of `limit` of them."""
-    from convert.data import load_examples
-
     split = eval_split(task, data_dir)
     examples = load_examples(task, split, data_dir)  # HellaSwag: minus the holdout
     if limit is not None and limit < len(examples):
@@ -125,23 +124,9 @@ def parse_set(value: str) -> tuple[str, list[int]]:
 
 
 def read_sets_file(path: str | Path) -> dict[str, list[int]]:
-    """Named skip sets from a candidates file: `pudding search`'s {"candidates": [...]}, a JSON
-    list, or one set such as the SLEB baseline's {"name": ..., "skip": [...]}."""
-    import json
-
-    from convert.to_bundle import read_candidates
-
-    try:
-        d = json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise PuddingError(f"{path}: cannot read skip sets ({e})") from None
-    if isinstance(d, dict) and "skip" in d:
-        skip = d["skip"]
-        if not isinstance(skip, list) or any(isinstance(i, bool) or not isinstance(i, int)
-                                             for i in skip):
-            raise PuddingError(f"{path}: 'skip' must be a list of block indices")
-        return {str(d.get("name") or Path(path).stem): sorted(skip)}
-    return {c.name: sorted(c.skip) for c in read_candidates(path)[0]}
+    """Named skip sets from a candidates file (`bundle.read_candidates`: `pudding search`'s
+    output, a JSON list, or one set such as the SLEB baseline's)."""
+    return {c.name: c.skip for c in read_candidates(path)[0]}
 
 
 def named_sets(pm, extra: dict[str, list[int]]) -> dict[str, list[int]]:
@@ -237,9 +222,6 @@ def set_scores(scorer, cache, task: str, examples, skip: Sequence[int], fmt: str
 
 def best_static(pm, scorer, cache, n: int, seed: int, data_dir: str | None) -> dict:
     """The candidate with the best likelihood loss on a train-split slice (see BEST_CRITERION)."""
-    from convert.data import calibration_examples
-    from convert.tasks import CALIBRATION_TASKS
-
     per_task: dict[str, int] = {}
     values: dict[str, list[float]] = {c.name: [] for c in pm.candidates}
     for task in CALIBRATION_TASKS:
@@ -340,17 +322,17 @@ def _torch_source(pm, settings: EvalSettings) -> str:
 def run_eval(settings: EvalSettings) -> dict:
     """Score, derive every method, compare, and write results.json / results.md / the heat map
     to settings.output. Returns the results dict."""
-    from convert.tasks import EVAL_TASKS, get_task
-
     from . import eval_report
-    from .eval_scoring import MLXScorer, ScoreCache, TorchScorer
+    from .eval_scoring import MLXScorer, ScoreCache
     from .model import load
 
     out = Path(settings.output)
     tasks = [get_task(t) for t in settings.tasks]
-    if settings.backend not in ("mlx", "torch"):
-        raise PuddingError(f"--backend {settings.backend}: expected mlx or torch")
-    pm = load(settings.bundle, verify=settings.verify, lazy=settings.backend == "torch")
+    backends = plugins(EVAL_BACKENDS)
+    if settings.backend != "mlx" and settings.backend not in backends:
+        raise PuddingError(f"--backend {settings.backend}: expected one of "
+                           f"{', '.join(['mlx', *backends])}")
+    pm = load(settings.bundle, verify=settings.verify, lazy=settings.backend != "mlx")
     sets = named_sets(pm, settings.extra_sets)
     candidates = [c.name for c in pm.candidates]
     static_name = pm.manifest.static.name
@@ -362,9 +344,14 @@ def run_eval(settings: EvalSettings) -> dict:
     if settings.backend == "mlx":
         scorer, backend = MLXScorer(pm), "mlx"
     else:
+        try:
+            backend_class = backends[settings.backend].load()
+        except ImportError as e:
+            raise PuddingError(f"--backend {settings.backend} needs a package that is not "
+                               f"installed ({e}); pip install 'pudding-mlx[train]'") from None
         source = _torch_source(pm, settings)
-        click.echo(f"Loading {source} for the torch backend", err=True)
-        scorer = TorchScorer(source, settings.device, settings.dtype, settings.batch_size)
+        click.echo(f"Loading {source} for the {settings.backend} backend", err=True)
+        scorer = backend_class(source, settings.device, settings.dtype, settings.batch_size)
         backend = scorer.description
     cache = ScoreCache(out / "cache", scorer.fingerprint)
 
@@ -509,7 +496,7 @@ def _averages(per_task: dict, methods: list[str], eval_tasks: Sequence[str],
                    "static:<name> any candidate or extra set, static:* all of them.")
 @click.option("--limit", type=int, default=None,
               help="Questions per task: a seeded random subset (kept in data order).")
-@click.option("--backend", type=click.Choice(["mlx", "torch"]), default="mlx",
+@click.option("--backend", type=click.Choice(["mlx", *plugins(EVAL_BACKENDS)]), default="mlx",
               show_default=True)
 @click.option("--torch-model", default=None,
               help="torch backend: HF id/folder/GGUF [default: the bundle's model/ folder].")

@@ -21,8 +21,9 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm.auto import tqdm
 
 from .errors import PuddingError
-from .loglik import TokenRequest, encode_requests, loglikelihoods
+from .loglik import loglikelihoods
 from .model import MODES, Route, load
+from .tasks import TokenRequest, encode_requests
 
 
 @register_model("pudding-mlx")

@@ -1,6 +1,6 @@
 """Log-likelihood of continuations under an MLX model (lm-eval's `loglikelihood`, on MLX).
 
-Requests are tokenised like the torch side (`convert.scoring.encode_requests`: context and
+Requests are tokenised like the torch side (`tasks.encode_requests`: context and
 continuation encoded separately, no special tokens), so both backends score the same tokens.
 Requests that share a context (every choice of a question except in WinoGrande) prefill it
 once into a cache of the kept blocks; the continuations are then scored on top of it as one
@@ -16,15 +16,7 @@ import mlx.nn as nn
 from mlx_lm.models.cache import KVCache, can_trim_prompt_cache, trim_prompt_cache
 
 from .errors import PuddingError
-
-TokenRequest = tuple[list[int], list[int]]
-
-
-def encode_requests(tokenizer, requests: Sequence[tuple[str, str]]) -> list[TokenRequest]:
-    """Token ids (context, continuation) per request, exactly as the torch backend makes them."""
-    from convert.scoring import encode_requests as encode
-
-    return encode(tokenizer, requests)
+from .tasks import TokenRequest
 
 
 def _score(logits: mx.array, targets: Sequence[int]) -> tuple[mx.array, mx.array]:

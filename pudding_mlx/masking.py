@@ -20,6 +20,7 @@ from functools import cache
 
 import mlx.nn as nn
 
+from .bundle import check_skip_set
 from .errors import PuddingError
 
 _CACHE_INDEX = re.compile(r"cache\[self\.(\w+)\]")
@@ -63,23 +64,8 @@ def protected_blocks(model: nn.Module) -> set[int]:
 
 
 def check_skip(model: nn.Module, skip: Iterable[int]) -> tuple[int, ...]:
-    """Validate a skip set against the model; returns it sorted."""
-    skip = list(skip)
-    n = num_blocks(model)
-    if len(set(skip)) != len(skip):
-        raise PuddingError(f"skip set {skip} repeats a block")
-    bad = [i for i in skip if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n]
-    if bad:
-        raise PuddingError(f"skip set {skip}: block(s) {bad} out of range 0..{n - 1}")
-    hit = sorted(set(skip) & protected_blocks(model))
-    if hit:
-        raise PuddingError(
-            f"skip set {skip} contains protected block(s) {hit}: mlx-lm builds the attention "
-            "mask from their cache"
-        )
-    if len(skip) == n:
-        raise PuddingError(f"skip set {skip} skips every block")
-    return tuple(sorted(skip))
+    """`bundle.check_skip_set` for this model's blocks and protected blocks; returns it sorted."""
+    return check_skip_set(skip, num_blocks(model), protected_blocks(model))
 
 
 class SkipView(nn.Module):

@@ -16,7 +16,14 @@ from mlx_lm.generate import generate as lm_generate
 from mlx_lm.generate import stream_generate as lm_stream_generate
 from mlx_lm.models.cache import make_prompt_cache
 
-from .bundle import Candidate, Manifest, check_safetensors, read_manifest, verify_files
+from .bundle import (
+    Candidate,
+    Manifest,
+    check_safetensors,
+    check_skip_set,
+    read_manifest,
+    verify_files,
+)
 from .errors import BundleError, PuddingError
 from .masking import check_skip, num_blocks, protected_blocks, skip_view
 from .router import Router, load_router
@@ -226,12 +233,10 @@ def load(path: str | Path, router_backend: str = "auto", verify: bool = True,
                           f"{manifest.num_blocks}")
     protected = protected_blocks(model)
     for c in [*manifest.candidates, manifest.static]:
-        hit = sorted(set(c.skip) & protected)
-        if hit:
-            raise BundleError(
-                f"{path / 'pudding.json'}: candidate {c.name!r} skips protected block(s) {hit} "
-                "(mlx-lm builds the attention mask from them)"
-            )
+        try:
+            check_skip_set(c.skip, n, protected, f"candidate {c.name!r}")
+        except PuddingError as e:
+            raise BundleError(f"{path / 'pudding.json'}: {e}") from None
     r = manifest.router
     router = load_router(path, r.outputs, r.max_length, r.pooling, router_backend)
     return PuddingModel(path, manifest, model, tokenizer, router, config)

@@ -7,7 +7,6 @@ router_config.json and the tokenizer files. Only transformers' tokenizer is used
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ import numpy as np
 
 from .bundle import check_safetensors
 from .errors import BundleError, PuddingError
+from .files import read_json
 
 BACKENDS = ("auto", "mlx", "coreml")
 MLPACKAGE = "router.mlpackage"
@@ -211,7 +211,7 @@ class MLXRouter(Router):
 
     def __init__(self, folder: Path, outputs: list[str], max_length: int, pooling: str):
         super().__init__(folder, outputs, max_length, pooling)
-        config = _read_json(self.folder / "config.json")
+        config = read_json(self.folder / "config.json", error=BundleError)
         kind = config.get("model_type")
         if kind != "bert" or config.get("position_embedding_type", "absolute") != "absolute":
             raise BundleError(
@@ -321,7 +321,7 @@ def load_router(bundle: str | Path, outputs: list[str], max_length: int, pooling
 
 def _check_router_config(folder: Path, outputs: list[str], max_length: int, pooling: str) -> None:
     path = folder / "router_config.json"
-    rc = _read_json(path)
+    rc = read_json(path, error=BundleError)
     if rc.get("outputs") != outputs or rc.get("num_outputs") != len(outputs):
         raise BundleError(
             f"{path}: outputs {rc.get('outputs')} (num_outputs {rc.get('num_outputs')}) differ "
@@ -336,15 +336,6 @@ def _has_ct() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("coremltools") is not None
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise BundleError(f"{path}: missing") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BundleError(f"{path}: not valid JSON ({e})") from None
 
 
 def _load_tokenizer(folder: Path):

@@ -1,4 +1,8 @@
-"""Export the torch router (convert/router_model.py) to a Core ML ML program (`router.mlpackage`).
+"""Export a torch router to a Core ML ML program (`router.mlpackage`).
+
+The router is the torch module it is given: an `encoder` (HF BERT-like), `pool(hidden, mask)`,
+a linear `head` and a `config` (backbone, max_length, pooling, outputs, target), as
+convert/router_model.py's Router has; this package imports nothing from `convert`.
 
 The package is self-describing for a Swift app: inputs `input_ids` and `attention_mask`
 (int32, [1, L]), output `scores` ([1, n], one per candidate, in the router's output order),
@@ -16,7 +20,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from convert.router_model import Router, pool
 from pudding_mlx.errors import PuddingError
 
 INPUTS = ("input_ids", "attention_mask")
@@ -40,7 +43,7 @@ class CoreMLRouter(nn.Module):
     wrapper hands the encoder a ready 4-D additive mask.
     """
 
-    def __init__(self, router: Router):
+    def __init__(self, router: nn.Module):
         super().__init__()
         self.router = router
 
@@ -49,7 +52,7 @@ class CoreMLRouter(nn.Module):
         additive = ((1.0 - m) * MASK_VALUE)[:, None, None, :]
         ids = input_ids.to(torch.int64)
         hidden = self.router.encoder(input_ids=ids, attention_mask=additive)[0]
-        return self.router.head(pool(hidden, m, self.router.config.pooling))
+        return self.router.head(self.router.pool(hidden, m))
 
 
 def candidate_table(names: list[str], skips: list[list[int]]) -> list[dict]:
@@ -57,7 +60,7 @@ def candidate_table(names: list[str], skips: list[list[int]]) -> list[dict]:
 
 
 def export_coreml(
-    router: Router,
+    router: nn.Module,
     out: str | Path,
     candidates: list[dict],
     settings: ExportSettings | None = None,

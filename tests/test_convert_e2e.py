@@ -177,7 +177,7 @@ def test_reconvert_replaces_bundle(inputs, tmp_path):
     ("no_space", "GB free"),
 ])
 def test_bad_inputs_fail_early(inputs, tmp_path, monkeypatch, case, match):
-    import convert.atomic
+    import pudding_mlx.files
     from convert.to_bundle import ConvertSettings, write_bundle
 
     root = inputs[0]
@@ -201,7 +201,7 @@ def test_bad_inputs_fail_early(inputs, tmp_path, monkeypatch, case, match):
     elif case == "unwritable":
         out = Path("/proc/pudding-test/out")
     elif case == "no_space":
-        monkeypatch.setattr(convert.atomic.shutil, "disk_usage",
+        monkeypatch.setattr(pudding_mlx.files.shutil, "disk_usage",
                             lambda p: shutil._ntuple_diskusage(10**12, 10**12 - 1000, 1000))
     with pytest.raises(PuddingError, match=match):
         write_bundle(str(root / "hf"), cands, router_dir, out, settings)
@@ -212,7 +212,8 @@ def test_bad_inputs_fail_early(inputs, tmp_path, monkeypatch, case, match):
 
 
 def test_static_from_file(inputs, tmp_path):
-    from convert.to_bundle import read_candidates, resolve_static
+    from convert.to_bundle import resolve_static
+    from pudding_mlx.bundle import read_candidates
 
     root = inputs[0]
     cands, _ = read_candidates(root / "candidates.json")

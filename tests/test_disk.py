@@ -2,7 +2,7 @@
 can be checked, and no corrupted output when the disk fills up during a write.
 
 Tests run as root, where chmod does not stop writes; a read-only folder is simulated by making
-tempfile's probes fail inside it (what `convert.atomic`'s checks use), a full disk by
+tempfile's probes fail inside it (what `pudding_mlx.files`'s checks use), a full disk by
 shutil.disk_usage or a write that stops half-way with ENOSPC."""
 
 from __future__ import annotations
@@ -101,10 +101,10 @@ def test_convert_to_read_only_folder_fails_before_loading(inputs, old_bundle, mo
 
 
 def test_convert_without_enough_space_writes_nothing(inputs, old_bundle, monkeypatch, capsys):
-    import convert.atomic
+    import pudding_mlx.files
 
     out, before = old_bundle
-    monkeypatch.setattr(convert.atomic.shutil, "disk_usage",
+    monkeypatch.setattr(pudding_mlx.files.shutil, "disk_usage",
                         lambda p: shutil._ntuple_diskusage(10**12, 10**12 - 10**5, 10**5))
     code, _, err = run(convert_args(inputs, out), monkeypatch, capsys)
     assert_one_line(code, err, f"{out}: needs about", "GB free, only 0.00 GB left")
@@ -181,14 +181,14 @@ def stop_half_way(monkeypatch, target, attr):
 
 def test_search_result_survives_a_full_disk(tmp_path, monkeypatch):
     """candidates.json is replaced only by a complete file."""
-    from convert.search import write_json_atomic
+    from pudding_mlx.files import write_json
 
     out = tmp_path / "candidates.json"
-    write_json_atomic(out, {"candidates": [{"name": "a"}], "complete": False})
+    write_json(out, {"candidates": [{"name": "a"}], "complete": False})
     before = out.read_bytes()
     stop_half_way(monkeypatch, Path, "write_text")
     with pytest.raises(OSError, match="No space left"):
-        write_json_atomic(out, {"candidates": [{"name": "a"}, {"name": "b"}], "complete": True})
+        write_json(out, {"candidates": [{"name": "a"}, {"name": "b"}], "complete": True})
     assert out.read_bytes() == before and json.loads(before)["complete"] is False
 
 
@@ -237,7 +237,7 @@ def test_cli_reports_disk_errors_in_one_line_and_other_errors_in_full(monkeypatc
 
 
 def test_check_writable_file_messages(tmp_path):
-    from convert.atomic import check_writable_file
+    from pudding_mlx.files import check_writable_file
 
     assert check_writable_file(tmp_path / "a" / "b.json") == tmp_path / "a" / "b.json"
     assert (tmp_path / "a").is_dir() and not list((tmp_path / "a").iterdir())

@@ -153,8 +153,8 @@ def hand_is_greedy(tb, context: str, continuation: str, skip) -> bool:
 
 def test_command_matches_hand_computed_accuracy(setup, tmp_path):
     """acc, acc_norm and WinoGrande partial scoring for every method, recomputed by hand."""
-    from convert.data import calibration_examples, load_examples
-    from convert.tasks import CALIBRATION_TASKS, get_task
+    from pudding_mlx.data import calibration_examples, load_examples
+    from pudding_mlx.tasks import CALIBRATION_TASKS, get_task
 
     tb, data, _ = setup
     res = run(tb, data, tmp_path / "out")
@@ -254,7 +254,7 @@ def test_rerun_reuses_cache_and_writes_outputs(setup, tmp_path, monkeypatch):
 
 
 def test_hellaswag_evaluation_excludes_holdout(setup):
-    from convert.data import load_examples
+    from pudding_mlx.data import load_examples
     from pudding_mlx.evaluate import eval_examples
 
     _, data, _ = setup
@@ -280,8 +280,8 @@ def test_limit_is_a_seeded_subset_in_data_order(setup):
 
 def test_oracle_and_random_from_scores():
     """Brute force over candidates on made-up log-liks."""
-    from convert.tasks import Example, get_task
     from pudding_mlx.evaluate import task_outcomes
+    from pudding_mlx.tasks import Example, get_task
 
     rng = np.random.default_rng(0)
     sets = {"a": [1], "b": [2], "c": [3]}

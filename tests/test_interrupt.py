@@ -46,8 +46,8 @@ WORDS = ["water", "plants", "gas", "sky", "blue", "egg", "glass", "empty", "pari
 def run_search(w: dict, out: str) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from convert.data import calibration_examples
     from convert.search import run_search as search
+    from pudding_mlx.data import calibration_examples
 
     model = AutoModelForCausalLM.from_pretrained(w["llm"]).float().eval()
     tok = AutoTokenizer.from_pretrained(w["llm"])
@@ -56,10 +56,10 @@ def run_search(w: dict, out: str) -> None:
 
 
 def label_config(w: dict):
-    from convert.labels import LabelConfig, read_candidates
+    from convert.labels import LabelConfig, candidate_table
 
     return LabelConfig(model=w["llm"], tasks=["arc_easy", "piqa"],
-                       candidates=read_candidates(w["candidates"]), data_dir=w["data"],
+                       candidates=candidate_table(w["candidates"]), data_dir=w["data"],
                        dtype="float32", shard_size=2, batch_size=2)
 
 
@@ -97,7 +97,7 @@ STEPS = {"search": run_search, "labels": run_labels, "training": run_training,
 # "partial" writes half of the file the call writes (its first argument naming a temporary
 # file), then stops: a kill in the middle of a write.
 POINTS = {
-    "search": [("convert.search:write_json_atomic", 4, ("before", "after")),
+    "search": [("convert.search:write_json", 4, ("before", "after")),
                ("pathlib:Path.write_text", 4, ("partial",))],
     "labels": [("convert.labels:write_shard", 4, ("before", "after")),
                ("pyarrow.parquet:write_table", 4, ("partial",)),
@@ -110,7 +110,7 @@ POINTS = {
                    ("convert.to_mlx:check_parity", 1, ("after",)),
                    ("convert.to_bundle:_router_checks", 1, ("before", "after")),
                    ("convert.to_bundle:write_manifest", 1, ("before", "after")),
-                   ("convert.atomic:replace_folder", 1, ("before", "after"))],
+                   ("pudding_mlx.files:replace_folder", 1, ("before", "after"))],
 }
 
 
@@ -216,7 +216,8 @@ def write_data(root: Path) -> None:
 
 
 def write_random_labels(folder: Path, seed: int = 0) -> None:
-    from convert.label_store import write_json, write_shard
+    from convert.label_store import write_shard
+    from pudding_mlx.files import write_json
 
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True)
@@ -384,7 +385,7 @@ def test_kill_then_resume_equals_uninterrupted(kills, work, reference, shared_ti
 def test_kill_between_the_two_renames_restores_the_old_bundle(tmp_path):
     """The one moment a replaced folder is absent: the next write puts the old one back
     before it starts (and clears the dead process's temporary folder)."""
-    from convert.atomic import atomic_folder, clean_stale
+    from pudding_mlx.files import atomic_folder, clean_stale
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True)

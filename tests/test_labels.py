@@ -56,10 +56,10 @@ def setup(tmp_path_factory):
 
 
 def _config(root, **kw):
-    from convert.labels import LabelConfig, read_candidates
+    from convert.labels import LabelConfig, candidate_table
 
     return LabelConfig(model=str(root / "llama"), tasks=["arc_easy", "piqa", "winogrande"],
-                       candidates=read_candidates(root / "candidates.json"),
+                       candidates=candidate_table(root / "candidates.json"),
                        data_dir=str(root / "data"), dtype="float32", shard_size=3,
                        batch_size=2, **kw)
 
@@ -69,8 +69,8 @@ def reference_loglik(model, tok, context: str, continuation: str, skip) -> float
     blocks removed from the layer list."""
     import torch
 
-    from convert.scoring import encode_requests
     from convert.skip import skipped
+    from pudding_mlx.tasks import encode_requests
 
     (ctx, cont), = encode_requests(tok, [(context, continuation)])
     ids = torch.tensor([ctx + cont])
@@ -177,13 +177,13 @@ def test_smollm2_labels_match_hf_forward(tmp_path):
 
 def test_appending_candidates_equals_labelling_all(setup, tmp_path):
     from convert.label_store import read_labels
-    from convert.labels import make_labels, read_candidates
+    from convert.labels import candidate_table, make_labels
     from pudding_mlx.errors import PuddingError
 
     root, _, _ = setup
     out = tmp_path / "out"
     cfg = _config(root)
-    cfg.candidates = read_candidates(root / "candidates.json")[:2]
+    cfg.candidates = candidate_table(root / "candidates.json")[:2]
     first = make_labels(out, cfg, device="cpu")
     assert read_labels(out).loglik.shape[1] == 2
     meta = make_labels(out, _config(root), device="cpu")  # appends C and D to every shard
@@ -205,7 +205,7 @@ def test_stale_temp_files_are_removed(tmp_path):
     import subprocess
     import sys
 
-    from convert.label_store import remove_stale_temps
+    from pudding_mlx.files import remove_stale_temps
 
     done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True)

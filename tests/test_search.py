@@ -12,10 +12,10 @@ import torch
 from helpers import run_cli, tiny_llama
 
 from convert.scoring import BlockRunner
-from convert.search import Candidate, SetScorer, greedy_search, run_search, tokenize_examples
+from convert.search import GreedyRun, SetScorer, greedy_search, run_search, tokenize_examples
 from convert.skip import skipped
-from convert.tasks import TASKS
 from pudding_mlx.errors import PuddingError
+from pudding_mlx.tasks import TASKS
 
 QUESTIONS = [
     ("Which gas do plants absorb from the air?", ["carbon dioxide", "water", "fine", "Paris"]),
@@ -79,15 +79,15 @@ def test_search_matches_brute_force(tiny, loss):
     exs = examples()
     ref, ref_evals = brute_force(model, tok, exs, 3, loss)
     fast = SetScorer(model, tokenize_examples(tok, exs), batch_size=3)
-    got = greedy_search(fast, Candidate("c", "arc_easy", loss, 3))
+    got = greedy_search(fast, GreedyRun.new("c", "arc_easy", loss, 3))
     naive = SetScorer(model, tokenize_examples(tok, exs), batch_size=3, reuse_prefix=False)
-    slow = greedy_search(naive, Candidate("c", "arc_easy", loss, 3))
+    slow = greedy_search(naive, GreedyRun.new("c", "arc_easy", loss, 3))
     prefix = SetScorer(model, tokenize_examples(tok, exs), batch_size=3, state_budget_gb=0)
-    mid = greedy_search(prefix, Candidate("c", "arc_easy", loss, 3))
+    mid = greedy_search(prefix, GreedyRun.new("c", "arc_easy", loss, 3))
     assert [p.block for p in got.trajectory] == ref
     assert [p.block for p in slow.trajectory] == ref
     assert [p.block for p in mid.trajectory] == ref
-    assert got.skip == sorted(ref)
+    assert got.candidate.skip == sorted(ref)
     # state reuse replays the very same block computations: losses are bit-identical
     assert [p.loss for p in got.trajectory] == [p.loss for p in mid.trajectory]
     assert fast.runner.evals <= prefix.runner.evals < naive.runner.evals < ref_evals
@@ -113,11 +113,11 @@ def test_state_reuse_replays_the_same_computation(tiny):
 def test_second_loss_reuses_first(tiny):
     model, tok = tiny
     scorer = SetScorer(model, tokenize_examples(tok, examples()), batch_size=4)
-    greedy_search(scorer, Candidate("a", "arc_easy", "likelihood", 2))
+    greedy_search(scorer, GreedyRun.new("a", "arc_easy", "likelihood", 2))
     after_first = scorer.runner.evals
-    greedy_search(scorer, Candidate("b", "arc_easy", "margin", 2))
+    greedy_search(scorer, GreedyRun.new("b", "arc_easy", "margin", 2))
     fresh = SetScorer(model, tokenize_examples(tok, examples()), batch_size=4)
-    greedy_search(fresh, Candidate("b", "arc_easy", "margin", 2))
+    greedy_search(fresh, GreedyRun.new("b", "arc_easy", "margin", 2))
     # phase 1 of the margin search is served from the cache
     assert scorer.runner.evals - after_first < fresh.runner.evals
 

@@ -8,9 +8,9 @@ import sys
 
 import pytest
 
-from convert.data import hellaswag_holdout, load_examples, sample_examples
-from convert.tasks import CALIBRATION_TASKS, EVAL_TASKS, TASKS
+from pudding_mlx.data import hellaswag_holdout, load_examples, sample_examples
 from pudding_mlx.errors import PuddingError
+from pudding_mlx.tasks import CALIBRATION_TASKS, EVAL_TASKS, TASKS
 
 ARC_ROW = {"id": "Mercury_1", "question": "Which is a gas?", "answerKey": "3",
            "choices": {"text": ["rock", "water", "steam", "ice"], "label": ["1", "2", "3", "4"]}}
@@ -71,7 +71,7 @@ def test_qid_is_stable_content_hash():
 
 
 def test_tasks_and_data_do_not_import_torch():
-    code = ("import sys, convert.tasks, convert.data, convert.assets; "
+    code = ("import sys, pudding_mlx.tasks, pudding_mlx.data, convert.assets; "
             "assert 'torch' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
 
@@ -140,13 +140,13 @@ def test_seeded_sample():
 
 
 def test_offline_without_train_split_holds_out_half_of_validation(tmp_path, monkeypatch):
-    from convert import assets
+    from pudding_mlx import data
 
     (tmp_path / "arc_easy").mkdir()
     rows = [{**ARC_ROW, "id": f"q{i}"} for i in range(10)]
     (tmp_path / "arc_easy" / "validation.jsonl").write_text(
         "\n".join(json.dumps(r) for r in rows))
-    monkeypatch.setattr(assets, "default_data_dirs", lambda: [tmp_path])
+    monkeypatch.setattr(data, "default_data_dirs", lambda: [tmp_path])
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     train = load_examples("arc_easy", "train")
     val = load_examples("arc_easy", "validation")

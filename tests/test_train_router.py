@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from convert.label_store import write_json, write_shard
+from convert.label_store import write_shard
 from convert.router_metrics import (
     baseline_metrics,
     decision_metrics,
@@ -13,6 +13,7 @@ from convert.router_metrics import (
     question_context,
     split_questions,
 )
+from pudding_mlx.files import write_json
 
 # Three questions, two candidates. Rows: (task, qid, choice, gold, text, loglik per candidate).
 ROWS = [

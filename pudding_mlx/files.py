@@ -1,6 +1,8 @@
-"""Write a folder atomically: build it in a temporary folder beside the destination, then rename.
+"""Files written whole or not at all, and JSON read with one-line errors.
 
-The destination appears complete or not at all. An existing folder is swapped out only once
+A file is written to `.NAME.<pid>.tmp` beside it, then renamed over it (`write_atomic`).
+A folder is built in a temporary folder beside the destination, then renamed: the
+destination appears complete or not at all. An existing folder is swapped out only once
 the new one is complete (two renames on one file system; between them, for microseconds, the
 path is absent, but never half-written). Temporary folders are named `.NAME.<kind>-<pid>-*`;
 what a killed process left behind is removed by the next write to NAME, and an old folder
@@ -10,15 +12,65 @@ caught between the two renames is put back first.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
-from pudding_mlx.errors import PuddingError
+from .errors import PuddingError
+
+
+def read_json(path: str | Path, hint: str = "", error: type[PuddingError] = PuddingError) -> Any:
+    """The JSON in `path`; a missing, unreadable or invalid file raises `error` in one line
+    (`hint` says what to do about it)."""
+    tail = f"; {hint}" if hint else ""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise error(f"{path}: missing{tail}") from None
+    except OSError as e:
+        raise error(f"{path}: cannot read ({e.strerror}){tail}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise error(f"{path}: not valid JSON ({e}){tail}") from None
+
+
+def write_atomic(path: str | Path, data: str | bytes | Callable[[Path], None]) -> Path:
+    """Write `data` (text, bytes, or a function that writes the file it is given) to `path`
+    via a temporary file and os.replace, so readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        if callable(data):
+            data(tmp)
+        elif isinstance(data, bytes):
+            tmp.write_bytes(data)
+        else:
+            tmp.write_text(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_json(path: str | Path, doc: Any, indent: int | None = 1) -> Path:
+    return write_atomic(path, json.dumps(doc, indent=indent) + "\n")
+
+
+def remove_stale_temps(folder: Path) -> list[Path]:
+    """Delete the `write_atomic` temporary files of writers that no longer run (killed)."""
+    removed = []
+    for tmp in folder.glob(".*.tmp"):
+        pid = tmp.name.rsplit(".", 2)[-2]
+        if pid.isdigit() and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
 
 
 def _existing_ancestor(path: Path) -> Path:
