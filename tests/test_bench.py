@@ -9,17 +9,10 @@ import pytest
 from helpers import tiny_bundle
 from mlx.utils import tree_flatten
 
-from pudding_mlx.bench import (
-    Trial,
-    make_prompt,
-    measure,
-    memory_compare,
-    project_router,
-    router_study,
-    run_request,
-    summarise,
-    wrapper_overhead,
-)
+from pudding_mlx.bench_memory import memory_compare
+from pudding_mlx.bench_router import project_router, router_study
+from pudding_mlx.bench_summary import summarise
+from pudding_mlx.bench_timing import Trial, make_prompt, measure, run_request, wrapper_overhead
 from pudding_mlx.cli import main
 from pudding_mlx.errors import PuddingError
 from pudding_mlx.flops import Shape, combined_ideal, decode_ideal, prefill_ideal
