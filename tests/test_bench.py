@@ -2,14 +2,19 @@
 runs only the kept blocks, and the command end to end on a tiny bundle."""
 
 import gc
+import io
 import json
+import os
+import subprocess
+import sys
 
 import mlx.core as mx
 import pytest
 from helpers import tiny_bundle
 from mlx.utils import tree_flatten
 
-from pudding_mlx.bench_memory import memory_compare
+from pudding_mlx import bench_memory
+from pudding_mlx.bench_memory import memory_compare, probe_reply
 from pudding_mlx.bench_router import project_router, router_study
 from pudding_mlx.bench_summary import summarise
 from pudding_mlx.bench_timing import Trial, make_prompt, measure, run_request, wrapper_overhead
@@ -191,6 +196,48 @@ def test_memory_compare(bundle):
     assert r["active_gb"] < d["active_gb"] and r["peak_gb"] < d["peak_gb"]
     assert b["budget_gb"] == pytest.approx(budget / 1e9)
     assert [x["skip"] for x in b["requests"]] == [x["skip"] for x in r["requests"]]
+
+
+def test_probe_reply_is_one_line():
+    def proc(code, out, err=""):
+        return subprocess.CompletedProcess([], code, out, err)
+
+    assert probe_reply(proc(0, 'loading\n{"peak_gb": 1.5}\n')) == {"peak_gb": 1.5}
+    with pytest.raises(PuddingError, match=r"^no such file$"):
+        probe_reply(proc(1, '{"error": "no such file"}\n'))
+    crash = proc(-9, "", "Traceback (most recent call last):\n  File x\nMemoryError: out\n")
+    with pytest.raises(PuddingError, match=r"^exited with code -9: MemoryError: out$"):
+        probe_reply(crash)
+    with pytest.raises(PuddingError, match=r"^exited with code 0$"):
+        probe_reply(proc(0, "not json\n"))
+
+
+def test_probe_child_reports_any_error_as_one_line(monkeypatch, capsys):
+    def broken(probe):
+        raise ValueError("first line\n  second line")
+
+    monkeypatch.setattr(bench_memory, "memory_probe", broken)
+    monkeypatch.setattr("sys.stdin", io.StringIO(json.dumps(
+        {"bundle": "b", "route_mode": "router", "skip": None, "prompts": ["hi"],
+         "router_backend": "mlx"})))
+    with pytest.raises(SystemExit) as e:
+        bench_memory.main()
+    assert e.value.code == 1
+    assert capsys.readouterr().out == '{"error": "ValueError: first line second line"}\n'
+
+
+def test_cli_failing_memory_probe_is_one_line(bundle):
+    # A budget below one set's blocks fails in the probe's child process. The real command
+    # in its own process, its progress bar off (it shares stderr, and tqdm reads the
+    # environment when imported).
+    args = ["bench", "-b", str(bundle.path), "--prompt-lengths", "8", "--gen-lengths", "",
+            "--trials", "1", "--warmup", "0", "--memory-requests", "1",
+            "--memory-budget", "0.00001"]
+    r = subprocess.run([sys.executable, "-m", "pudding_mlx.cli", *args], capture_output=True,
+                       text=True, env={**os.environ, "TQDM_DISABLE": "1"}, timeout=300)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr == ("error: memory probe (routed, budget) failed: --memory-budget 0.000 GB "
+                        "is smaller than one set's kept blocks\n"), r.stderr
 
 
 def test_cli_end_to_end(bundle, tmp_path, capsys, monkeypatch):
