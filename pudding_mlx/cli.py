@@ -14,7 +14,7 @@ import sys
 
 import click
 
-from .errors import PuddingError
+from .errors import PuddingError, one_line
 from .plugins import COMMANDS as PLUGIN_COMMANDS
 from .plugins import plugins
 
@@ -99,8 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     except PuddingError as e:
         if debug:
             raise
-        # One line, even when the message quotes a multi-line error from a library.
-        click.echo("error: " + " ".join(line.strip() for line in str(e).splitlines()), err=True)
+        click.echo("error: " + one_line(e), err=True)
         sys.exit(2)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)

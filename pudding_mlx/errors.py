@@ -7,3 +7,10 @@ class PuddingError(Exception):
 
 class BundleError(PuddingError):
     """A bundle folder or its manifest is inconsistent; the message names the file."""
+
+
+def one_line(error: BaseException) -> str:
+    """The message on one line, even when it quotes a multi-line error from a library;
+    errors other than PuddingError keep their type name in front."""
+    text = str(error) if isinstance(error, PuddingError) else f"{type(error).__name__}: {error}"
+    return " ".join(line.strip() for line in text.splitlines())

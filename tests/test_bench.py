@@ -2,24 +2,23 @@
 runs only the kept blocks, and the command end to end on a tiny bundle."""
 
 import gc
+import io
 import json
+import os
+import statistics
+import subprocess
+import sys
 
 import mlx.core as mx
 import pytest
 from helpers import tiny_bundle
 from mlx.utils import tree_flatten
 
-from pudding_mlx.bench import (
-    Trial,
-    make_prompt,
-    measure,
-    memory_compare,
-    project_router,
-    router_study,
-    run_request,
-    summarise,
-    wrapper_overhead,
-)
+from pudding_mlx import bench_memory
+from pudding_mlx.bench_memory import memory_compare, probe_reply
+from pudding_mlx.bench_router import project_router, router_study
+from pudding_mlx.bench_summary import summarise
+from pudding_mlx.bench_timing import Trial, make_prompt, measure, run_request, wrapper_overhead
 from pudding_mlx.cli import main
 from pudding_mlx.errors import PuddingError
 from pudding_mlx.flops import Shape, combined_ideal, decode_ideal, prefill_ideal
@@ -122,7 +121,9 @@ def test_wrapper_overhead_leaves_the_model_whole(bundle):
     route = pm.route("hello")
     o = wrapper_overhead(pm, route, [1, 2, 3], repeats=5)
     assert len(layer_owner(pm.model).layers) == 6
-    assert all(v > 0 for v in o.values())
+    assert set(o) == {"dense_request_s", "routed_view_s", "switch_per_forward_s"}
+    # A route that skips nothing switches nothing: its per-forward cost is not timed.
+    assert wrapper_overhead(pm, pm.route("hello", "dense"), [1], 1)["switch_per_forward_s"] == 0
 
 
 def test_make_prompt(bundle):
@@ -200,6 +201,62 @@ def test_memory_compare(bundle):
     assert [x["skip"] for x in b["requests"]] == [x["skip"] for x in r["requests"]]
 
 
+def test_probe_reply_is_one_line():
+    def proc(code, out, err=""):
+        return subprocess.CompletedProcess([], code, out, err)
+
+    assert probe_reply(proc(0, 'loading\n{"peak_gb": 1.5}\n')) == {"peak_gb": 1.5}
+    with pytest.raises(PuddingError, match=r"^no such file$"):
+        probe_reply(proc(1, '{"error": "no such file"}\n'))
+    crash = proc(-9, "", "Traceback (most recent call last):\n  File x\nMemoryError: out\n")
+    with pytest.raises(PuddingError, match=r"^exited with code -9: MemoryError: out$"):
+        probe_reply(crash)
+    with pytest.raises(PuddingError, match=r"^exited with code 0$"):
+        probe_reply(proc(0, "not json\n"))
+
+
+def test_probe_child_reports_any_error_as_one_line(monkeypatch, capsys):
+    def broken(probe):
+        raise ValueError("first line\n  second line")
+
+    monkeypatch.setattr(bench_memory, "memory_probe", broken)
+    monkeypatch.setattr("sys.stdin", io.StringIO(json.dumps(
+        {"bundle": "b", "route_mode": "router", "skip": None, "prompts": ["hi"],
+         "router_backend": "mlx"})))
+    with pytest.raises(SystemExit) as e:
+        bench_memory.main()
+    assert e.value.code == 1
+    assert capsys.readouterr().out == '{"error": "ValueError: first line second line"}\n'
+
+
+def test_cli_failing_memory_probe_is_one_line(bundle):
+    # A budget below one set's blocks fails in the probe's child process. The real command
+    # in its own process, its progress bar off (it shares stderr, and tqdm reads the
+    # environment when imported).
+    args = ["bench", "-b", str(bundle.path), "--prompt-lengths", "8", "--gen-lengths", "",
+            "--trials", "1", "--warmup", "0", "--memory-requests", "1",
+            "--memory-budget", "0.00001"]
+    r = subprocess.run([sys.executable, "-m", "pudding_mlx.cli", *args], capture_output=True,
+                       text=True, env={**os.environ, "TQDM_DISABLE": "1"}, timeout=300)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr == ("error: memory probe (routed, budget) failed: --memory-budget 0.000 GB "
+                        "is smaller than one set's kept blocks\n"), r.stderr
+
+
+def _medians(trials: list[dict]):
+    """median(kind, p, g, key): by hand over the recorded trials of one measurement point."""
+    def value(t, key):
+        if key == "decode_tps":
+            return (t["gen_tokens"] - 1) / (t["total_s"] - t["ttft_s"])
+        return t[key]
+
+    def median(kind: str, p: int, g: int, key: str) -> float:
+        return statistics.median(value(t, key) for t in trials if (
+            t["kind"], t["prompt_tokens"], t["gen_tokens"]) == (kind, p, g))
+
+    return median
+
+
 def test_cli_end_to_end(bundle, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("PUDDING_OPENBLAS", "0")  # main() would re-exec the test process
     out = tmp_path / "res"
@@ -212,15 +269,43 @@ def test_cli_end_to_end(bundle, tmp_path, capsys, monkeypatch):
     assert "routed, budget" in text
     res = json.loads((out / "bench.json").read_text())
     assert (out / "bench.png").read_bytes()[:4] == b"\x89PNG"
-    assert len(res["trials"]) == 3 * 3 * 2
-    assert {t["kind"] for t in res["trials"]} == {"dense", "routed", "mlx-lm"}
-    assert res["summary"]["skipped"] == 2 and res["notes"] == ["shared machine"]
-    assert [r["prompt_tokens"] for r in res["summary"]["ttft"]] == [16, 24]
-    assert res["machine"]["mlx"] and res["model"]["dtype"] == "float32"
-    o = res["overhead"]
-    assert 0 < o["dense_request_s"] < 0.01 and 0 < o["switch_per_forward_s"] < 0.001
+    trials, s, m = res["trials"], res["summary"], res["model"]
+    assert len(trials) == 3 * 3 * 2
+    assert {t["kind"] for t in trials} == {"dense", "routed", "mlx-lm"}
+    assert s["skipped"] == 2 and res["notes"] == ["shared machine"]
+    assert [r["prompt_tokens"] for r in s["ttft"]] == [16, 24]
+    assert res["machine"]["mlx"] and m["dtype"] == "float32"
+    assert m["bytes_per_param"] == pytest.approx(4.0) and m["kv_bytes"] == 4
+    assert set(res["overhead"]) == {"dense_request_s", "routed_view_s", "switch_per_forward_s"}
+    # Every figure from the recorded trials by hand, every ideal from the FLOP/byte model.
+    med, shape = _medians(trials), Shape(**m["shape"])
+    for row in s["ttft"]:
+        p = row["prompt_tokens"]
+        speedup = med("dense", p, 1, "ttft_s") / med("routed", p, 1, "ttft_s")
+        assert row["ttft_speedup"] == pytest.approx(speedup)
+        assert row["ideal_prefill"] == pytest.approx(prefill_ideal(shape, p, 2))
+        assert row["ttft_vs_ideal"] == pytest.approx(speedup / prefill_ideal(shape, p, 2))
+        assert f"{row['ttft_speedup']:>7.3f}x" in text  # the table shows the report's figures
+    (g,) = s["generation"]
+    assert (g["prompt_tokens"], g["gen_tokens"]) == (8, 6)
+    assert g["total_speedup"] == pytest.approx(
+        med("dense", 8, 6, "total_s") / med("routed", 8, 6, "total_s"))
+    assert g["decode_speedup"] == pytest.approx(
+        med("routed", 8, 6, "decode_tps") / med("dense", 8, 6, "decode_tps"))
+    d_ideal = decode_ideal(shape, 8 + 6 // 2, 2, 4.0, 4)
+    assert g["ideal_decode"] == pytest.approx(d_ideal)
+    prefill, total = med("dense", 8, 6, "ttft_s"), med("dense", 8, 6, "total_s")
+    assert g["ideal_total"] == pytest.approx(
+        combined_ideal([prefill, total - prefill], [prefill_ideal(shape, 8, 2), d_ideal]))
+    assert f"{g['total_speedup']:>7.3f}x" in text
+    ratios = {(r["prompt_tokens"], r["gen_tokens"]): r for r in s["pudding_vs_mlx_lm"]}
+    assert ratios.keys() == {(16, 1), (24, 1), (8, 6)}
+    assert ratios[8, 6]["total_ratio"] == pytest.approx(total / med("mlx-lm", 8, 6, "total_s"))
     study = res["router_study"]
     assert set(study[0]["projected_ttft_vs_ideal"]) == {"16", "24"}
+    for row in study:
+        assert row["share_of_dense_ttft"]["16"] == pytest.approx(
+            row["router_s"]["16"] / med("dense", 16, 1, "ttft_s"))
 
 
 def test_cli_errors(bundle, capsys, monkeypatch):
