@@ -12,7 +12,6 @@ from pathlib import Path
 import mlx.nn as nn
 import numpy as np
 from mlx_lm.generate import GenerationResponse
-from mlx_lm.generate import generate as lm_generate
 from mlx_lm.generate import stream_generate as lm_stream_generate
 from mlx_lm.models.cache import make_prompt_cache
 
@@ -160,13 +159,11 @@ class PuddingModel:
         skip: Sequence[int] | None = None,
         chat_template: bool = True,
         system_prompt: str | None = None,
-        verbose: bool = False,
         **kwargs,
     ) -> str:
-        """mlx_lm.generate with the routed blocks skipped; returns the text."""
-        route, tokens = self._prepare(prompt, route, mode, skip, chat_template, system_prompt)
-        return lm_generate(self.view(route), self.tokenizer, tokens, verbose=verbose,
-                           max_tokens=max_tokens, **kwargs)
+        """The text of `stream_generate` (mlx_lm.generate's loop, without its printing)."""
+        return "".join(r.text for r in self.stream_generate(
+            prompt, max_tokens, route, mode, skip, chat_template, system_prompt, **kwargs))
 
 
 def rope_theta_fix(config: dict) -> dict:
