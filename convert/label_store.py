@@ -3,7 +3,8 @@
     meta.json             settings (model, candidates, tasks, seed, ...) and the shard count
     shard-00000.parquet   rows of a fixed slice of the question list, one row per answer choice:
                           task, qid, choice, gold, text (the method's prompt + this choice),
-                          context (that prompt alone), loglik (one float per candidate)
+                          context (the question as the router reads it, `router_text`),
+                          loglik (one float per candidate)
 
 Each shard is written whole (temporary file, then os.replace), so an interrupted run loses at
 most the shard it was writing and a rerun with the same settings skips the finished ones.

@@ -39,7 +39,7 @@ from .dist import Dist
 from .label_store import META, read_meta, shard_path, write_shard
 from .resume import changed_settings
 
-FORMAT = 1
+FORMAT = 2  # 2: the context column holds Example.router_text (WinoGrande: the whole sentence)
 
 
 @dataclass
@@ -212,7 +212,7 @@ def make_labels(out: str | Path, cfg: LabelConfig, device: str = "auto",
             "choice": [c for ex in exs for c in range(len(ex.prompt))],
             "gold": [ex.gold for ex in exs for _ in ex.prompt],
             "text": [t for ex in exs for t in ex.texts],
-            "context": [c for ex in exs for c, _ in ex.prompt],
+            "context": [ex.router_text for ex in exs for _ in ex.prompt],
             "loglik": ll.astype(np.float32).tolist(),
         })
         bar.update(len(exs))

@@ -8,7 +8,8 @@ argmax of it divided by the choice's length in characters, WinoGrande partial sc
 Every skip set that some method needs is scored once per question (cached in --output, so an
 interrupted run resumes); the methods only pick, per question, whose scores count:
 - dense / static:<name>: one fixed set for every question;
-- pudding: the router's pick for the question, made once from the question alone (`router_text`);
+- pudding: the router's pick for the question, made once from the question alone
+  (`Example.router_text`);
 - oracle: the candidate that ranks the gold answer best (largest margin of gold over the best
   other choice under the task's metric): correct whenever any candidate is;
 - random: a uniformly random candidate per question (seeded).
@@ -91,16 +92,6 @@ def eval_examples(task: str, data_dir: str | None, limit: int | None, seed: int)
         keep = np.sort(rng.permutation(len(examples))[:limit])
         examples = [examples[i] for i in keep]
     return split, examples
-
-
-def router_text(example) -> str:
-    """What the router reads for a question: the method's context without any answer
-    ("Question: ...\\nAnswer:", BoolQ's passage and question); for WinoGrande, whose options
-    fill a blank, the sentence with the blank "_" left in it."""
-    context, continuation = example.prompt[0]
-    if example.task == "winogrande":
-        return context[:len(context) - len(example.choices[0])] + "_" + continuation
-    return context
 
 
 # --- skip sets and methods -----------------------------------------------------------------------
@@ -186,7 +177,7 @@ def route_questions(pm, cache, task: str, examples, batch: int = 32) -> dict[str
     qids = [e.qid for e in examples]
 
     def compute(idx: list[int]) -> list[str]:
-        texts = [router_text(examples[i]) for i in idx]
+        texts = [examples[i].router_text for i in idx]
         out = [pm.manifest.static.name] * len(texts)
         live = [j for j, t in enumerate(texts) if t.strip()]
         for s in range(0, len(live), batch):

@@ -9,6 +9,8 @@ answer choice:
   choice's length in characters).
 WinoGrande has no "Answer:" to score after, so both formats use lm-eval's partial scoring: each
 option fills the blank in its own context and only the shared rest of the sentence is scored.
+`router_text` is what the router reads for the question, when labels are made and when it is
+evaluated alike: the question without any answer (WinoGrande: the sentence with its blank).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ class Example:
     gold: int
     prompt: tuple[Request, ...]  # the method's (context, continuation) per choice
     eval: tuple[Request, ...]  # lm-eval's (context, continuation) per choice
+    router_text: str  # the question as the router reads it
 
     @property
     def texts(self) -> list[str]:
@@ -46,12 +49,12 @@ class Task:
     hub: tuple[str, str | None]  # datasets.load_dataset(path, name)
     metric: str  # "acc" or "acc_norm", as the paper reports it
     splits: tuple[str, ...]  # splits offered (hellaswag "train" is a holdout of validation)
-    build: Callable[[dict], tuple]  # row -> (id or None, choices, gold, prompt, eval)
+    build: Callable[[dict], tuple]  # row -> (id or None, choices, gold, prompt, eval, router)
 
     def example(self, row: dict) -> Example:
-        rid, choices, gold, prompt, ev = self.build(row)
+        rid, choices, gold, prompt, ev, router = self.build(row)
         return Example(self.name, f"{self.name}:{rid or content_id(row)}", tuple(choices), gold,
-                       tuple(prompt), tuple(ev))
+                       tuple(prompt), tuple(ev), router)
 
 
 def content_id(row: dict) -> str:
@@ -67,27 +70,28 @@ def _arc(row):
     choices = list(row["choices"]["text"])
     gold = list(row["choices"]["label"]).index(row["answerKey"].strip())
     ctx = f"Question: {row['question']}\nAnswer:"
-    return row["id"], choices, gold, _qa(ctx, choices), _qa(ctx, choices)
+    return row["id"], choices, gold, _qa(ctx, choices), _qa(ctx, choices), ctx
 
 
 def _openbookqa(row):
     choices = list(row["choices"]["text"])
     gold = list(row["choices"]["label"]).index(row["answerKey"].strip())
     method = f"Question: {row['question_stem']}\nAnswer:"
-    return row["id"], choices, gold, _qa(method, choices), _qa(row["question_stem"], choices)
+    return (row["id"], choices, gold, _qa(method, choices), _qa(row["question_stem"], choices),
+            method)
 
 
 def _piqa(row):
     choices = [row["sol1"], row["sol2"]]
     ctx = f"Question: {row['goal']}\nAnswer:"
-    return None, choices, int(row["label"]), _qa(ctx, choices), _qa(ctx, choices)
+    return None, choices, int(row["label"]), _qa(ctx, choices), _qa(ctx, choices), ctx
 
 
 def _boolq(row):
     choices = ["no", "yes"]
     ctx = f"{row['passage']}\nQuestion: {row['question']}?\nAnswer:"
     gold = int(row["answer"]) if "answer" in row else int(row["label"])
-    return None, choices, gold, _qa(ctx, choices), _qa(ctx, choices)
+    return None, choices, gold, _qa(ctx, choices), _qa(ctx, choices), ctx
 
 
 def hellaswag_clean(text: str) -> str:
@@ -100,8 +104,8 @@ def hellaswag_clean(text: str) -> str:
 def _hellaswag(row):
     query = hellaswag_clean(f"{row['activity_label']}: {row['ctx_a']} {row['ctx_b'].capitalize()}")
     choices = [hellaswag_clean(e) for e in row["endings"]]
-    gold = int(row["label"])
-    return None, choices, gold, _qa(f"Question: {query}\nAnswer:", choices), _qa(query, choices)
+    gold, method = int(row["label"]), f"Question: {query}\nAnswer:"
+    return None, choices, gold, _qa(method, choices), _qa(query, choices), method
 
 
 def _winogrande(row):
@@ -111,7 +115,7 @@ def _winogrande(row):
     rest = " " + sentence[blank + 1:].strip()
     partial = [(sentence[:blank] + option, rest) for option in choices]
     gold = int(row["answer"]) - 1
-    return None, choices, gold, partial, partial
+    return None, choices, gold, partial, partial, sentence
 
 
 TASKS: dict[str, Task] = {

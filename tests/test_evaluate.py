@@ -288,7 +288,7 @@ def test_oracle_and_random_from_scores():
     examples, scores = [], {"dense": {}, "skip-1": {}, "skip-2": {}, "skip-3": {}}
     for i in range(40):
         choices = ("x", "yy", "zzz", "w")
-        examples.append(Example("hellaswag", f"q{i}", choices, i % 4, (), ()))
+        examples.append(Example("hellaswag", f"q{i}", choices, i % 4, (), (), ""))
         for key in scores:
             scores[key][f"q{i}"] = [list(rng.normal(size=4) * 3), [1, 1, 1, 1]]
     out = task_outcomes(get_task("hellaswag"), examples, ["oracle", "random"], sets,

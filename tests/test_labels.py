@@ -82,7 +82,7 @@ def reference_loglik(model, tok, context: str, continuation: str, skip) -> float
 
 def test_labels_match_hf_forward(setup, tmp_path):
     from convert.label_store import read_labels
-    from convert.labels import make_labels
+    from convert.labels import label_examples, make_labels
 
     root, model, tok = setup
     meta = make_labels(tmp_path / "out", _config(root), device="cpu")
@@ -91,10 +91,9 @@ def test_labels_match_hf_forward(setup, tmp_path):
     assert meta["num_shards"] == 4 and meta["complete"]
     assert t.candidate_names == ["A", "B", "C", "D"]
     assert t.task[:3] == ["arc_easy"] * 3 and t.choice[:3].tolist() == [0, 1, 2]
-    for r in range(len(t)):
-        context = t.context[r]
-        assert t.text[r].startswith(context)
-        continuation = t.text[r][len(context):]
+    requests = [r for ex in label_examples(_config(root)) for r in ex.prompt]
+    for r, (context, continuation) in enumerate(requests):
+        assert t.text[r] == context + continuation
         want = [reference_loglik(model, tok, context, continuation, c["skip"])
                 for c in CANDIDATES]
         np.testing.assert_allclose(t.loglik[r], want, rtol=0, atol=2e-5, err_msg=t.text[r])

@@ -1,0 +1,45 @@
+"""The router reads the same text for a question when its labels are made (`pudding label`,
+then `train-router --inputs context`) and when it is evaluated (`pudding eval`)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+from test_labels import _config, setup  # noqa: F401  (the module fixture)
+
+
+def test_label_and_eval_paths_give_the_router_the_same_text(setup, tmp_path):  # noqa: F811
+    from convert.label_store import read_labels
+    from convert.labels import label_examples, make_labels
+    from convert.router_metrics import group_questions
+    from pudding_mlx.eval_scoring import ScoreCache
+    from pudding_mlx.evaluate import route_questions
+
+    root, _, _ = setup
+    cfg = _config(root)
+    make_labels(tmp_path / "labels", cfg, device="cpu")
+    t = read_labels(tmp_path / "labels")
+    q = group_questions(t.task, t.qid, t.choice, t.gold, t.loglik, t.context)
+    trained_on = dict(zip(q.keys, q.contexts, strict=True))
+
+    seen = []  # what the eval path hands the router
+
+    def scores_batch(texts):
+        seen.extend(texts)
+        return np.zeros((len(texts), 1))
+
+    pm = SimpleNamespace(candidates=[SimpleNamespace(name="A")], router=SimpleNamespace(
+        scores_batch=scores_batch), manifest=SimpleNamespace(static=SimpleNamespace(name="A"),
+                                                              files={}))
+    examples = label_examples(cfg)
+    for task in cfg.tasks:
+        task_examples = [e for e in examples if e.task == task]
+        start = len(seen)
+        route_questions(pm, ScoreCache(tmp_path / "cache", {}), task, task_examples)
+        for ex, text in zip(task_examples, seen[start:], strict=True):
+            assert trained_on[(task, ex.qid)] == text, task
+    assert len(seen) == len(trained_on) == 10
+    # WinoGrande: the whole sentence with its blank, not the part before the blank
+    wino = [text for (task, _), text in trained_on.items() if task == "winogrande"]
+    assert wino and all("_" in text and text.endswith(".") for text in wino)
