@@ -63,30 +63,30 @@ def hash_files(files: Iterable[Path], root: Path) -> str:
     return h.hexdigest()
 
 
-def stat_identity(path: Path) -> str:
-    """A file or folder by relative names, sizes and modification times (hashing a model of
-    several GB on every rerun would take longer than some steps)."""
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    listing = [(str(f.relative_to(path)) if f != path else f.name, f.stat().st_size,
-                f.stat().st_mtime_ns) for f in files]
-    return hashlib.sha256(json.dumps(listing).encode()).hexdigest()
+def content_identity(path: Path) -> str:
+    """A file or folder by its files' relative names and contents: the same on any machine and
+    after a reinstall (modification times and install paths change; a resumed build must not
+    discard hours of work for that)."""
+    root = path.parent if path.is_file() else path
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    return hash_files(files, root)
 
 
 def source_identity(source: str) -> dict:
-    """Identity of a model or backbone: a local path by its files' stats, a hub id by name."""
+    """Identity of a model or backbone: a local file or folder by content, a hub id by name."""
     path = Path(source)
     if not path.exists():
         return {"id": source}
-    return {"path": str(path.resolve()), "files": stat_identity(path)}
+    return {"name": path.name, "files": content_identity(path)}
 
 
 def data_identity(data_dir: str | None, tasks: Iterable[str]) -> dict:
-    """The task folders the data loader will read from (`--data-dir` or the default ones)."""
-    from .assets import default_data_dirs
+    """The task folders the data loader will read from (`--data-dir` or the default ones),
+    by content."""
+    from pudding_mlx.data import default_data_dirs
 
     dirs = [Path(data_dir)] if data_dir else default_data_dirs()
-    return {str(d.resolve()): {t: stat_identity(d / t) for t in tasks if (d / t).is_dir()}
-            for d in dirs}
+    return {t: [content_identity(d / t) for d in dirs if (d / t).is_dir()] for t in tasks}
 
 
 def remove(path: Path) -> None:

@@ -257,7 +257,7 @@ def candidate_name(task: str, loss: str, k: int) -> str:
 def run_search(model, tokenizer, examples: dict[str, list[Example]], settings: dict, out,
                k: int, losses: Sequence[str] = LOSSES, batch_size: int = 16,
                reuse_prefix: bool = True, restart: bool = False, progress: bool = True,
-               max_length: int | None = None) -> dict:
+               max_length: int | None = None, state_budget_gb: float = 2.0) -> dict:
     """Search one candidate per (task, loss) and write `out` (candidates.json) after every
     phase; a rerun with the same settings continues from the last finished phase.
 
@@ -291,7 +291,7 @@ def run_search(model, tokenizer, examples: dict[str, list[Example]], settings: d
             continue
         start = time.perf_counter()
         scorer = SetScorer(model, tokenize_examples(tokenizer, exs), batch_size, reuse_prefix,
-                           max_length, dist)
+                           max_length, dist, state_budget_gb)
         doc["setup_seconds"][task] = time.perf_counter() - start
         for run in todo:
             greedy_search(scorer, run, on_phase=save, progress=progress)

@@ -48,12 +48,14 @@ def split_list(value: str) -> list[str]:
 @click.option("--threads", type=int, default=None,
               help="CPU threads per process [default: torch's]; 1 is fastest on a busy machine.")
 @click.option("--naive", is_flag=True, help="Run trials from the embeddings (no prefix reuse).")
+@click.option("--state-budget-gb", default=4.0, show_default=True, type=click.FloatRange(0),
+              help="Memory for hidden states kept across phases (speed only; 0: none).")
 @click.option("--restart", is_flag=True, help="Ignore an existing --out and start over.")
 @click.option("--from-run", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Take the first k phases of this finished run with a larger k (no compute).")
 @click.option("--out", default="candidates.json", show_default=True, type=click.Path())
 def search(model_path, tasks, losses, k, samples, seed, data_dir, device, dtype, batch_size,
-           threads, naive, restart, from_run, out):
+           threads, naive, state_budget_gb, restart, from_run, out):
     """Greedy SLEB-style search of one omission set per (task, loss); resumable."""
     if from_run:
         import json
@@ -94,7 +96,7 @@ def search(model_path, tasks, losses, k, samples, seed, data_dir, device, dtype,
                 "batch_size": batch_size, "data_dir": data_dir,
                 "num_blocks": len(model.model.layers)}
     doc = run_search(model, tok, examples, settings, out, k, losses, batch_size,
-                     reuse_prefix=not naive, restart=restart)
+                     reuse_prefix=not naive, restart=restart, state_budget_gb=state_budget_gb)
     if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
         for c in doc["candidates"]:
             secs = sum(p["seconds"] for p in c["trajectory"])
