@@ -33,15 +33,21 @@ import numpy as np
 from .bundle import read_candidates
 from .data import calibration_examples, default_data_dirs, find_split, load_examples
 from .errors import PuddingError
+from .eval_methods import (
+    DEFAULT_METHODS,
+    PER_QUESTION,
+    needed_sets,
+    parse_methods,
+    set_key,
+    task_outcomes,
+)
 from .eval_scoring import digest
-from .eval_stats import above_chance, chance_level, decide, gold_margin, paired_bootstrap
+from .eval_stats import above_chance, chance_level, paired_bootstrap
 from .plugins import EVAL_BACKENDS, plugins
 from .tasks import CALIBRATION_TASKS, EVAL_TASKS, get_task
 
 DEFAULT_TASKS = ("arc_challenge", "arc_easy", "boolq", "hellaswag", "piqa", "winogrande",
                  "openbookqa")
-DEFAULT_METHODS = "dense,static:*,static:best,pudding,oracle,random"
-ROUTED = ("pudding", "oracle", "random")
 TEST_SPLIT_TASKS = ("arc_challenge", "arc_easy", "openbookqa")
 BEST_CRITERION = ("mean token log-likelihood of the gold answer (method prompt format: the "
                   "search's likelihood loss) on a seeded train-split slice of each calibration "
@@ -97,11 +103,6 @@ def eval_examples(task: str, data_dir: str | None, limit: int | None, seed: int)
 # --- skip sets and methods -----------------------------------------------------------------------
 
 
-def set_key(skip: Sequence[int]) -> str:
-    """File-name key of a skip set (scores are cached per set, whatever its name)."""
-    return "skip-" + "-".join(map(str, sorted(skip))) if skip else "dense"
-
-
 def parse_set(value: str) -> tuple[str, list[int]]:
     """--extra-set "name=3,7,9" -> ("name", [3, 7, 9])."""
     name, sep, blocks = value.partition("=")
@@ -133,38 +134,6 @@ def named_sets(pm, extra: dict[str, list[int]]) -> dict[str, list[int]]:
             raise PuddingError(f"extra set {name!r} clashes with a bundle set of that name")
         sets[name] = skip
     return sets
-
-
-def parse_methods(spec: str, sets: dict[str, list[int]], candidates: Sequence[str],
-                  static_name: str) -> list[str]:
-    """Method names in table order from e.g. "dense,static:*,pudding": dense, static (the
-    bundle's static set), static:<name>, static:* (every named set), static:best, pudding,
-    oracle, random; "all" is the default list."""
-    tokens = [t.strip() for t in (DEFAULT_METHODS if spec == "all" else spec).split(",")]
-    out: list[str] = []
-    for t in filter(None, tokens):
-        if t == "static":
-            t = f"static:{static_name}"
-        if t == "static:*":
-            names = [*candidates, *(n for n in sets if n not in candidates)]
-            out += [f"static:{n}" for n in names]
-        elif t in ("dense", "static:best", *ROUTED) or (t.startswith("static:")
-                                                         and t[7:] in sets):
-            out.append(t)
-        else:
-            raise PuddingError(f"--methods: unknown method {t!r}; use dense, static, "
-                               f"static:<{'|'.join(sets)}>, static:*, static:best, pudding, "
-                               "oracle, random")
-    return sorted(dict.fromkeys(out), key=_method_rank)
-
-
-def _method_rank(m: str) -> int:
-    """Table order: dense, fixed sets, static:best, pudding, oracle, random (stable within)."""
-    if m == "dense":
-        return 0
-    if m in ROUTED:
-        return 3 + ROUTED.index(m)
-    return 2 if m == "static:best" else 1
 
 
 # --- scoring -------------------------------------------------------------------------------------
@@ -230,68 +199,17 @@ def best_static(pm, scorer, cache, n: int, seed: int, data_dir: str | None) -> d
         raise PuddingError("static:best: no calibration task has train data; pass --data-dir")
     means = {name: float(np.mean(v)) for name, v in values.items()}
     best = max(means, key=lambda name: means[name])
+    # per task: the same criterion on that task's slice alone (static:task-best)
+    task_means = {t: {c: float(np.mean(v[at:at + n])) for c, v in values.items()}
+                  for t, n, at in zip(per_task, per_task.values(),
+                                      np.cumsum([0, *per_task.values()]), strict=False)}
+    task_best = {t: max(m, key=lambda c: m[c]) for t, m in task_means.items()}
     return {"name": best, "criterion": BEST_CRITERION, "mean_loglik": means,
-            "slice": per_task, "seed": seed}
+            "slice": per_task, "seed": seed, "task_mean_loglik": task_means,
+            "task_best": task_best}
 
 
 # --- methods from scores -------------------------------------------------------------------------
-
-
-def task_outcomes(task, examples, methods: list[str], sets: dict[str, list[int]],
-                  candidates: list[str], scores: dict[str, dict], routes: dict[str, str] | None,
-                  best: str | None, seed: int) -> dict:
-    """Per method: chosen set per question and per-question correctness (acc and acc_norm)."""
-    norm = task.metric == "acc_norm"
-    rng = np.random.default_rng([seed, zlib.crc32(task.name.encode())])
-    random_pick = rng.integers(0, len(candidates), size=len(examples))
-
-    def ll(name: str, e) -> list[float]:
-        return scores[set_key(sets[name])][e.qid][0]
-
-    out = {}
-    for m in methods:
-        chosen = []
-        for q, e in enumerate(examples):
-            if m == "dense":
-                chosen.append(None)
-            elif m == "static:best":
-                chosen.append(best)
-            elif m.startswith("static:"):
-                chosen.append(m[7:])
-            elif m == "pudding":
-                chosen.append(routes[e.qid])
-            elif m == "random":
-                chosen.append(candidates[random_pick[q]])
-            else:  # oracle: first candidate with the largest gold margin
-                margins = [gold_margin(ll(c, e), e.choices, e.gold, norm) for c in candidates]
-                chosen.append(candidates[int(np.argmax(margins))])
-        lls = [scores["dense"][e.qid][0] if c is None else ll(c, e)
-               for c, e in zip(chosen, examples, strict=True)]
-        acc = [int(decide(x, e.choices, False) == e.gold) for x, e in zip(lls, examples,
-                                                                           strict=True)]
-        acc_norm = [int(decide(x, e.choices, True) == e.gold) for x, e in zip(lls, examples,
-                                                                              strict=True)]
-        out[m] = {"chosen": chosen, "acc": acc, "acc_norm": acc_norm,
-                  "correct": acc_norm if norm else acc}
-    return out
-
-
-def needed_sets(methods: list[str], sets: dict[str, list[int]], candidates: list[str],
-                best: str | None, static_name: str, routes_use_static: bool) -> list[list[int]]:
-    """The distinct skip sets to score for one task."""
-    need: list[list[int]] = []
-    for m in methods:
-        if m == "dense":
-            need.append([])
-        elif m == "static:best":
-            need.append(sets[best])
-        elif m.startswith("static:"):
-            need.append(sets[m[7:]])
-        else:
-            need += [sets[c] for c in candidates]
-    if routes_use_static:
-        need.append(sets[static_name])
-    return list({set_key(s): s for s in need}.values())
 
 
 # --- the run -------------------------------------------------------------------------------------
@@ -328,9 +246,10 @@ def run_eval(settings: EvalSettings) -> dict:
     candidates = [c.name for c in pm.candidates]
     static_name = pm.manifest.static.name
     methods = parse_methods(settings.methods, sets, candidates, static_name)
+    labels = [str(m) for m in methods]
     baseline = settings.baseline or f"static:{static_name}"
-    if baseline not in methods:
-        baseline = None if settings.baseline is None else _bad_baseline(settings.baseline, methods)
+    if baseline not in labels:
+        baseline = None if settings.baseline is None else _bad_baseline(settings.baseline, labels)
 
     if settings.backend == "mlx":
         scorer, backend = MLXScorer(pm), "mlx"
@@ -347,12 +266,11 @@ def run_eval(settings: EvalSettings) -> dict:
     cache = ScoreCache(out / "cache", scorer.fingerprint)
 
     best = None
-    if "static:best" in methods:
+    if any(m.kind in ("best", "task-best") for m in methods):
         seed = int(pm.manifest.extra.get("search_settings", {}).get("seed", settings.seed))
         best = best_static(pm, scorer, cache, settings.best_slice, seed, settings.data_dir)
         click.echo(f"static:best = {best['name']} (mean gold log-lik "
                    f"{best['mean_loglik'][best['name']]:.4f})", err=True)
-    best_name = best["name"] if best else None
 
     per_task = {}
     for ti, task in enumerate(tasks, 1):
@@ -361,16 +279,18 @@ def run_eval(settings: EvalSettings) -> dict:
         if not examples:
             raise PuddingError(f"{task.name}/{split}: no examples")
         routes = (route_questions(pm, cache, task.name, examples)
-                  if any(m in methods for m in ROUTED) else None)
+                  if any(m.kind == "pudding" for m in methods) else None)
         use_static = routes is not None and static_name in set(routes.values())
-        need = needed_sets(methods, sets, candidates, best_name, static_name, use_static)
+        fixed = {"best": best and best["name"],
+                 "task-best": best and best["task_best"].get(task.name, best["name"])}
+        need = needed_sets(methods, sets, candidates, fixed, static_name, use_static)
         scores = {}
         for si, skip in enumerate(need, 1):
             click.echo(f"[task {ti}/{len(tasks)} {task.name} ({split}, {len(examples)} q)] "
                        f"set {si}/{len(need)}: {set_key(skip)}", err=True)
             scores[set_key(skip)] = set_scores(scorer, cache, task.name, examples, skip)
         outcomes = task_outcomes(task, examples, methods, sets, candidates, scores, routes,
-                                 best_name, settings.seed)
+                                 fixed, settings.seed)
         per_task[task.name] = _task_summary(task, split, examples, outcomes, sets,
                                             pm.manifest.num_blocks, settings)
 
@@ -383,14 +303,14 @@ def run_eval(settings: EvalSettings) -> dict:
         "limit": settings.limit,
         "seed": settings.seed,
         "resamples": settings.resamples,
-        "methods": methods,
+        "methods": labels,
         "baseline": baseline,
         "candidates": candidates,
         "static": static_name,
         "sets": sets,
         "static_best": best,
         "tasks": per_task,
-        "averages": _averages(per_task, methods, EVAL_TASKS, settings),
+        "averages": _averages(per_task, labels, EVAL_TASKS, settings),
     }
     eval_report.write_all(out, results)
     return results
@@ -429,7 +349,7 @@ def _task_summary(task, split: str, examples, outcomes: dict, sets: dict[str, li
     for q, e in enumerate(examples):
         row = {"qid": e.qid, "gold": e.gold,
                "correct": {m: o["correct"][q] for m, o in outcomes.items()}}
-        row.update({m: outcomes[m]["chosen"][q] for m in ROUTED if m in outcomes})
+        row.update({m: outcomes[m]["chosen"][q] for m in PER_QUESTION if m in outcomes})
         questions.append(row)
     dense = outcomes.get("dense")
     return {
@@ -442,6 +362,9 @@ def _task_summary(task, split: str, examples, outcomes: dict, sets: dict[str, li
         "results": results,
         "pairs": pairs,
         "skip_frequency": skip_freq,
+        # the set each task-level method chose for this task
+        "task_sets": {m: o["chosen"][0] for m, o in outcomes.items()
+                      if m in ("static:task-best", "oracle:task") and o["chosen"]},
         "questions": questions,
         "_correct": {m: o["correct"] for m, o in outcomes.items()},
     }

@@ -77,7 +77,8 @@ def setup(tmp_path_factory):
 def run(tb, data, out, **kw):
     from pudding_mlx.evaluate import EvalSettings, run_eval
 
-    kw.setdefault("methods", "dense,static,static:*,static:best,pudding,oracle,random")
+    kw.setdefault("methods", "dense,static,static:*,static:best,static:task-best,pudding,"
+                             "oracle,oracle:task,random")
     s = EvalSettings(bundle=str(tb.path), output=str(out), tasks=TASKS, data_dir=str(data),
                      best_slice=4, resamples=200, **kw)
     return run_eval(s)
@@ -162,16 +163,19 @@ def test_command_matches_hand_computed_accuracy(setup, tmp_path):
     sets = {c.name: c.skip for c in tb.manifest.candidates}
     names = tb.manifest.router.outputs
 
-    # static:best: the largest mean gold log-lik (method format) on the train slice
-    means = {}
+    # static:best: the largest mean gold log-lik (method format) on the train slice;
+    # static:task-best: the same on each task's own slice (others fall back to static:best)
+    per_task = {task: {} for task in CALIBRATION_TASKS}
     for name in names:
-        vals = []
         for task in CALIBRATION_TASKS:
+            per_task[task][name] = []
             for e in calibration_examples(task, 4, 0, data):
                 c, a = e.prompt[e.gold]
-                vals.append(hand_loglik(model, tok, c, a, sets[name], mean=True))
-        means[name] = np.mean(vals)
-    assert res["static_best"]["name"] == max(means, key=means.get)
+                per_task[task][name].append(hand_loglik(model, tok, c, a, sets[name], mean=True))
+    means = {n: np.mean([v for t in CALIBRATION_TASKS for v in per_task[t][n]]) for n in names}
+    best = max(means, key=means.get)
+    assert res["static_best"]["name"] == best
+    task_best = {t: max(names, key=lambda n, t=t: np.mean(per_task[t][n])) for t in per_task}
 
     for task in TASKS:
         t = get_task(task)
@@ -190,6 +194,13 @@ def test_command_matches_hand_computed_accuracy(setup, tmp_path):
         expect = {"dense": per_set["dense"], "static:static": per_set["static"]}
         expect.update({f"static:{n}": per_set[n] for n in names})
         expect["static:best"] = per_set[res["static_best"]["name"]]
+        expect["static:task-best"] = per_set[task_best.get(task, best)]
+        # oracle:task: the candidate with the most correct answers here (first on ties)
+        totals = [sum(per_set[n]) for n in names]
+        task_oracle = names[totals.index(max(totals))]
+        expect["oracle:task"] = per_set[task_oracle]
+        assert got["task_sets"] == {"static:task-best": task_best.get(task, best),
+                                    "oracle:task": task_oracle}
         # pudding: the torch router's pick from the question alone
         routed = []
         for e in examples:
@@ -280,7 +291,7 @@ def test_limit_is_a_seeded_subset_in_data_order(setup):
 
 def test_oracle_and_random_from_scores():
     """Brute force over candidates on made-up log-liks."""
-    from pudding_mlx.evaluate import task_outcomes
+    from pudding_mlx.eval_methods import Method, task_outcomes
     from pudding_mlx.tasks import Example, get_task
 
     rng = np.random.default_rng(0)
@@ -291,8 +302,8 @@ def test_oracle_and_random_from_scores():
         examples.append(Example("hellaswag", f"q{i}", choices, i % 4, (), (), ""))
         for key in scores:
             scores[key][f"q{i}"] = [list(rng.normal(size=4) * 3), [1, 1, 1, 1]]
-    out = task_outcomes(get_task("hellaswag"), examples, ["oracle", "random"], sets,
-                        ["a", "b", "c"], scores, None, None, seed=7)
+    out = task_outcomes(get_task("hellaswag"), examples, [Method("oracle"), Method("random")],
+                        sets, ["a", "b", "c"], scores, None, {}, seed=7)
     for q, e in enumerate(examples):
         normed = {n: np.array(scores[f"skip-{s[0]}"][e.qid][0]) / [1, 2, 3, 1]
                   for n, s in sets.items()}
@@ -301,26 +312,31 @@ def test_oracle_and_random_from_scores():
         assert out["oracle"]["correct"][q] == int(max(margins.values()) > 0)
         r = out["random"]["chosen"][q]
         assert out["random"]["correct"][q] == int(np.argmax(normed[r]) == e.gold)
-    again = task_outcomes(get_task("hellaswag"), examples, ["random"], sets, ["a", "b", "c"],
-                          scores, None, None, seed=7)
+    again = task_outcomes(get_task("hellaswag"), examples, [Method("random")], sets,
+                          ["a", "b", "c"], scores, None, {}, seed=7)
     assert again["random"]["chosen"] == out["random"]["chosen"]
     assert len(set(out["random"]["chosen"])) == 3
 
 
 def test_method_and_set_parsing():
     from pudding_mlx.errors import PuddingError
-    from pudding_mlx.evaluate import parse_methods, parse_set
+    from pudding_mlx.eval_methods import parse_methods
+    from pudding_mlx.evaluate import parse_set
 
     sets = {"a": [1], "b": [2], "static": [3], "sleb": [4]}
-    got = parse_methods("random,pudding,static:*,dense,static", sets, ["a", "b"], "static")
-    assert got == ["dense", "static:a", "static:b", "static:static", "static:sleb", "pudding",
-                   "random"]
+    got = parse_methods("random,pudding,oracle:task,static:*,dense,static:task-best,static",
+                        sets, ["a", "b"], "static")
+    assert [str(m) for m in got] == [
+        "dense", "static:a", "static:b", "static:static", "static:sleb", "static:task-best",
+        "pudding", "oracle:task", "random"]
     assert parse_set("sleb=9, 3,7") == ("sleb", [3, 7, 9])
     for bad in ("sleb", "=1,2", "x=1,a", "best=1"):
         with pytest.raises(PuddingError):
             parse_set(bad)
     with pytest.raises(PuddingError, match="unknown method"):
         parse_methods("static:nope", sets, ["a", "b"], "static")
+    with pytest.raises(PuddingError, match="unknown method"):
+        parse_methods("oracle:nope", sets, ["a", "b"], "static")
 
 
 def test_sets_file_forms(tmp_path):
