@@ -25,7 +25,7 @@ import click
 import numpy as np
 
 from pudding_mlx.errors import PuddingError
-from pudding_mlx.files import write_json
+from pudding_mlx.files import write_atomic, write_json
 
 from .assets import minilm_path
 from .device import resolve_device
@@ -60,6 +60,7 @@ class TrainConfig:
     head_init: str = "mean"  # "mean": bias = mean train target, weight = 0; "random"
     group_by_length: bool = True  # batches of similar length (less padding), as HF Trainer's
     inputs: str = "rows"  # "rows": question + each choice (the paper); "context": question once
+    select: str = "best"  # keep the epoch with the lowest held-out MSE ("best") or the "last"
 
 
 def keep_first_layers(encoder, n: int) -> None:
@@ -118,6 +119,9 @@ def predict(router, ids: list[list[int]], pad_id: int, device: str, batch_size: 
 # -- checkpoints: safetensors for tensors, JSON for the rest (never pickle) --
 
 
+BEST = "best.model.safetensors"  # the weights of the epoch with the lowest held-out MSE so far
+
+
 def _save_checkpoint(ckpt: Path, epoch: int, router, opt, sched, settings: dict,
                      history: list) -> None:
     from safetensors.torch import save_file
@@ -127,11 +131,12 @@ def _save_checkpoint(ckpt: Path, epoch: int, router, opt, sched, settings: dict,
     tensors = {f"state.{i}.{k}": v.detach().contiguous().cpu()
                for i, s in state["state"].items() for k, v in s.items()}
     weights = {k: v.detach().contiguous().cpu() for k, v in router.state_dict().items()}
-    for name, t in ((f"epoch-{epoch}.model.safetensors", weights),
-                    (f"epoch-{epoch}.optimizer.safetensors", tensors)):
-        tmp = ckpt / f".{name}.tmp"
-        save_file(t, str(tmp))
-        tmp.replace(ckpt / name)
+    files = [(f"epoch-{epoch}.model.safetensors", weights),
+             (f"epoch-{epoch}.optimizer.safetensors", tensors)]
+    if best_epoch(history) == epoch:
+        files.append((BEST, weights))
+    for name, t in files:
+        write_atomic(ckpt / name, lambda tmp, t=t: save_file(t, str(tmp)))
     write_json(ckpt / STATE, {
         "epoch": epoch, "settings": settings, "history": history,
         "param_groups": state["param_groups"], "scheduler": sched.state_dict(),
@@ -139,6 +144,11 @@ def _save_checkpoint(ckpt: Path, epoch: int, router, opt, sched, settings: dict,
     for old in ckpt.glob("epoch-*.safetensors"):
         if not old.name.startswith(f"epoch-{epoch}."):
             old.unlink()
+
+
+def best_epoch(history: list[dict]) -> int:
+    """The epoch with the lowest held-out MSE (the earliest on ties)."""
+    return min(history, key=lambda h: (h["eval_mse"], h["epoch"]))["epoch"]
 
 
 def _load_checkpoint(ckpt: Path, router, opt, sched, settings: dict) -> tuple[int, list]:
@@ -202,6 +212,8 @@ def train(labels_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, device:
     is_eval = split_questions(q.keys, cfg.eval_fraction, cfg.seed)
     if cfg.inputs not in ("rows", "context"):
         raise PuddingError(f"--inputs must be rows or context, got {cfg.inputs!r}")
+    if cfg.select not in ("best", "last"):
+        raise PuddingError(f"--select must be best or last, got {cfg.select!r}")
     # training items: label rows, or one context per question; each with its question's target
     texts, item_q = ((table.text, q.row_question) if cfg.inputs == "rows"
                      else (q.contexts, np.arange(len(q.keys))))
@@ -271,11 +283,20 @@ def train(labels_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, device:
         if epoch + 1 == stop_after_epoch and epoch + 1 < cfg.epochs:
             return None
     train_seconds = time.perf_counter() - t0
+    selected = best_epoch(history) if cfg.select == "best" else cfg.epochs
+    if selected != cfg.epochs:
+        from safetensors.torch import load_file
+
+        router.load_state_dict(load_file(str(ckpt / BEST)))
+    click.echo(f"keeping epoch {selected} ({cfg.select}; held-out MSE "
+               f"{history[selected - 1]['eval_mse']:.4f})")
 
     router.save(out_dir / "router", tokenizer)
     metrics = evaluate(router, tokenizer, q, table, is_eval, cfg, device)
-    metrics.update(settings=settings, history=history, train_seconds=round(train_seconds, 1),
-                   steps=total)
+    # the held-out questions chose the epoch, so these metrics are slightly optimistic for it;
+    # `pudding eval` on evaluation data is the unbiased measure
+    metrics.update(settings=settings, history=history, selected_epoch=selected,
+                   train_seconds=round(train_seconds, 1), steps=total)
     write_json(done, metrics)
     shutil.rmtree(ckpt)
     return metrics
@@ -372,6 +393,9 @@ def format_metrics(m: dict) -> str:
               "paper) or on each question's context once (what deployment routes on).")
 @click.option("--group-by-length/--no-group-by-length", default=True, show_default=True,
               help="Shuffle, then batch rows of similar token length (less padding).")
+@click.option("--select", type=click.Choice(["best", "last"]), default="best", show_default=True,
+              help="Keep the epoch with the lowest MSE on the held-out training questions, or "
+                   "the last one.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, mps.")
 @click.option("--overwrite", is_flag=True, help="Discard an earlier run or checkpoint in --out.")
 def train_router(labels, out_dir, device, overwrite, **kw):

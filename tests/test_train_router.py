@@ -160,7 +160,8 @@ def test_resume_equals_uninterrupted(tmp_path, tiny_encoder):
                  stop_after_epoch=1) is None
     ckpt = tmp_path / "part" / "checkpoint"
     assert sorted(p.name for p in ckpt.iterdir()) == [
-        "epoch-1.model.safetensors", "epoch-1.optimizer.safetensors", "state.json"]
+        "best.model.safetensors", "epoch-1.model.safetensors", "epoch-1.optimizer.safetensors",
+        "state.json"]
     resumed = train(labels, tmp_path / "part", TrainConfig(**cfg), device="cpu")
     a, b = _weights(tmp_path / "full"), _weights(tmp_path / "part")
     assert a.keys() == b.keys()
@@ -174,6 +175,49 @@ def test_resume_equals_uninterrupted(tmp_path, tiny_encoder):
                  device="cpu")
     assert not np.array_equal(_weights(tmp_path / "zero")["head.weight"], a["head.weight"])
     assert init["settings"]["lr"] == 0.0
+
+
+def test_best_epoch_is_kept(tmp_path, tiny_encoder, monkeypatch):
+    """A held-out curve with a known minimum (MSE 9, 0.25, 1, 4): epoch 2 is kept, with the
+    weights it had after epoch 2; --select last keeps epoch 4."""
+    from safetensors.numpy import load_file
+
+    import convert.train_router as tr
+    from convert.label_store import read_labels
+    from convert.router_metrics import group_questions, split_questions
+
+    labels = write_labels(tmp_path / "labels")
+    t = read_labels(labels)
+    q = group_questions(t.task, t.qid, t.choice, t.gold, t.loglik, t.context)
+    is_eval = split_questions(q.keys, 0.2, 42)
+    y_eval = q.targets("likelihood")[q.row_question][is_eval[q.row_question]]
+    real = tr.predict
+
+    def run(out, stop=None, **kw):
+        offsets = iter([3.0, 0.5, 1.0, 2.0])  # held-out predictions = targets + offset
+
+        def predict(router, ids, pad_id, device, batch_size=64, desc="predict"):
+            if desc == "eval":
+                return (y_eval + next(offsets)).astype(np.float32)
+            return real(router, ids, pad_id, device, batch_size, desc)
+
+        monkeypatch.setattr(tr, "predict", predict)
+        cfg = tr.TrainConfig(backbone=tiny_encoder, epochs=4, batch_size=4, lr=1e-3,
+                             warmup_steps=3, max_length=24, head_init="random", **kw)
+        return tr.train(labels, out, cfg, device="cpu", stop_after_epoch=stop)
+
+    best = run(tmp_path / "best")
+    assert [h["eval_mse"] for h in best["history"]] == pytest.approx([9, 0.25, 1, 4], rel=1e-5)
+    assert best["selected_epoch"] == 2
+    assert run(tmp_path / "two", stop=2) is None
+    after_two = load_file(str(tmp_path / "two" / "checkpoint" / "epoch-2.model.safetensors"))
+    kept = _weights(tmp_path / "best")
+    assert kept.keys() == after_two.keys()
+    for k in kept:
+        np.testing.assert_array_equal(kept[k], after_two[k], err_msg=k)
+    last = run(tmp_path / "last", select="last")
+    assert last["selected_epoch"] == 4
+    assert not np.array_equal(_weights(tmp_path / "last")["head.weight"], kept["head.weight"])
 
 
 def test_untrained_router_predicts_train_mean(tmp_path, tiny_encoder):
