@@ -10,30 +10,17 @@ On disk (the bundle's `router/` layout, read by the MLX port in pudding_mlx/rout
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-ROUTER_CONFIG = "router_config.json"
+from pudding_mlx.bundle import ROUTER_CONFIG, RouterConfig
+from pudding_mlx.files import read_json
+
 WEIGHTS = "model.safetensors"
-
-
-@dataclass
-class RouterConfig:
-    backbone: str
-    num_outputs: int
-    # 64 router tokens keep the router under 3% of dense time to first token at 512 prompt
-    # tokens on SmolLM2-135M (128: 3.6%); examples/results/bench/README.md has the figures.
-    max_length: int = 64
-    pooling: str = "mean"  # "mean" over real tokens, or "cls" (first token)
-    outputs: list[str] = field(default_factory=list)  # candidate names, output order
-    target: str = "likelihood"
-
-    def __post_init__(self):
-        self.backbone = str(self.backbone)
 
 
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
@@ -83,7 +70,7 @@ class Router(nn.Module):
         from transformers import AutoConfig, AutoModel
 
         path = Path(path)
-        config = RouterConfig(**json.loads((path / ROUTER_CONFIG).read_text()))
+        config = RouterConfig.from_dict(read_json(path / ROUTER_CONFIG), str(path / ROUTER_CONFIG))
         enc_config = AutoConfig.from_pretrained(path, trust_remote_code=False)
         encoder = AutoModel.from_config(enc_config, add_pooling_layer=False,
                                         trust_remote_code=False)

@@ -17,8 +17,10 @@ import numpy as np
 
 from pudding_mlx.bundle import (
     MANIFEST,
+    ROUTER_CONFIG,
     Candidate,
     Manifest,
+    RouterConfig,
     RouterInfo,
     read_candidates,
     write_manifest,
@@ -63,17 +65,14 @@ def resolve_static(value: str | None, candidates: list[Candidate]) -> Candidate:
 def read_router_config(router_dir: str | Path, candidates: list[Candidate]):
     """The router's RouterConfig, checked against the candidates (the same names, in any order:
     the manifest keeps the router's output order)."""
-    from .router_model import ROUTER_CONFIG, WEIGHTS, RouterConfig
+    from .router_model import WEIGHTS
 
     router_dir = Path(router_dir)
     for name in (ROUTER_CONFIG, WEIGHTS, "config.json"):
         if not (router_dir / name).is_file():
             raise PuddingError(f"{router_dir / name}: missing (not a trained router folder)")
-    d = read_json(router_dir / ROUTER_CONFIG)
-    try:
-        cfg = RouterConfig(**d)
-    except TypeError as e:
-        raise PuddingError(f"{router_dir / ROUTER_CONFIG}: malformed ({e})") from None
+    path = router_dir / ROUTER_CONFIG
+    cfg = RouterConfig.from_dict(read_json(path), str(path))
     names = [c.name for c in candidates]
     if sorted(cfg.outputs) != sorted(names) or cfg.num_outputs != len(names):
         raise PuddingError(

@@ -184,7 +184,9 @@ def train(labels_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, device:
     from transformers import AutoTokenizer, get_linear_schedule_with_warmup
     from transformers.trainer_pt_utils import get_length_grouped_indices
 
-    from .router_model import Router, RouterConfig
+    from pudding_mlx.bundle import RouterConfig
+
+    from .router_model import Router
 
     labels_dir, out_dir = Path(labels_dir), Path(out_dir)
     if cfg.target not in TARGETS:

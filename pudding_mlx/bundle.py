@@ -27,6 +27,7 @@ from .files import read_json
 
 FORMAT_VERSION = 1
 MANIFEST = "pudding.json"
+ROUTER_CONFIG = "router_config.json"  # in router/: RouterConfig
 LOSSES = ("likelihood", "margin", "perplexity")
 
 
@@ -101,6 +102,31 @@ def read_candidates(path: str | Path) -> tuple[list[Candidate], dict]:
     if len(set(names)) != len(names):
         raise PuddingError(f"{path}: duplicate candidate names {names}")
     return cands, settings if isinstance(settings, dict) else {}
+
+
+@dataclass
+class RouterConfig:
+    backbone: str
+    num_outputs: int
+    # 64 router tokens keep the router under 3% of dense time to first token at 512 prompt
+    # tokens on SmolLM2-135M (128: 3.6%); examples/results/bench/README.md has the figures.
+    max_length: int = 64
+    pooling: str = "mean"  # "mean" over real tokens, or "cls" (first token)
+    outputs: list[str] = field(default_factory=list)  # candidate names, output order
+    target: str = "likelihood"
+
+    def __post_init__(self):
+        self.backbone = str(self.backbone)
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str = ROUTER_CONFIG) -> RouterConfig:
+        """From router_config.json; a missing or unknown key is a one-line BundleError."""
+        if not isinstance(d, dict):
+            raise BundleError(f"{where}: expected a JSON object")
+        try:
+            return cls(**d)
+        except TypeError as e:
+            raise BundleError(f"{where}: malformed ({e})") from None
 
 
 @dataclass

