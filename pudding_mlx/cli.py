@@ -22,6 +22,7 @@ COMMANDS = {
     "info": "pudding_mlx.info:info",
     "bench": "pudding_mlx.bench:bench",
     "eval": "pudding_mlx.evaluate:evaluate",
+    "serve": "pudding_mlx.serve:serve",
     "demo": "convert.demo:demo",
     "search": "convert.search_cli:search",
     "sleb": "convert.sleb:sleb",
