@@ -31,6 +31,8 @@ COMMANDS = {
     "convert": "convert.to_bundle:convert",
     "build": "convert.build:build",
 }
+# the extra that brings a command's packages, where it is not train/coreml
+EXTRAS = {"serve": "serve"}
 
 
 class LazyGroup(click.Group):
@@ -54,7 +56,8 @@ def _missing(name: str, error: ImportError) -> click.Command:
     def stub(args):
         raise PuddingError(
             f"`pudding {name}` needs a package that is not installed ({error}); "
-            "install the extra it belongs to, e.g. pip install 'pudding-mlx[train,coreml]'"
+            "install the extra it belongs to, e.g. "
+            f"pip install 'pudding-mlx[{EXTRAS.get(name, 'train,coreml')}]'"
         )
 
     stub.help = f"(unavailable: {error})"

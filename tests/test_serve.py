@@ -469,6 +469,17 @@ def test_load_every_request_completes_or_gets_503(pm, name):
 def test_serve_cli_errors(tmp_path, monkeypatch, capsys):
     code, _, err = run_cli(["serve", "-b", str(tmp_path / "missing")], monkeypatch, capsys)
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1
+    monkeypatch.setitem(sys.modules, "fastapi", None)  # the extra not installed
+    monkeypatch.delitem(sys.modules, "pudding_mlx.serve")
+    code, _, err = run_cli(["serve", "-b", "x"], monkeypatch, capsys)
+    assert code == 2 and "pip install 'pudding-mlx[serve]'" in err
+
+
+def test_serve_imports_no_torch():
+    code = "import sys; sys.modules['torch'] = None\nimport pudding_mlx.serve\n"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
 
 
 def test_serve_command_stops_cleanly_on_ctrl_c(shared_tiny_bundle):
