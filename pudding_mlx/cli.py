@@ -25,7 +25,10 @@ COMMANDS = {
     "info": "pudding_mlx.info:info",
     "bench": "pudding_mlx.bench:bench",
     "eval": "pudding_mlx.evaluate:evaluate",
+    "serve": "pudding_mlx.serve:serve",
 }
+# the extra that brings a command's packages, where it is not train/coreml
+EXTRAS = {"serve": "serve"}
 
 
 class LazyGroup(click.Group):
@@ -52,7 +55,8 @@ def _missing(name: str, error: ImportError) -> click.Command:
     def stub(args):
         raise PuddingError(
             f"`pudding {name}` needs a package that is not installed ({error}); "
-            "install the extra it belongs to, e.g. pip install 'pudding-mlx[train,coreml]'"
+            "install the extra it belongs to, e.g. "
+            f"pip install 'pudding-mlx[{EXTRAS.get(name, 'train,coreml')}]'"
         )
 
     stub.help = f"(unavailable: {error})"
