@@ -167,14 +167,17 @@ def make_steps(model: str, out: Path, work: Path, p: Profile, data_dir: str | No
                     lambda: candidates_fingerprint(candidates))
 
     def labels_step() -> Step:
-        inputs = {**common, "data": data_identity(data_dir, p.tasks), "tasks": p.tasks,
+        label_tasks = p.label_tasks or p.tasks
+        inputs = {**common, "data": data_identity(data_dir, label_tasks), "tasks": label_tasks,
                   "candidates": previous("search"), "max_examples_per_task":
-                  p.max_examples_per_task, "seed": p.label_seed, "dtype": p.torch_dtype}
+                  p.max_examples_per_task, "label_limits": p.label_limits,
+                  "seed": p.label_seed, "dtype": p.torch_dtype}
         limit = ["--max-examples-per-task", p.max_examples_per_task] \
             if p.max_examples_per_task else []
+        limit += [a for v in p.label_limits for a in ("--task-limit", v)]
         args = ["--candidates", candidates, "--out", labels_dir, "--model", model,
-                "--tasks", tasks, *limit, "--seed", p.label_seed, "--dtype", p.torch_dtype,
-                "--device", p.device, *data_args]
+                "--tasks", ",".join(label_tasks), *limit, "--seed", p.label_seed,
+                "--dtype", p.torch_dtype, "--device", p.device, *data_args]
         return Step("labels", inputs, labels_dir, lambda: _invoke(label, args),
                     lambda: hash_files(labels_dir.glob("*.parquet"), labels_dir))
 
@@ -249,6 +252,9 @@ def _tasks(ctx, param, value):
 @click.option("--samples", type=int, help="Calibration examples per task (search).")
 @click.option("--max-examples-per-task", type=int,
               help="Router-label questions per task (0: all).")
+@click.option("--label-tasks", callback=_tasks, help="Comma-separated tasks to label [profile].")
+@click.option("--label-limits", callback=_tasks,
+              help="Comma-separated TASK=N label caps over --max-examples-per-task [profile].")
 @click.option("--epochs", type=int, help="Router training epochs.")
 @click.option("--batch-size", type=int, help="Router training batch size.")
 @click.option("--lr", type=float, help="Router learning rate.")

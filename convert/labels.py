@@ -48,6 +48,7 @@ class LabelConfig:
     candidates: list[dict]  # {"name", "skip"} in candidates.json order
     tasks: list[str] = field(default_factory=lambda: list(CALIBRATION_TASKS))
     max_examples_per_task: int | None = None
+    task_limits: dict[str, int] = field(default_factory=dict)  # per-task caps over the above
     seed: int = 42
     dtype: str = "auto"  # resolved to a torch dtype name before it is recorded
     batch_size: int = 16
@@ -61,13 +62,25 @@ def candidate_table(path: str | Path) -> list[dict]:
     return [{"name": c.name, "skip": c.skip} for c in read_candidates(path)[0]]
 
 
+def parse_task_limits(values) -> dict[str, int]:
+    """("piqa=2000", ...) -> {"piqa": 2000}."""
+    out = {}
+    for v in values:
+        task, _, n = v.partition("=")
+        if not n.isdigit() or not task:
+            raise PuddingError(f"--task-limit {v!r}: expected TASK=N")
+        out[task.strip()] = int(n)
+    return out
+
+
 def label_examples(cfg: LabelConfig) -> list[Example]:
     """The questions to label: a seeded sample of each task's split, task after task."""
     from pudding_mlx.data import load_examples, sample_examples
 
     return [ex for task in cfg.tasks
             for ex in sample_examples(load_examples(task, cfg.split, cfg.data_dir),
-                                      cfg.max_examples_per_task, cfg.seed)]
+                                      cfg.task_limits.get(task, cfg.max_examples_per_task),
+                                      cfg.seed)]
 
 
 # -- the candidate trie --
@@ -247,6 +260,9 @@ def make_labels(out: str | Path, cfg: LabelConfig, device: str = "auto",
               help="Comma-separated task names.")
 @click.option("--max-examples-per-task", type=int, default=None,
               help="A seeded sample of this many questions per task [default: all].")
+@click.option("--task-limit", "task_limits", multiple=True, callback=lambda c, p, v:
+              parse_task_limits(v), metavar="TASK=N",
+              help="Questions for one task, over --max-examples-per-task (repeatable).")
 @click.option("--split", default="train", show_default=True,
               help="Split to label (HellaSwag 'train' is the fixed validation holdout).")
 @click.option("--seed", type=int, default=42, show_default=True)
@@ -262,7 +278,8 @@ def make_labels(out: str | Path, cfg: LabelConfig, device: str = "auto",
 @click.option("--no-share-prefix", is_flag=True,
               help="Run every candidate from the embeddings (for timing the prefix sharing).")
 @click.option("--overwrite", is_flag=True, help="Discard labels already in --out.")
-def label(candidates_path, out, model, tasks, max_examples_per_task, split, seed, dtype,
+def label(candidates_path, out, model, tasks, max_examples_per_task, task_limits, split, seed,
+          dtype,
           batch_size, shard_size, data_dir, device, no_share_prefix, overwrite):
     """Label training questions with every candidate's answer log-likelihoods (router data).
 
@@ -278,7 +295,8 @@ def label(candidates_path, out, model, tasks, max_examples_per_task, split, seed
         model = model or default_model()
     cfg = LabelConfig(model=str(model), candidates=candidate_table(candidates_path),
                       tasks=[t.strip() for t in tasks.split(",") if t.strip()],
-                      max_examples_per_task=max_examples_per_task, seed=seed, dtype=dtype,
+                      max_examples_per_task=max_examples_per_task, task_limits=task_limits,
+                      seed=seed, dtype=dtype,
                       batch_size=batch_size, shard_size=shard_size, data_dir=data_dir,
                       split=split)
     meta = make_labels(out, cfg, device=device, overwrite=overwrite,

@@ -207,6 +207,8 @@ def test_profiles():
     assert (paper.losses, paper.samples, paper.k, paper.max_examples_per_task) == (
         ("likelihood", "margin"), 128, 6, None)
     assert (paper.epochs, paper.batch_size, paper.lr) == (10, 32, 1e-5)
+    assert paper.label_tasks == (*paper.tasks, "openbookqa")
+    assert paper.label_limits == ("piqa=2000", "winogrande=2000")
     quick = make_profile("quick", k=3, tasks=["piqa"], max_examples_per_task=0)
     assert (quick.k, quick.tasks, quick.max_examples_per_task) == (3, ("piqa",), None)
     assert make_profile("quick", epochs=None).epochs == PROFILES["quick"].epochs

@@ -214,3 +214,16 @@ def test_stale_temp_files_are_removed(tmp_path):
         f.write_text("partial")
     assert remove_stale_temps(tmp_path) == [dead]
     assert live.exists() and not dead.exists()
+
+
+def test_task_limits_cap_single_tasks(setup):
+    from convert.labels import label_examples, parse_task_limits
+    from pudding_mlx.errors import PuddingError
+
+    root, _, _ = setup
+    limits = parse_task_limits(["arc_easy=2", "piqa=0"])
+    assert limits == {"arc_easy": 2, "piqa": 0}
+    got = label_examples(_config(root, task_limits=limits))
+    assert [sum(e.task == t for e in got) for t in ("arc_easy", "piqa", "winogrande")] == [2, 0, 2]
+    with pytest.raises(PuddingError, match="TASK=N"):
+        parse_task_limits(["piqa"])
