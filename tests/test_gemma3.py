@@ -9,13 +9,14 @@ types. Types of the tiny model: sliding, sliding, full, sliding, sliding, full (
 from __future__ import annotations
 
 import copy
+import json
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
 import torch
-from helpers import CORPUS, tiny_gemma3
+from helpers import CORPUS, tiny_gemma3, tiny_llama, tiny_router
 from mlx_lm.models.cache import KVCache, RotatingKVCache, make_prompt_cache
 
 from pudding_mlx import arch
@@ -175,3 +176,49 @@ def test_fake_positional_model_is_refused():
         assert "\n" not in str(e.value)
         assert "_IndexedBlocks.__call__ ties each block's behaviour to its position" in str(e.value)
         assert "`enumerate(self.layers`" in str(e.value)
+
+
+def _convert_inputs(root, names: list[str]):
+    tiny_router(root / "router", names, max_length=32)
+    sets = {"a": [2], "b": [0, 4], "c": [1, 5]}
+    (root / "candidates.json").write_text(json.dumps({"candidates": [
+        {"name": n, "skip": sets[n], "task": "arc_easy", "loss": "likelihood",
+         "k": len(sets[n])} for n in names]}))
+
+
+def test_convert_and_load_a_gemma3_bundle(pair, ids, tmp_path):
+    """`pudding convert` of the tiny Gemma 3: the parity gate passes on a set that skips a
+    full-attention block, no block is protected, and routed logits are torch's."""
+    import pudding_mlx
+    from convert.to_bundle import ConvertSettings, MLXSettings, write_bundle
+
+    hf, tok, _ = pair
+    hf.save_pretrained(tmp_path / "hf")
+    tok.save_pretrained(tmp_path / "hf")
+    _convert_inputs(tmp_path, ["a", "b", "c"])
+    out = tmp_path / "bundle"
+    m = write_bundle(str(tmp_path / "hf"), tmp_path / "candidates.json", tmp_path / "router",
+                     out, ConvertSettings(MLXSettings("float32"), coreml=False))
+    assert m.protected == []
+    results = m.extra["parity"]["results"]
+    assert [r["skip"] for r in results] == [[], [2]]
+    assert all(r["max_abs_logprob"] <= 1e-3 for r in results)
+    pm = pudding_mlx.load(out, router_backend="mlx")
+    for skip in ([0, 4], [1, 5]):
+        got = np.array(pm.view(skip)(mx.array([ids])))[0]
+        assert np.abs(got - reference(hf, ids, skip)).max() <= 1e-3
+
+
+def test_convert_refuses_a_position_dependent_architecture(tmp_path):
+    """Cohere 2 in mlx-lm picks each block's mask by loop index: refused after the MLX
+    conversion, with one line, and no bundle is written."""
+    from convert.to_bundle import ConvertSettings, MLXSettings, write_bundle
+
+    tiny_llama(tmp_path / "hf", model_type="cohere2")
+    _convert_inputs(tmp_path, ["a", "b"])
+    out = tmp_path / "bundle"
+    with pytest.raises(PuddingError) as e:
+        write_bundle(str(tmp_path / "hf"), tmp_path / "candidates.json", tmp_path / "router",
+                     out, ConvertSettings(MLXSettings("float32"), coreml=False))
+    assert "CohereModel.__call__ ties each block's behaviour to its position" in str(e.value)
+    assert "\n" not in str(e.value) and not out.exists()
