@@ -98,10 +98,11 @@ def tiny_llama(
 
 
 def tiny_gemma3(path: str | Path, num_layers: int = 6, window: int = 4, pattern: int = 3,
-                seed: int = 0):
+                seed: int = 0, rope_thetas: tuple[float, float] | None = None):
     """Save a random tiny HF Gemma 3 text model (`Gemma3ForCausalLM`) with its tokenizer.
 
     Every `pattern`-th block has full attention, the others a sliding window of `window` tokens.
+    `rope_thetas` (full, sliding) replaces Gemma 3's default RoPE bases (1e6, 1e4).
     Returns (torch model in fp32 eval mode, tokenizer).
     """
     import torch
@@ -124,6 +125,10 @@ def tiny_gemma3(path: str | Path, num_layers: int = 6, window: int = 4, pattern:
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
     )
+    if rope_thetas is not None:
+        config.rope_parameters = {t: {"rope_type": "default", "rope_theta": theta}
+                                  for t, theta in zip(("full_attention", "sliding_attention"),
+                                                      rope_thetas, strict=True)}
     model = Gemma3ForCausalLM(config).float().eval()
     with torch.no_grad():  # wide weights, and norms away from 1 (Gemma scales by 1 + weight)
         for p in model.parameters():

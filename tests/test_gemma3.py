@@ -22,7 +22,7 @@ from mlx_lm.models.cache import KVCache, RotatingKVCache, make_prompt_cache
 from pudding_mlx import arch
 from pudding_mlx.errors import PuddingError
 from pudding_mlx.masking import SkipView, check_skip, num_blocks, protected_blocks, skip_view
-from pudding_mlx.model import load_lm
+from pudding_mlx.model import load_lm, rope_theta_fix
 
 WINDOW = 4
 SKIPS = [[], [2], [0], [3], [1, 5], [2, 5], [0, 1, 3, 4], [0, 2, 4]]
@@ -222,3 +222,18 @@ def test_convert_refuses_a_position_dependent_architecture(tmp_path):
                      out, ConvertSettings(MLXSettings("float32"), coreml=False))
     assert "CohereModel.__call__ ties each block's behaviour to its position" in str(e.value)
     assert "\n" not in str(e.value) and not out.exists()
+
+
+def test_rope_bases_come_from_rope_parameters(ids, tmp_path):
+    """transformers 5 nests Gemma 3's two RoPE bases by attention type; mlx-lm would silently
+    use its defaults (1e6, 1e4) without the config fix."""
+    from mlx_lm import load as lm_load
+
+    hf, _ = tiny_gemma3(tmp_path, window=WINDOW, rope_thetas=(5e3, 100.0))
+    model, _, config = load_lm(tmp_path)
+    assert rope_theta_fix(config) == {"rope_theta": 5e3, "rope_local_base_freq": 100.0}
+    for skip in ([], [2]):
+        out = np.array(skip_view(model, skip)(mx.array([ids])))[0]
+        assert np.abs(out - reference(hf, ids, skip)).max() <= 1e-3
+    unfixed, _ = lm_load(str(tmp_path))
+    assert np.abs(np.array(unfixed(mx.array([ids])))[0] - reference(hf, ids, [])).max() > 1e-2
