@@ -102,7 +102,9 @@ def tiny_gemma3(path: str | Path, num_layers: int = 6, window: int = 4, pattern:
     """Save a random tiny HF Gemma 3 text model (`Gemma3ForCausalLM`) with its tokenizer.
 
     Every `pattern`-th block has full attention, the others a sliding window of `window` tokens.
-    `rope_thetas` (full, sliding) replaces Gemma 3's default RoPE bases (1e6, 1e4).
+    `rope_thetas` (full, sliding) replaces Gemma 3's default RoPE bases (1e6, 1e4). Hidden
+    size 64: mlx-lm rounds the embedding scale sqrt(hidden) to bf16, HF in fp32 does not, and
+    sqrt(64) is exact in both (sqrt(40) would put fp32 logits 1e-2 apart).
     Returns (torch model in fp32 eval mode, tokenizer).
     """
     import torch
