@@ -68,6 +68,18 @@ def test_types_and_protection(pair):
     assert check_skip(model, [0, 2]) == (0, 2)
 
 
+def test_arch_forward_over_all_blocks_is_mlx_lm_s(pair, ids):
+    """pudding's copy of the forward equals mlx-lm's own (which runs the dense route), also
+    with caches: a change of gemma3_text in a newer mlx-lm shows up here."""
+    _, _, model = pair
+    view = SkipView(model, [])
+    assert np.array_equal(np.array(view(mx.array([ids]))), np.array(model(mx.array([ids]))))
+    a, b = make_prompt_cache(view), make_prompt_cache(model)
+    for chunk in (ids[:7], ids[7:12], ids[12:13]):
+        assert np.array_equal(np.array(view(mx.array([chunk]), cache=a)),
+                              np.array(model(mx.array([chunk]), cache=b)))
+
+
 @pytest.mark.parametrize("skip", SKIPS, ids=str)
 def test_skipped_logits_match_torch(pair, ids, skip):
     hf, _, model = pair
