@@ -12,8 +12,8 @@ the context. That is the same computation as one row per request, with the conte
 
 The blocks are run one by one (`BlockRunner`) instead of through `model.forward`, so callers
 can keep hidden states between blocks (the search reuses shared prefixes). This follows the
-LLaMA/Qwen2/Mistral decoder forward: embed_tokens, rotary_emb, blocks, norm, lm_head; models
-that add embedding scaling or logit soft-capping are not covered.
+LLaMA/Qwen2/Mistral decoder forward: embed_tokens, rotary_emb, blocks under one causal mask,
+norm, lm_head; other architectures (Gemma 3: RoPE and mask per layer type) are refused.
 """
 
 from __future__ import annotations
@@ -63,10 +63,32 @@ def _pack_rows(token_requests: list[TokenRequest], max_length: int) -> list[list
     return rows
 
 
+# The HF model types whose forward BlockRunner reproduces (tests/test_scoring.py checks each).
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+def check_supported(model) -> int | None:
+    """Refuse a model whose forward BlockRunner does not reproduce (it would score it wrongly);
+    returns the sliding window every block applies (Mistral), if any."""
+    config = model.config
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise PuddingError(
+            f"{type(model).__name__} (model_type {model_type!r}): block-by-block scoring "
+            f"follows the LLaMA decoder forward and supports only model types "
+            f"{', '.join(SUPPORTED_MODEL_TYPES)}; it would score this model wrongly")
+    if "sliding_attention" in (getattr(config, "layer_types", None) or ()):
+        raise PuddingError(
+            f"{type(model).__name__}: config.layer_types has sliding-window layers; "
+            "block-by-block scoring applies one causal mask to every block")
+    return getattr(config, "sliding_window", None) if model_type == "mistral" else None
+
+
 class BlockRunner:
     """Runs an HF decoder block by block on packed request batches."""
 
     def __init__(self, model):
+        self.window = check_supported(model)
         self.model = model
         self.inner = model.model
         self.layers = list(decoder_layers(model))
@@ -93,6 +115,11 @@ class BlockRunner:
         for start in range(0, len(order), batch_size):
             chunk = [rows[j] for j in order[start:start + batch_size]]
             T = max(lengths[j] for j in order[start:start + batch_size])
+            if self.window is not None and self.window < T:
+                raise PuddingError(
+                    f"a packed row of {T} tokens is longer than the model's sliding window "
+                    f"({self.window}), which block-by-block scoring does not apply; "
+                    f"use max_length <= {self.window}")
             ids = np.zeros((len(chunk), T), dtype=np.int64)
             pos = np.zeros((len(chunk), T), dtype=np.int64)
             seg = np.full((len(chunk), T), -1, dtype=np.int64)

@@ -27,8 +27,15 @@ def skipped(model, skip: Iterable[int]):
 
     layers = decoder_layers(model)
     skip = set(check_skip_set(skip, len(layers)))
+    # HF forwards pick each layer's mask (Gemma 3: and RoPE) by index in config.layer_types.
+    config = model.model.config
+    types = getattr(config, "layer_types", None)
     model.model.layers = torch.nn.ModuleList(b for i, b in enumerate(layers) if i not in skip)
+    if isinstance(types, list) and len(types) == len(layers):
+        config.layer_types = [t for i, t in enumerate(types) if i not in skip]
     try:
         yield model
     finally:
         model.model.layers = layers
+        if isinstance(types, list):
+            config.layer_types = types

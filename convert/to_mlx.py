@@ -125,8 +125,9 @@ def needs_hf_folder(source: str | Path) -> bool:
 def fix_mlx_config(folder: str | Path) -> dict:
     """Write the keys mlx-lm reads at the top level of config.json; returns what was added.
 
-    transformers 5 keeps rope_theta (and the scaling) under `rope_parameters`; mlx-lm 0.32
-    reads `rope_theta` / `rope_scaling` and silently falls back to 1e4 / no scaling.
+    transformers 5 keeps rope_theta (and the scaling) under `rope_parameters` (Gemma 3: one
+    entry per attention type); mlx-lm 0.32 reads `rope_theta` / `rope_scaling` (Gemma 3 also
+    `rope_local_base_freq`) and silently falls back to its defaults / no scaling.
     """
     from pudding_mlx.model import rope_theta_fix
 
@@ -134,6 +135,8 @@ def fix_mlx_config(folder: str | Path) -> dict:
     config = json.loads(path.read_text())
     added = rope_theta_fix(config)
     params = config.get("rope_parameters")
+    if isinstance(params, dict):  # Gemma 3: mlx-lm scales the full-attention blocks only
+        params = params.get("full_attention", params)
     if (isinstance(params, dict) and params.get("rope_type", "default") != "default"
             and not config.get("rope_scaling")):
         added["rope_scaling"] = {k: v for k, v in params.items() if k != "rope_theta"}

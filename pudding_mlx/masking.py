@@ -8,6 +8,11 @@ make caches only for the kept blocks.
 mlx-lm models build the attention mask from one block's cache: `cache[0]`, or `cache[self.X]`
 for an index attribute X such as `fa_idx` / `swa_idx`. Those blocks are protected (no skip set
 may contain them) and their indices are remapped into the shortened list while the view runs.
+
+A forward that ties a block's behaviour to its position in the list (`enumerate(self.layers)`,
+a per-block list zipped with it, a computed cache index) would give kept blocks the wrong
+attention in a shortened list. Such models run through their forward in `arch` (Gemma 3), or
+are refused.
 """
 
 from __future__ import annotations
@@ -20,16 +25,32 @@ from functools import cache
 
 import mlx.nn as nn
 
+from .arch import arch_forward
 from .bundle import check_skip_set
 from .errors import PuddingError
 
 _CACHE_INDEX = re.compile(r"cache\[self\.(\w+)\]")
+_POSITIONAL = re.compile(
+    r"enumerate\(\s*(?:zip\(\s*)?self\.(?:pipeline_)?layers\b"  # a block's loop index
+    r"|zip\(\s*self\.(?:pipeline_)?layers\s*,(?!\s*cache\s*\))"  # zipped with a per-block list
+    r"|self\.layers\s*\["  # a block picked by index
+    r"|cache\[(?!(?:0|-1|self\.\w+)\])[^\]\n]*\]"  # a cache picked by a computed index
+)
 
 
 def layer_owner(model: nn.Module) -> nn.Module:
-    """The module whose `layers` attribute is the list of transformer blocks."""
+    """The module whose `layers` attribute is the list of transformer blocks; refuses a model
+    whose forward depends on block positions unless `arch` has a forward for it."""
     for owner in (getattr(model, "model", None), model):
         if isinstance(owner, nn.Module) and isinstance(owner.get("layers"), list):
+            where = _positional_use(type(owner))
+            if where and arch_forward(model) is None:
+                raise PuddingError(
+                    f"{type(model).__module__}.{type(model).__name__}: "
+                    f"{type(owner).__name__}.__call__ ties each block's behaviour to its "
+                    f"position in the block list (`{where}`), so skipping blocks would change "
+                    "the kept ones; pudding has no forward for this architecture"
+                )
             return owner
     raise PuddingError(
         f"{type(model).__module__}.{type(model).__name__} has no `model.layers` list of "
@@ -51,9 +72,22 @@ def _mask_index_attrs(cls: type) -> tuple[tuple[str, ...], bool]:
     return tuple(dict.fromkeys(_CACHE_INDEX.findall(source))), "cache[0]" in source
 
 
+@cache
+def _positional_use(cls: type) -> str | None:
+    """Where cls's forward ties a block's behaviour to its position in the list, if it does."""
+    try:
+        source = inspect.getsource(cls.__call__)
+    except (AttributeError, OSError, TypeError):
+        return None
+    found = _POSITIONAL.search(source)
+    return " ".join(found.group().split()) if found else None
+
+
 def protected_blocks(model: nn.Module) -> set[int]:
     """The blocks whose cache the model's mask code reads; no skip set may contain them."""
     owner = layer_owner(model)
+    if arch_forward(model) is not None:  # masks come from any kept block of the right type
+        return set()
     attrs, uses_first = _mask_index_attrs(type(owner))
     blocks = {0} if uses_first else set()
     for name in attrs:
@@ -88,8 +122,11 @@ class SkipView(nn.Module):
         object.__setattr__(self, "kept", kept)
         object.__setattr__(self, "_owner", owner)
         object.__setattr__(self, "_blocks", [owner.layers[i] for i in self.kept])
+        # Models whose forward depends on block positions run the kept blocks through their
+        # `arch` forward; the others through mlx-lm's own, over a temporarily shortened list.
+        object.__setattr__(self, "arch_forward", arch_forward(model))
         position = {b: j for j, b in enumerate(kept)}
-        attrs, _ = _mask_index_attrs(type(owner))
+        attrs = _mask_index_attrs(type(owner))[0] if self.arch_forward is None else ()
         object.__setattr__(self, "_indices", {
             name: position[getattr(owner, name)]
             for name in attrs
@@ -114,7 +151,11 @@ class SkipView(nn.Module):
 
     @contextmanager
     def active(self) -> Iterator[None]:
-        """Within this context the base model itself runs only the kept blocks."""
+        """Within this context the base model itself runs only the kept blocks (not for a
+        model with an `arch_forward`: its own forward would give them the wrong attention)."""
+        if self.arch_forward is not None:
+            raise PuddingError(f"{type(self.base).__name__} runs its kept blocks through "
+                               "pudding_mlx.arch; call the view instead")
         owner = self._owner
         saved_layers = owner.layers
         saved = {name: getattr(owner, name) for name in self._indices}
@@ -129,6 +170,8 @@ class SkipView(nn.Module):
                 setattr(owner, name, value)
 
     def __call__(self, *args, **kwargs):
+        if self.arch_forward is not None:
+            return self.arch_forward(self.base, self._blocks, *args, **kwargs)
         with self.active():
             return self.base(*args, **kwargs)
 

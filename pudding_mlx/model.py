@@ -167,14 +167,22 @@ class PuddingModel:
 
 
 def rope_theta_fix(config: dict) -> dict:
-    """mlx-lm overrides for a config whose rope_theta sits only under `rope_parameters`.
+    """mlx-lm overrides for a config whose RoPE bases sit only under `rope_parameters`.
 
-    mlx-lm 0.32 reads the top-level key and silently falls back to 1e4 otherwise.
+    mlx-lm 0.32 reads the top-level keys and silently falls back to its defaults otherwise.
+    Gemma 3 keeps one entry per attention type; mlx-lm reads the full-attention base as
+    `rope_theta` and the sliding one as `rope_local_base_freq`.
     """
     params = config.get("rope_parameters")
-    if "rope_theta" not in config and isinstance(params, dict) and "rope_theta" in params:
-        return {"rope_theta": float(params["rope_theta"])}
-    return {}
+    if not isinstance(params, dict):
+        return {}
+    if isinstance(params.get("full_attention"), dict):
+        sources = {"rope_theta": params["full_attention"],
+                   "rope_local_base_freq": params.get("sliding_attention")}
+    else:
+        sources = {"rope_theta": params}
+    return {key: float(p["rope_theta"]) for key, p in sources.items()
+            if key not in config and isinstance(p, dict) and "rope_theta" in p}
 
 
 def load_lm(folder: str | Path, lazy: bool = False):

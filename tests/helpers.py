@@ -97,6 +97,49 @@ def tiny_llama(
     return model, tok
 
 
+def tiny_gemma3(path: str | Path, num_layers: int = 6, window: int = 4, pattern: int = 3,
+                seed: int = 0, rope_thetas: tuple[float, float] | None = None):
+    """Save a random tiny HF Gemma 3 text model (`Gemma3ForCausalLM`) with its tokenizer.
+
+    Every `pattern`-th block has full attention, the others a sliding window of `window` tokens.
+    `rope_thetas` (full, sliding) replaces Gemma 3's default RoPE bases (1e6, 1e4). Hidden
+    size 64: mlx-lm rounds the embedding scale sqrt(hidden) to bf16, HF in fp32 does not, and
+    sqrt(64) is exact in both (sqrt(40) would put fp32 logits 1e-2 apart).
+    Returns (torch model in fp32 eval mode, tokenizer).
+    """
+    import torch
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    tok = tiny_bpe_tokenizer()
+    torch.manual_seed(seed)
+    config = Gemma3TextConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        sliding_window=window,
+        sliding_window_pattern=pattern,
+        max_position_embeddings=512,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    if rope_thetas is not None:
+        config.rope_parameters = {t: {"rope_type": "default", "rope_theta": theta}
+                                  for t, theta in zip(("full_attention", "sliding_attention"),
+                                                      rope_thetas, strict=True)}
+    model = Gemma3ForCausalLM(config).float().eval()
+    with torch.no_grad():  # wide weights, and norms away from 1 (Gemma scales by 1 + weight)
+        for p in model.parameters():
+            p.normal_(0.0, 0.15 if p.dim() > 1 else 0.1)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return model, tok
+
+
 def tiny_router(path: str | Path | None, outputs: list[str], max_length: int = 32, seed: int = 0,
                 pooling: str = "mean"):
     """A random tiny BERT router (convert.router_model.Router); saved to `path` when given."""

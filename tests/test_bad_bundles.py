@@ -170,6 +170,28 @@ def test_architecture_without_layers_list(bundle, monkeypatch, capsys):
                     f"{bundle}/model/config.json: model_type 'gpt2'", "no `model.layers` list")
 
 
+def test_architecture_with_position_dependent_blocks(bundle, monkeypatch, capsys):
+    """A Cohere 2 mlx-lm folder: its forward picks each block's mask by loop index, which a
+    skipped block would shift, and pudding has no forward of its own for it."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_lm.models import cohere2
+
+    config = {"model_type": "cohere2", "hidden_size": 32, "head_dim": 8, "num_hidden_layers": 6,
+              "intermediate_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
+              "vocab_size": 320, "sliding_window": 8, "sliding_window_pattern": 3}
+    model = cohere2.Model(cohere2.ModelArgs(**config))
+    mx.save_safetensors(str(bundle / "model/model.safetensors"),
+                        dict(tree_flatten(model.parameters())))
+    (bundle / "model/config.json").write_text(json.dumps(config))
+    rehash(bundle)
+    assert_one_line(*generate(bundle, monkeypatch, capsys),
+                    f"{bundle}/model/config.json: model_type 'cohere2'",
+                    "position in the block list (`cache[j - 1]`)")
+    with pytest.raises(BundleError, match="CohereModel.__call__ ties each block's behaviour"):
+        pudding_mlx.load(bundle)
+
+
 @pytest.mark.parametrize("model_type, phrase", [
     ("cache", "mlx-lm cannot load this model"),  # a module of mlx_lm.models without a Model
     ("no_such_arch", "not supported"),

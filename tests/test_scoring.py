@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import tiny_llama
+from helpers import tiny_gemma3, tiny_llama
 
-from convert.scoring import answer_logprobs, dtype_check
+from convert.scoring import BlockRunner, answer_logprobs, dtype_check
 from convert.skip import skipped
+from pudding_mlx.errors import PuddingError
 
 REQUESTS = [
     ("Question: Which gas do plants absorb from the air?\nAnswer:", " carbon dioxide"),
@@ -37,7 +38,7 @@ def reference(model, tok, context, continuation, skip=()):
     return sum(lps) / len(lps), sum(lps)
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2"])
+@pytest.fixture(scope="module", params=["llama", "qwen2", "mistral"])
 def tiny(request, tmp_path_factory):
     return tiny_llama(tmp_path_factory.mktemp(request.param), num_layers=5,
                       model_type=request.param)
@@ -51,6 +52,32 @@ def test_answer_logprobs_match_hand_computed(tiny, skip):
     total = answer_logprobs(model, tok, REQUESTS, skip=skip, batch_size=3, reduce="sum")
     assert mean == pytest.approx([r[0] for r in ref], abs=1e-5)
     assert total == pytest.approx([r[1] for r in ref], abs=1e-4)
+
+
+def test_unsupported_architectures_are_refused(tiny, tmp_path):
+    """Scores that BlockRunner's LLaMA-style forward would get wrong are refused in one line:
+    Gemma 3 (RoPE and mask per layer type), sliding-window layers, and (Mistral) rows longer
+    than the window."""
+    gemma, tok = tiny_gemma3(tmp_path / "gemma3")
+    with pytest.raises(PuddingError, match=r"Gemma3ForCausalLM \(model_type 'gemma3_text'\)"):
+        answer_logprobs(gemma, tok, REQUESTS[:1])
+    model, tok = tiny
+    config = model.config
+    if config.model_type == "qwen2":
+        saved = list(config.layer_types)
+        config.layer_types = ["full_attention", "sliding_attention"] + saved[2:]
+        try:
+            with pytest.raises(PuddingError, match="sliding-window layers"):
+                BlockRunner(model)
+        finally:
+            config.layer_types = saved
+    if config.model_type == "mistral":
+        saved, config.sliding_window = config.sliding_window, 8
+        try:
+            with pytest.raises(PuddingError, match=r"longer than the model's sliding window \(8\)"):
+                answer_logprobs(model, tok, REQUESTS[:1])
+        finally:
+            config.sliding_window = saved
 
 
 def test_trailing_space_moves_to_continuation(tiny):

@@ -66,6 +66,12 @@ def test_fix_mlx_config(tmp_path):
     assert added["rope_scaling"]["rope_type"] == "llama3"
     assert "rope_theta" not in added["rope_scaling"]
 
+    gemma3 = {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+              "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}
+    (tmp_path / "config.json").write_text(json.dumps({"rope_parameters": gemma3}))
+    assert fix_mlx_config(tmp_path) == {"rope_theta": 1e6, "rope_local_base_freq": 1e4,
+                                        "rope_scaling": {"rope_type": "linear", "factor": 8.0}}
+
 
 def test_float32_conversion_matches_torch(tiny):
     from mlx_lm import load
