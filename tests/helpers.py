@@ -1,9 +1,11 @@
-"""Tiny random models and tokenizers built in-test (no downloads), shared by the test modules."""
+"""Tiny random models and tokenizers built in-test (no downloads), and the independent
+references (plain HF torch, plain mlx-lm) that the test modules compare against."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 CORPUS = [
     "Question: Which gas do plants absorb from the air?\nAnswer: carbon dioxide",
@@ -250,3 +252,73 @@ def run_cli(args, monkeypatch, capsys, stdin: bytes | None = None):
         code = e.code
     out = capsys.readouterr()
     return code, out.out, out.err
+
+
+# --- independent references: plain HF torch and plain mlx-lm, blocks removed by hand -----------
+# (written out here rather than with convert.skip or pudding_mlx.masking, the code they check)
+
+
+def torch_logits(model, ids, skip=()):
+    """Logits of one plain HF torch forward (no cache) with the blocks in `skip` removed from
+    the model's layer list: [T, V] for one sequence of token ids, [B, T, V] for a [B, T] batch."""
+    import torch
+
+    ids = torch.as_tensor(ids)
+    batch = ids if ids.dim() == 2 else ids[None]
+    layers = model.model.layers
+    model.model.layers = torch.nn.ModuleList(b for i, b in enumerate(layers) if i not in skip)
+    try:
+        with torch.no_grad():
+            logits = model(batch, use_cache=False).logits
+    finally:
+        model.model.layers = layers
+    return logits if ids.dim() == 2 else logits[0]
+
+
+def torch_greedy(model, ids, skip, n: int, eos: int | None = None) -> list[int]:
+    """Up to n tokens of greedy decoding after `ids` by HF torch with the blocks in `skip`
+    removed, one full forward per token; stops after `eos` (which is kept) when given."""
+    out: list[int] = []
+    while len(out) < n and (eos is None or not out or out[-1] != eos):
+        out.append(int(torch_logits(model, [*ids, *out], skip)[-1].argmax()))
+    return out
+
+
+def mlx_logits(model, ids, skip=()):
+    """Logits [T, V] (fp32 numpy) of one plain mlx-lm forward (no cache) with the blocks in
+    `skip` taken out of model.model.layers."""
+    import mlx.core as mx
+    import numpy as np
+
+    inner = model.model
+    layers = inner.layers
+    inner.layers = [b for i, b in enumerate(layers) if i not in skip]
+    try:
+        return np.array(model(mx.array([list(ids)]))[0].astype(mx.float32))
+    finally:
+        inner.layers = layers
+
+
+class TorchRoute(NamedTuple):
+    index: int  # into the router's outputs
+    name: str
+    scores: object  # numpy [num_outputs]
+
+
+def torch_route(router, tokenizer, prompt: str) -> TorchRoute:
+    """The torch router's choice for `prompt`, read from its first router.config.max_length
+    tokens (convert.router_model.Router and its HF tokenizer)."""
+    import torch
+
+    enc = tokenizer(prompt, truncation=True, max_length=router.config.max_length,
+                    return_tensors="pt")
+    with torch.no_grad():
+        scores = router(enc["input_ids"], enc["attention_mask"])[0].numpy()
+    index = int(scores.argmax())
+    return TorchRoute(index, router.config.outputs[index], scores)
+
+
+def chat_ids(tokenizer, text: str) -> list[int]:
+    """The ids the LLM sees for a user message: the HF chat template, generation prompt added."""
+    return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=True,
+                                         add_generation_prompt=True, return_dict=False)

@@ -6,9 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
-from helpers import tiny_llama, tiny_router
+from helpers import mlx_logits, tiny_llama, tiny_router, torch_greedy, torch_logits, torch_route
 
 from pudding_mlx.bundle import hash_tree, read_manifest, verify_files
 from pudding_mlx.cli import cli
@@ -25,33 +24,6 @@ CANDIDATES = [
 NAMES = [c["name"] for c in CANDIDATES]
 PROMPTS = ["Which gas do plants absorb from the air?", "hello, how are you today?",
            "She poured the water into the glass because the glass was empty."]
-
-
-def removed(model, skip):
-    """The torch model with the blocks in `skip` dropped from its layer list (restores after)."""
-    class Ctx:
-        def __enter__(self):
-            self.layers = model.model.layers
-            model.model.layers = torch.nn.ModuleList(
-                b for i, b in enumerate(self.layers) if i not in skip)
-            return model
-
-        def __exit__(self, *exc):
-            model.model.layers = self.layers
-
-    return Ctx()
-
-
-def torch_logits(model, ids, skip):
-    with torch.no_grad(), removed(model, skip):
-        return model(input_ids=torch.tensor([ids]), use_cache=False).logits[0].numpy()
-
-
-def torch_greedy(model, ids, skip, n):
-    ids = list(ids)
-    for _ in range(n):
-        ids.append(int(torch_logits(model, ids, skip)[-1].argmax()))
-    return ids[-n:]
 
 
 @pytest.fixture(scope="module")
@@ -102,21 +74,14 @@ def test_bundle_manifest_and_files(inputs, bundle):
 
 def test_bundle_model_matches_torch(inputs, bundle):
     """Plain mlx_lm.load of bundle/model, blocks removed by hand, against HF torch."""
-    import mlx.core as mx
     from mlx_lm import load
 
     _, model, tok, _, _ = inputs
     mlx_model, _ = load(str(bundle / "model"))
     ids = tok.encode("Question: How do you boil an egg?\nAnswer: put it in boiling water")
     for skip in [[], *[c["skip"] for c in CANDIDATES]]:
-        inner = mlx_model.model
-        layers = inner.layers
-        inner.layers = [b for i, b in enumerate(layers) if i not in skip]
-        try:
-            got = np.array(mlx_model(mx.array([ids]))[0].astype(mx.float32))
-        finally:
-            inner.layers = layers
-        assert np.abs(got - torch_logits(model, ids, skip)).max() <= 1e-3, skip
+        got = mlx_logits(mlx_model, ids, skip)
+        assert np.abs(got - torch_logits(model, ids, skip).numpy()).max() <= 1e-3, skip
 
 
 def test_routed_generate_matches_torch(inputs, bundle):
@@ -128,9 +93,7 @@ def test_routed_generate_matches_torch(inputs, bundle):
     pm = pudding_mlx.load(bundle, router_backend="mlx")
     for prompt in PROMPTS:
         route = pm.route(prompt)
-        enc = rtok(prompt, return_tensors="pt")
-        with torch.no_grad():
-            want = int(router(enc["input_ids"], enc["attention_mask"]).argmax())
+        want = torch_route(router, rtok, prompt).index
         assert route.name == NAMES[want]
         assert route.skip == CANDIDATES[want]["skip"]
         ids = pm.encode(prompt)
@@ -266,7 +229,4 @@ def test_candidates_in_another_order_than_router_outputs(inputs, tmp_path):
     assert result.exit_code == 0, result.output
     pm = pudding_mlx.load(tmp_path / "b", router_backend="mlx")
     for prompt in PROMPTS:
-        enc = rtok(prompt, return_tensors="pt")
-        with torch.no_grad():
-            want = int(router(enc["input_ids"], enc["attention_mask"]).argmax())
-        assert pm.route(prompt).name == NAMES[want]
+        assert pm.route(prompt).name == torch_route(router, rtok, prompt).name

@@ -6,9 +6,8 @@ from __future__ import annotations
 import re
 
 import pytest
-import torch
 from click.testing import CliRunner
-from helpers import tiny_bundle
+from helpers import chat_ids, tiny_bundle, torch_greedy, torch_route
 
 import pudding_mlx
 from convert.demo import PROMPTS, cache_folder, run_prompt
@@ -20,38 +19,14 @@ def built(tmp_path_factory):
     return tiny_bundle(tmp_path_factory.mktemp("demo") / "b")
 
 
-def torch_route(built, prompt: str) -> str:
-    enc = built.router_tokenizer(prompt, truncation=True, max_length=32, return_tensors="pt")
-    with torch.no_grad():
-        scores = built.router(enc["input_ids"], enc["attention_mask"])[0]
-    return built.manifest.router.outputs[int(scores.argmax())]
-
-
-def torch_greedy(built, prompt: str, skip: list[int], n: int) -> list[int]:
-    """HF greedy decoding of the chat-templated prompt with the blocks in `skip` removed."""
-    hf, tok = built.model, built.tokenizer
-    ids = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True,
-                                  add_generation_prompt=True, return_dict=False)
-    full = hf.model.layers
-    hf.model.layers = torch.nn.ModuleList(b for i, b in enumerate(full) if i not in skip)
-    out: list[int] = []
-    try:
-        with torch.no_grad():
-            while len(out) < n and (not out or out[-1] != tok.eos_token_id):
-                out.append(int(hf(torch.tensor([ids + out]), use_cache=False).logits[0, -1]
-                               .argmax()))
-    finally:
-        hf.model.layers = full
-    return [t for t in out if t != tok.eos_token_id]
-
-
 def test_demo_shows_route_router_time_and_both_speeds(built):
     result = CliRunner().invoke(cli, ["demo", "--bundle", str(built.path), "--max-tokens", "6"])
     assert result.exit_code == 0, (result.output, result.exception)
     out = result.output
     blocks = [m.group(1) for m in re.finditer(r"^route: (\S+) \(skips blocks ([\d,]*) of 6; "
                                               r"router (\d+\.\d) ms\)$", out, re.M)]
-    assert blocks == [torch_route(built, p) for _, p in PROMPTS]
+    assert blocks == [torch_route(built.router, built.router_tokenizer, p).name
+                      for _, p in PROMPTS]
     for name, match in zip(blocks, re.finditer(r"skips blocks ([\d,]*) of", out), strict=True):
         assert match.group(1) == ",".join(map(str, built.manifest.candidate(name).skip))
     speeds = re.findall(r"^speed over (\d+) tokens: routed (\d+\.\d) tokens/s, dense "
@@ -66,8 +41,10 @@ def test_routed_answer_and_dense_run_of_the_same_length(built):
     pm = pudding_mlx.load(built.path, router_backend="mlx")
     _, prompt = PROMPTS[0]
     r = run_prompt(pm, prompt, 6)
-    assert r["route"].name == torch_route(built, prompt)
-    ref = torch_greedy(built, prompt, r["route"].skip, 6)
+    assert r["route"].name == torch_route(built.router, built.router_tokenizer, prompt).name
+    eos = built.tokenizer.eos_token_id
+    ref = torch_greedy(built.model, chat_ids(built.tokenizer, prompt), r["route"].skip, 6, eos)
+    ref = [t for t in ref if t != eos]
     # (mlx-lm's streaming detokenizer drops a leading space)
     assert r["text"] == built.tokenizer.decode(ref).strip()
     # the dense run never stops at end-of-sequence: it decodes as many tokens as the routed one

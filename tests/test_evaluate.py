@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import tiny_bundle
+from helpers import tiny_bundle, torch_greedy, torch_logits, torch_route
 
 TASKS = ("arc_easy", "arc_challenge", "hellaswag", "piqa", "winogrande", "boolq")
 WORDS = ("water", "glass", "egg", "plants", "air", "sky", "blue", "fine", "paris", "answer",
@@ -87,19 +87,6 @@ def run(tb, data, out, **kw):
 # --- the reference, by hand ----------------------------------------------------------------------
 
 
-def hand_logits(model, ids: list[int], skip=()):
-    """Logits [T, V] (float64) of one plain forward of `ids`, blocks in `skip` removed."""
-    import torch
-
-    layers = model.model.layers
-    model.model.layers = torch.nn.ModuleList(b for i, b in enumerate(layers) if i not in skip)
-    try:
-        with torch.no_grad():
-            return model(torch.tensor([ids])).logits[0].double()
-    finally:
-        model.model.layers = layers
-
-
 def hand_loglik(model, tok, context: str, continuation: str, skip=(), mean=False) -> float:
     """log p(continuation | context): one plain forward of the concatenated ids (context and
     continuation encoded separately), blocks in `skip` removed, our own log-softmax."""
@@ -107,20 +94,12 @@ def hand_loglik(model, tok, context: str, continuation: str, skip=(), mean=False
 
     ctx = tok.encode(context, add_special_tokens=False)
     cont = tok.encode(continuation, add_special_tokens=False)
-    logits = hand_logits(model, ctx + cont, skip)
+    logits = torch_logits(model, ctx + cont, skip).double()
     total = 0.0
     for t, token in enumerate(cont):
         row = logits[len(ctx) + t - 1]
         total += float(row[token] - torch.logsumexp(row, dim=0))
     return total / len(cont) if mean else total
-
-
-def hand_greedy(model, ids: list[int], n: int, skip=()) -> list[int]:
-    """n tokens of greedy decoding after `ids` (end-of-text included), one full forward each."""
-    out: list[int] = []
-    for _ in range(n):
-        out.append(int(hand_logits(model, ids + out, skip)[-1].argmax()))
-    return out
 
 
 def hand_correct(model, tok, e, skip) -> dict[str, int]:
@@ -136,20 +115,14 @@ def hand_correct(model, tok, e, skip) -> dict[str, int]:
 
 
 def hand_route(tb, text: str) -> str:
-    import torch
-
-    enc = tb.router_tokenizer([text], return_tensors="pt", truncation=True,
-                              max_length=tb.manifest.router.max_length)
-    with torch.no_grad():
-        scores = tb.router(enc["input_ids"], enc["attention_mask"])[0]
-    return tb.manifest.router.outputs[int(torch.argmax(scores))]
+    return torch_route(tb.router, tb.router_tokenizer, text).name
 
 
 def hand_is_greedy(tb, context: str, continuation: str, skip) -> bool:
     """Whether every continuation token is the argmax (lm-eval's is_greedy), by hand."""
     ctx = tb.tokenizer.encode(context, add_special_tokens=False)
     cont = tb.tokenizer.encode(continuation, add_special_tokens=False)
-    return hand_greedy(tb.model, ctx, len(cont), skip) == cont
+    return torch_greedy(tb.model, ctx, skip, len(cont)) == cont
 
 
 def test_command_matches_hand_computed_accuracy(setup, tmp_path):
@@ -444,7 +417,7 @@ def test_lm_eval_adapter_with_a_stub_harness(setup, monkeypatch):
     egg = "Question: How do you boil an egg?\nAnswer:"
     ids = tb.tokenizer.encode(egg, add_special_tokens=False)
     # the model's own next token (one: this random model's next ones are stray bytes)
-    own = tb.tokenizer.decode(hand_greedy(tb.model, ids, 1, sets[hand_route(tb, egg)]))
+    own = tb.tokenizer.decode(torch_greedy(tb.model, ids, sets[hand_route(tb, egg)], 1))
     reqs = [(egg, " put it in water"), (egg, " fine"), (egg, own),
             ("She poured the water into the glass", " because it was empty.")]
     got = lm.loglikelihood([types.SimpleNamespace(args=r) for r in reqs])
@@ -474,7 +447,7 @@ def write_lm_eval_tasks(root: Path, tb, n: int = 5, seed: int = 10) -> tuple[Pat
     for i in range(n):
         q = _text(rng, 5) + "?"
         ids = tb.tokenizer.encode(q, add_special_tokens=False)
-        own = tb.tokenizer.decode(hand_greedy(tb.model, ids, 1, sets[hand_route(tb, q)]))
+        own = tb.tokenizer.decode(torch_greedy(tb.model, ids, sets[hand_route(tb, q)], 1))
         rows.append({"q": q, "choices": _distinct(rng, 4), "gold": i % 4, "text": _text(rng, 9),
                      "next": own if i % 2 == 0 else " " + _text(rng, 1)})
     data = root / "data.jsonl"
@@ -551,13 +524,14 @@ def test_real_lm_eval_matches_hand_computation(setup, lm_eval_tasks):
 
         # rolling: log p(text | BOS), routed from the text (one window: far below 512 tokens)
         ids = tok.encode(row["text"], add_special_tokens=False)
-        logits = hand_logits(tb.model, [tok.bos_token_id, *ids], sets[hand_route(tb, row["text"])])
+        logits = torch_logits(tb.model, [tok.bos_token_id, *ids],
+                              sets[hand_route(tb, row["text"])]).double()
         lp = torch.log_softmax(logits, -1)[torch.arange(len(ids)), ids].sum().item()
         assert float(samples["tiny_text"][i]["resps"][0][0]) == pytest.approx(lp, abs=1e-4)
         lls.append(lp)
         words += len(row["text"].split())
 
-        out = hand_greedy(tb.model, tok.encode(ctx), 3, skip)
+        out = torch_greedy(tb.model, tok.encode(ctx), skip, 3)
         out = out[:out.index(eos)] if eos in out else out
         text = re.split("|".join(LM_EVAL_UNTIL), tok.decode(out, skip_special_tokens=True))[0]
         assert samples["tiny_gen"][i]["resps"][0][0] == text

@@ -68,14 +68,12 @@ def reference_loglik(model, tok, context: str, continuation: str, skip) -> float
     """Mean log-prob of the continuation's tokens, from a plain HF forward with the skipped
     blocks removed from the layer list."""
     import torch
+    from helpers import torch_logits
 
-    from convert.skip import skipped
     from pudding_mlx.tasks import encode_requests
 
     (ctx, cont), = encode_requests(tok, [(context, continuation)])
-    ids = torch.tensor([ctx + cont])
-    with torch.no_grad(), skipped(model, skip):
-        logp = torch.log_softmax(model(ids, use_cache=False).logits[0].double(), -1)
+    logp = torch.log_softmax(torch_logits(model, ctx + cont, skip).double(), -1)
     n = len(ctx)
     return float(np.mean([logp[n - 1 + t, tok_id].item() for t, tok_id in enumerate(cont)]))
 

@@ -7,7 +7,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 import torch
-from helpers import CORPUS, tiny_llama
+from helpers import CORPUS, tiny_llama, torch_logits
 from mlx.utils import tree_flatten, tree_map
 from mlx_lm.models import llama
 from mlx_lm.models.cache import make_prompt_cache
@@ -28,26 +28,15 @@ def pair(request, tmp_path_factory):
     return hf, tok, model, config
 
 
-def torch_logits(hf, ids: list[int], skip: list[int]) -> np.ndarray:
-    """HF forward with the skipped decoder layers removed (identity on the residual)."""
-    full = hf.model.layers
-    hf.model.layers = torch.nn.ModuleList([b for i, b in enumerate(full) if i not in skip])
-    try:
-        with torch.no_grad():
-            return hf(torch.tensor([ids]), use_cache=False).logits[0].numpy()
-    finally:
-        hf.model.layers = full
-
-
 @pytest.mark.parametrize("skip", SKIPS, ids=str)
 def test_skipped_logits_match_torch(pair, skip):
     hf, tok, model, _ = pair
     ids = tok(CORPUS[0] + " " + CORPUS[3])["input_ids"]
-    ref = torch_logits(hf, ids, skip)
+    ref = torch_logits(hf, ids, skip).numpy()
     out = np.array(skip_view(model, skip)(mx.array([ids])))[0]
     assert np.abs(out - ref).max() <= 1e-3
     if skip:  # the comparison can tell sets apart
-        assert np.abs(out - torch_logits(hf, ids, [])).max() > 1e-2
+        assert np.abs(out - torch_logits(hf, ids, []).numpy()).max() > 1e-2
 
 
 def test_rope_theta_comes_from_rope_parameters(pair):
@@ -174,6 +163,6 @@ def test_smollm2_skipped_logits_match_torch(tmp_path):
     assert protected_blocks(model) == {0}
     ids = tok("The capital of France is Paris. Plants absorb carbon dioxide from")["input_ids"]
     for skip in ([], [5, 11, 17, 20, 23, 26]):
-        ref = torch_logits(hf, ids, skip)
+        ref = torch_logits(hf, ids, skip).numpy()
         out = np.array(skip_view(model, skip)(mx.array([ids])))[0]
         assert np.abs(out - ref).max() <= 1e-3, skip

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
+from helpers import chat_ids, torch_greedy, torch_route
 from helpers import run_cli as run
 
 import pudding_mlx
@@ -26,38 +26,14 @@ def pm(tiny):
     return pudding_mlx.load(tiny.path)
 
 
-
-
-def chat_ids(tok, text: str) -> list[int]:
-    """What the LLM must see: the HF tokenizer's chat template around the whole text."""
-    templated = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                        add_generation_prompt=True)
-    return tok.encode(templated, add_special_tokens=False)
-
-
 def prompt_tokens(out: str) -> int:
     line = next(ln for ln in out.splitlines() if ln.startswith("Prompt: "))
     return int(line.split()[1])
 
 
-def torch_route(tiny, text: str) -> tuple[int, bool]:
-    """The torch router's choice on the first max_length tokens, and whether it cut the text."""
-    tok, n = tiny.router_tokenizer, tiny.manifest.router.max_length
-    full = tok(text)["input_ids"]
-    ids = tok(text, truncation=True, max_length=n)["input_ids"]
-    with torch.no_grad():
-        scores = tiny.router(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long))
-    return int(scores[0].argmax()), len(full) > n
-
-
-def torch_greedy(model, ids: list[int], skip: list[int], n: int) -> list[int]:
-    from convert.skip import skipped
-
-    ids = list(ids)
-    with torch.no_grad(), skipped(model, skip):
-        for _ in range(n):
-            ids.append(int(model(torch.tensor([ids]), use_cache=False).logits[0, -1].argmax()))
-    return ids[-n:]
+def cut_for_router(tiny, text: str) -> bool:
+    """Whether the router reads only the first part of `text` (its first max_length tokens)."""
+    return len(tiny.router_tokenizer(text)["input_ids"]) > tiny.manifest.router.max_length
 
 
 def generate(tiny, prompt, monkeypatch, capsys, *extra, stdin=None):
@@ -81,12 +57,11 @@ def test_empty_prompt_without_chat_template_is_one_line(tiny, monkeypatch, capsy
 
 def test_prompt_longer_than_the_router_max_length(tiny, pm, monkeypatch, capsys):
     text = " ".join(["The capital of France is Paris, and the sky is blue today."] * 4)
-    want, cut = torch_route(tiny, text)
-    assert cut  # premise: the router must truncate this prompt
+    assert cut_for_router(tiny, text)  # premise: the router must truncate this prompt
     code, out, err = generate(tiny, text, monkeypatch, capsys)
     assert code == 0, err
     assert (out + err).count("truncated") == 1
-    name = tiny.manifest.router.outputs[want]
+    name = torch_route(tiny.router, tiny.router_tokenizer, text).name
     assert f"Route: {name} (" in out and "prompt truncated for the router" in out
     ids = chat_ids(tiny.tokenizer, text)
     assert prompt_tokens(out) == len(ids) > 2 * tiny.manifest.router.max_length
@@ -100,8 +75,9 @@ def test_prompt_longer_than_the_router_max_length(tiny, pm, monkeypatch, capsys)
 def test_short_prompt_is_not_called_truncated(tiny, monkeypatch, capsys):
     code, out, err = generate(tiny, "hello, how are you?", monkeypatch, capsys)
     assert code == 0 and "truncated" not in out + err
-    want, cut = torch_route(tiny, "hello, how are you?")
-    assert not cut and f"Route: {tiny.manifest.router.outputs[want]} (" in out
+    assert not cut_for_router(tiny, "hello, how are you?")
+    name = torch_route(tiny.router, tiny.router_tokenizer, "hello, how are you?").name
+    assert f"Route: {name} (" in out
 
 
 def test_prompt_longer_than_the_model_context(tiny, monkeypatch, capsys):
@@ -133,14 +109,9 @@ def test_control_characters_and_lone_surrogates(tiny, prompt, monkeypatch, capsy
 
 
 def test_control_characters_route_like_torch(tiny, pm):
-    want, _ = torch_route(tiny, CONTROL)
-    assert pm.route(CONTROL).name == tiny.manifest.router.outputs[want]
-    scores = pm.router.scores(CONTROL)
-    tok = tiny.router_tokenizer
-    ids = tok(CONTROL)["input_ids"]
-    with torch.no_grad():
-        ref = tiny.router(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long))
-    np.testing.assert_allclose(scores, ref[0].numpy(), atol=1e-4)
+    want = torch_route(tiny.router, tiny.router_tokenizer, CONTROL)
+    assert pm.route(CONTROL).name == want.name
+    np.testing.assert_allclose(pm.router.scores(CONTROL), want.scores, atol=1e-4)
 
 
 def test_chat_survives_odd_lines(tiny, monkeypatch, capsys):

@@ -13,7 +13,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-import torch
+from helpers import torch_logits, torch_route
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
@@ -37,13 +37,8 @@ def base(shared_tiny_bundle, tmp_path_factory):
     path = Path(shutil.copytree(shared_tiny_bundle.path,
                                 tmp_path_factory.mktemp("prop") / "b"))
     good = json.loads((path / MANIFEST).read_text())
-    tok, router = shared_tiny_bundle.router_tokenizer, shared_tiny_bundle.router
-    choice = {}
-    for p in PROMPTS:
-        ids = tok(p, truncation=True, max_length=32)["input_ids"]
-        with torch.no_grad():
-            s = router(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long))
-        choice[p] = NAMES[int(s[0].argmax())]
+    tb = shared_tiny_bundle
+    choice = {p: torch_route(tb.router, tb.router_tokenizer, p).name for p in PROMPTS}
     return path, good, choice
 
 
@@ -183,13 +178,6 @@ def loaded(shared_tiny_bundle):
     return pm, tb.model, ids
 
 
-def torch_logits(model, ids, skip) -> np.ndarray:
-    from convert.skip import skipped
-
-    with torch.no_grad(), skipped(model, skip):
-        return model(torch.tensor([ids]), use_cache=False).logits[0].numpy()
-
-
 @given(skip=st.one_of(
     st.lists(st.integers(1, BLOCKS - 1), max_size=BLOCKS - 1, unique=True),
     st.lists(st.one_of(st.integers(-1, BLOCKS), st.sampled_from([True, "2", 2.0])),
@@ -207,4 +195,5 @@ def test_random_skip_set_runs_like_torch_or_is_refused(loaded, skip):
     assert route.skip == sorted(skip)
     event("ran")
     got = np.array(pm.view(route)(mx.array([ids]))[0].astype(mx.float32))
-    np.testing.assert_allclose(got, torch_logits(model, ids, skip), atol=2e-4, rtol=1e-4)
+    np.testing.assert_allclose(got, torch_logits(model, ids, skip).numpy(), atol=2e-4,
+                               rtol=1e-4)

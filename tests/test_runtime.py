@@ -9,9 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
-from helpers import CORPUS, tiny_bundle
+from helpers import CORPUS, chat_ids, tiny_bundle, torch_greedy, torch_route
 from mlx.utils import tree_flatten
 
 import pudding_mlx
@@ -33,43 +32,14 @@ def pm(built):
     return pudding_mlx.load(built.path, router_backend="mlx")
 
 
-def torch_route(built, prompt: str) -> tuple[int, np.ndarray]:
-    enc = built.router_tokenizer(prompt, truncation=True, max_length=32, return_tensors="pt")
-    with torch.no_grad():
-        scores = built.router(enc["input_ids"], enc["attention_mask"])[0].numpy()
-    return int(scores.argmax()), scores
-
-
-def torch_greedy(hf, ids: list[int], skip: list[int], n: int, eos: int) -> list[int]:
-    """Greedy decoding with HF torch, the skipped layers removed, no cache."""
-    full = hf.model.layers
-    hf.model.layers = torch.nn.ModuleList([b for i, b in enumerate(full) if i not in skip])
-    out = []
-    try:
-        with torch.no_grad():
-            for _ in range(n):
-                logits = hf(torch.tensor([ids + out]), use_cache=False).logits[0, -1]
-                out.append(int(logits.argmax()))
-                if out[-1] == eos:
-                    break
-    finally:
-        hf.model.layers = full
-    return out
-
-
-def chat_ids(tok, text: str) -> list[int]:
-    return tok.apply_chat_template([{"role": "user", "content": text}], tokenize=True,
-                                   add_generation_prompt=True, return_dict=False)
-
-
 def test_route_follows_the_torch_router(built, pm):
     for prompt in [*CORPUS, QUESTION]:
-        index, scores = torch_route(built, prompt)
+        want = torch_route(built.router, built.router_tokenizer, prompt)
         r = pm.route(prompt)
-        assert r.index == index and r.reason == "router"
-        assert r.name == built.manifest.router.outputs[index]
+        assert r.index == want.index and r.reason == "router"
+        assert r.name == built.manifest.router.outputs[want.index] == want.name
         assert r.skip == sorted(built.manifest.candidate(r.name).skip)
-        assert np.abs(r.scores - scores).max() <= 1e-4
+        assert np.abs(r.scores - want.scores).max() <= 1e-4
         assert r.seconds > 0
     assert pm.route(" ".join(CORPUS)).truncated
     assert not pm.route(QUESTION).truncated
@@ -161,7 +131,7 @@ def test_generate_cli_end_to_end(built):
     result = CliRunner().invoke(cli, ["generate", "--bundle", str(built.path), "--prompt",
                                       QUESTION, "--max-tokens", "5", "--router-backend", "mlx"])
     assert result.exit_code == 0, result.output
-    name = built.manifest.router.outputs[torch_route(built, QUESTION)[0]]
+    name = torch_route(built.router, built.router_tokenizer, QUESTION).name
     assert f"Route: {name} (skips blocks" in result.output
     assert "tokens-per-sec" in result.output and "Peak memory:" in result.output
 
@@ -220,5 +190,5 @@ def test_runtime_runs_without_torch(built):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0, out.stderr
-    name = built.manifest.router.outputs[torch_route(built, "How do you boil an egg?")[0]]
+    name = torch_route(built.router, built.router_tokenizer, "How do you boil an egg?").name
     assert out.stdout.split() == [name, "True"]

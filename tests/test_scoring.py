@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import tiny_gemma3, tiny_llama
+from helpers import tiny_gemma3, tiny_llama, torch_logits
 
 from convert.scoring import BlockRunner, answer_logprobs, dtype_check
 from convert.skip import skipped
@@ -25,15 +25,7 @@ def reference(model, tok, context, continuation, skip=()):
     """Mean and sum of the continuation's log-probs from one plain forward of the sequence."""
     ctx = tok.encode(context, add_special_tokens=False)
     cont = tok.encode(continuation, add_special_tokens=False)
-    n_layers = len(model.model.layers)
-    layers = model.model.layers
-    model.model.layers = torch.nn.ModuleList(layers[i] for i in range(n_layers) if i not in skip)
-    try:
-        with torch.no_grad():
-            logits = model(torch.tensor([ctx + cont]), use_cache=False).logits[0].double()
-    finally:
-        model.model.layers = layers
-    logp = torch.log_softmax(logits, -1)
+    logp = torch.log_softmax(torch_logits(model, ctx + cont, skip).double(), -1)
     lps = [logp[len(ctx) - 1 + t, cont[t]].item() for t in range(len(cont))]
     return sum(lps) / len(lps), sum(lps)
 

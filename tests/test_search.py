@@ -9,11 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import run_cli, tiny_llama
+from helpers import run_cli, tiny_llama, torch_logits
 
 from convert.scoring import BlockRunner
 from convert.search import GreedyRun, SetScorer, greedy_search, run_search, tokenize_examples
-from convert.skip import skipped
 from pudding_mlx.errors import PuddingError
 from pudding_mlx.tasks import TASKS
 
@@ -50,23 +49,19 @@ def brute_force(model, tok, exs, k, loss):
         results = {}
         for b in [b for b in range(1, n_layers - 1) if b not in chosen]:
             total = 0.0
-            with skipped(model, chosen + [b]):
-                for ex in exs:
-                    lp = []
-                    for ctx, cont in ex.prompt:
-                        c = tok.encode(ctx, add_special_tokens=False)
-                        a = tok.encode(cont, add_special_tokens=False)
-                        with torch.no_grad():
-                            logits = model(torch.tensor([c + a]), use_cache=False).logits[0]
-                        logp = torch.log_softmax(logits.double(), -1)
-                        lp.append(np.mean([logp[len(c) - 1 + t, a[t]].item()
-                                           for t in range(len(a))]))
-                        evals += n_layers - len(chosen) - 1
-                    g = ex.gold
-                    if loss == "likelihood":
-                        total -= lp[g]
-                    else:
-                        total -= sum(lp[g] - lp[j] for j in range(len(lp)) if j != g)
+            for ex in exs:
+                lp = []
+                for ctx, cont in ex.prompt:
+                    c = tok.encode(ctx, add_special_tokens=False)
+                    a = tok.encode(cont, add_special_tokens=False)
+                    logp = torch.log_softmax(torch_logits(model, c + a, chosen + [b]).double(), -1)
+                    lp.append(np.mean([logp[len(c) - 1 + t, a[t]].item() for t in range(len(a))]))
+                    evals += n_layers - len(chosen) - 1
+                g = ex.gold
+                if loss == "likelihood":
+                    total -= lp[g]
+                else:
+                    total -= sum(lp[g] - lp[j] for j in range(len(lp)) if j != g)
             results[b] = total
         best = min(results, key=lambda b: (results[b], b))
         chosen.append(best)
@@ -133,8 +128,7 @@ def test_prefix_forward_equals_plain_forward(tiny):
     h = runner.embed(batch)
     h = runner.run(runner.run(h, batch, keep[:3]), batch, keep[3:])
     got = model.lm_head(model.model.norm(h))[0]
-    with skipped(model, skip), torch.no_grad():
-        ref = model(torch.tensor([ids + [ids[0]]]), use_cache=False).logits[0, :-1]
+    ref = torch_logits(model, ids + [ids[0]], skip)[:-1]
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
 
 
@@ -213,8 +207,7 @@ def test_sleb_matches_plain_perplexity(tiny):
     chunks = torch.tensor([ids[i * 17:(i + 1) * 17] for i in range(4)])
     nll = {}
     for b in range(1, 7):
-        with skipped(model, [b]), torch.no_grad():
-            logp = torch.log_softmax(model(chunks, use_cache=False).logits.double(), -1)
+        logp = torch.log_softmax(torch_logits(model, chunks, [b]).double(), -1)
         nll[b] = -logp[:, :-1].gather(2, chunks[:, 1:, None]).mean().item()
     best = min(nll, key=nll.get)
     assert out["skip"] == [best]

@@ -4,8 +4,7 @@ import json
 
 import numpy as np
 import pytest
-import torch
-from helpers import tiny_llama
+from helpers import mlx_logits, tiny_llama, torch_logits
 
 from convert.to_mlx import (
     MLXSettings,
@@ -17,30 +16,6 @@ from convert.to_mlx import (
 from pudding_mlx.errors import PuddingError
 
 PROMPT = "Question: Which gas do plants absorb from the air?\nAnswer: carbon dioxide"
-
-
-def torch_removed(model, ids, skip):
-    """HF torch logits with the blocks in `skip` removed from the layer list."""
-    layers = model.model.layers
-    model.model.layers = torch.nn.ModuleList(b for i, b in enumerate(layers) if i not in skip)
-    try:
-        with torch.no_grad():
-            return model(input_ids=torch.tensor([ids]), use_cache=False).logits[0].numpy()
-    finally:
-        model.model.layers = layers
-
-
-def mlx_removed(model, ids, skip):
-    """mlx-lm logits with the blocks in `skip` taken out of model.model.layers (no cache)."""
-    import mlx.core as mx
-
-    inner = model.model
-    layers = inner.layers
-    inner.layers = [b for i, b in enumerate(layers) if i not in skip]
-    try:
-        return np.array(model(mx.array([ids]))[0].astype(mx.float32))
-    finally:
-        inner.layers = layers
 
 
 @pytest.fixture(scope="module")
@@ -84,8 +59,8 @@ def test_float32_conversion_matches_torch(tiny):
     ids = tok.encode(PROMPT)
     assert list(mlx_tok.encode(PROMPT)) == ids
     for skip in ([], [2, 4], [1, 3, 5]):
-        ref = torch_removed(model, ids, skip)
-        got = mlx_removed(mlx_model, ids, skip)
+        ref = torch_logits(model, ids, skip).numpy()
+        got = mlx_logits(mlx_model, ids, skip)
         assert np.abs(ref - got).max() <= 1e-3, skip
 
     report = check_parity(model, tok, mlx_model, mlx_tok, [[], [2, 4]], "float32")
@@ -136,7 +111,7 @@ def test_non_hf_source_is_saved_as_hf_folder_first(tiny, tmp_path):
     convert_llm_to_mlx(fake, out, MLXSettings("float32"), model, tok)
     mlx_model, _ = load(str(out))
     ids = tok.encode(PROMPT)
-    assert np.abs(torch_removed(model, ids, []) - mlx_removed(mlx_model, ids, [])).max() <= 1e-3
+    assert np.abs(torch_logits(model, ids).numpy() - mlx_logits(mlx_model, ids)).max() <= 1e-3
     assert not list(tmp_path.glob(".mlx.hf-*"))  # the temporary HF folder is gone
 
 

@@ -114,18 +114,44 @@ def test_the_scan_catches_what_it_should(tmp_path):
         assert what in text, (what, text)
 
 
-def test_no_command_turns_on_remote_code():
-    """No CLI option enables custom code by default (there is none to enable it at all today)."""
+# Per command, the options (or arguments) naming a model, tokenizer or bundle someone else may
+# have written: where custom code would come in.
+MODEL_SOURCES = {
+    "generate": ["--bundle"], "chat": ["--bundle"], "info": ["bundle"], "bench": ["--bundle"],
+    "serve": ["--bundle"],
+    "eval": ["bundle", "--torch-model"], "demo": ["--bundle"], "search": ["--model"],
+    "sleb": ["--model"], "label": ["--model"], "train-router": ["--backbone"],
+    "convert": ["--model", "--router"], "build": ["--model", "--backbone"],
+}
+
+
+def test_no_command_can_turn_on_remote_code():
+    """Every command's real options (not the stand-in for a command whose import failed): the
+    ones that read a model are where MODEL_SOURCES says, and none turns on custom code (there
+    is no such option at all: loaders get trust_remote_code=False, see the scan above)."""
+    import importlib
+
     import click
 
-    from pudding_mlx.cli import cli
+    from pudding_mlx.cli import COMMANDS, cli
+    from pudding_mlx.plugins import COMMANDS as PLUGIN_COMMANDS
+    from pudding_mlx.plugins import plugins
 
+    targets = {**{n: ep.value for n, ep in plugins(PLUGIN_COMMANDS).items()}, **COMMANDS}
+    assert set(MODEL_SOURCES) == set(targets)
     ctx = click.Context(cli)
-    for name in cli.list_commands(ctx):
+    assert set(cli.list_commands(ctx)) == set(targets)
+    options = {}
+    for name, target in targets.items():
+        module, attr = target.split(":")
         cmd = cli.get_command(ctx, name)
-        for p in cmd.params:
-            if "remote" in p.name or "trust" in p.name:
-                assert p.default in (False, None), (name, p.name, p.default)
+        assert cmd is getattr(importlib.import_module(module), attr), name
+        options[name] = {o for p in cmd.params for o in (*p.opts, *p.secondary_opts)}
+        unknown = set(MODEL_SOURCES[name]) - options[name]
+        assert not unknown, f"pudding {name} has no {', '.join(sorted(unknown))}"
+    remote = [(name, o) for name, opts in options.items() for o in sorted(opts)
+              if any(w in o for w in ("remote", "trust", "custom", "code"))]
+    assert remote == []
 
 
 def test_loader_defaults_are_safe():
