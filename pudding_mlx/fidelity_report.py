@@ -43,10 +43,16 @@ def _ci(d: dict, scale: float = 1.0, digits: int = 3, sign: str = "") -> str:
             f"{f.format(scale * d['high'])}]")
 
 
+def _model(results: dict) -> str:
+    """The base model's name (a local path's last part)."""
+    m = results["base_model"]
+    return Path(m).name if m.startswith("/") else m
+
+
 def markdown(results: dict) -> str:
     sources = ", ".join(f"{s} {n}" for s, n in results["sources"].items())
     lines = [
-        f"# Fidelity to dense on generated text: {results['base_model']}, "
+        f"# Fidelity to dense on generated text: {_model(results)}, "
         f"{results['num_blocks']} blocks",
         "",
         f"{results['n']} prompts ({results['prompts_file']}, split {results['split']}: "
@@ -124,7 +130,7 @@ def plot(path: str | Path, results: dict) -> None:
     ax_match.set_ylabel("% of prompts, greedy output still = dense")
     ax_match.set_ylim(0, 100)
     ax_match.legend(fontsize=7)
-    fig.suptitle(f"Fidelity to dense: {results['base_model']}, {results['n']} prompts",
+    fig.suptitle(f"Fidelity to dense: {_model(results)}, {results['n']} prompts",
                  fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 0.95))
     fig.savefig(path, dpi=120)
