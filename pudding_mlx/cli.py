@@ -26,6 +26,7 @@ COMMANDS = {
     "bench": "pudding_mlx.bench:bench",
     "eval": "pudding_mlx.evaluate:evaluate",
     "serve": "pudding_mlx.serve:serve",
+    "fidelity": "pudding_mlx.fidelity_cli:fidelity",
 }
 # the extra that brings a command's packages, where it is not train/coreml
 EXTRAS = {"serve": "serve"}

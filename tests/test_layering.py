@@ -104,6 +104,8 @@ def test_runtime_commands_run_without_torch_and_convert(tmp_path):
         ("eval", ["eval", b, "-o", str(tmp_path / "eval"), "--data-dir", str(data),
                   "--tasks", "piqa", "--methods", "dense,static,pudding", "--limit", "4",
                   "--backend", "mlx"], ""),
+        ("fidelity", ["fidelity", b, "-o", str(tmp_path / "fidelity"), "--limit", "2", "-m", "3",
+                      "--resamples", "20"], ""),
         ("search (a torch command)", ["search", "--out", str(tmp_path / "c.json")], ""),
     ]
     env = {**os.environ, "PYTHONPATH": torch_free_path(tmp_path), "PUDDING_OPENBLAS": "0",
@@ -114,7 +116,7 @@ def test_runtime_commands_run_without_torch_and_convert(tmp_path):
     assert line, r.stdout[-3000:] + r.stderr[-3000:]
     results = json.loads(line.removeprefix("RESULTS "))
     assert results == {
-        "info": 0, "generate": 0, "chat": 0, "bench": 0, "eval": 0,
+        "info": 0, "generate": 0, "chat": 0, "bench": 0, "eval": 0, "fidelity": 0,
         "search (a torch command)": 2,  # a one-line "needs a package that is not installed"
         "import torch": "absent", "import convert": "absent", "import router_coreml": "absent",
         "torch loaded": False,
@@ -126,3 +128,5 @@ def test_runtime_commands_run_without_torch_and_convert(tmp_path):
     assert (tmp_path / "bench" / "bench.json").is_file()
     res = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert res["backend"] == "mlx" and len(res["methods"]) == 3
+    res = json.loads((tmp_path / "fidelity" / "results.json").read_text())
+    assert res["n"] == 2 and res["prompts_file"] == "packaged"

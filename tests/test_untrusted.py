@@ -118,7 +118,7 @@ def test_the_scan_catches_what_it_should(tmp_path):
 # have written: where custom code would come in.
 MODEL_SOURCES = {
     "generate": ["--bundle"], "chat": ["--bundle"], "info": ["bundle"], "bench": ["--bundle"],
-    "serve": ["--bundle"],
+    "serve": ["--bundle"], "fidelity": ["bundle", "--prompts"],
     "eval": ["bundle", "--torch-model"], "demo": ["--bundle"], "search": ["--model"],
     "sleb": ["--model"], "label": ["--model"], "train-router": ["--backbone"],
     "convert": ["--model", "--router"], "build": ["--model", "--backbone"],

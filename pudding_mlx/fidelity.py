@@ -1,0 +1,326 @@
+"""How far a skip set moves the model from dense on generated text (`pudding fidelity`).
+
+Per prompt (chat template applied): the dense model's greedy continuation of up to N tokens
+(it ends early at an end-of-sequence token, which then counts as its last token). Then, for
+every skip set S (dense included, as a check):
+
+- teacher-forced: prompt + continuation run once through the model without S (fresh cache),
+  log-softmax in float32; per continuation token t
+  - KL(dense || S) = sum_v p_dense(v | <t) (log p_dense(v | <t) - log p_S(v | <t)),
+  - top-1 agreement: argmax_v p_S(v | <t) == argmax_v p_dense(v | <t),
+  - NLL = -log p_S(x_t | <t) of the dense token x_t (perplexity = exp of its mean);
+- free-running: S decodes greedily from the prompt until its first token that differs from
+  the dense continuation; the count is the number of tokens before it (the continuation's
+  length when S reproduces it all).
+
+Per prompt the token values are averaged, so every prompt weighs the same in the summaries.
+Results are cached per (set, prompt text) under the output folder (`eval_scoring.ScoreCache`),
+so an interrupted run resumes and a larger --limit only computes the new prompts.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+from mlx_lm.generate import generate_step
+
+from .chat_prompts import ChatPrompt, read_prompts, select
+from .errors import PuddingError
+from .eval_scoring import ScoreCache, digest
+from .eval_stats import paired_bootstrap
+from .evaluate import named_sets, set_key
+from .masking import check_skip
+
+CACHE_TASK = "fidelity"  # the cache's folder name
+CONTINUATIONS = "continuations"  # the cache file of the dense continuations
+FORMAT = "fidelity-v1"  # bump when a metric's definition changes (invalidates caches)
+METRICS = ("kl", "agreement", "nll", "diverge")
+
+
+# --- one prompt ----------------------------------------------------------------------------------
+
+
+def greedy_continuation(pm, prompt: Sequence[int], max_tokens: int,
+                        skip: Sequence[int] = ()) -> list[int]:
+    """Greedy decoding of up to `max_tokens` tokens (mlx-lm's generate_step, argmax sampler);
+    stops after an end-of-sequence token, which is kept."""
+    eos = set(pm.tokenizer.eos_token_ids)
+    out: list[int] = []
+    for token, _ in generate_step(mx.array(list(prompt)), pm.view(list(skip)),
+                                  max_tokens=max_tokens, prompt_cache=pm.make_cache(list(skip))):
+        out.append(int(token))
+        if out[-1] in eos:
+            break
+    return out
+
+
+def forced_logprobs(pm, skip: Sequence[int], prompt: Sequence[int],
+                    continuation: Sequence[int]) -> mx.array:
+    """log p(. | prompt, continuation[:t]) for every t, shape [T, V], float32: one forward of
+    prompt + continuation[:-1] without the blocks `skip`."""
+    ids = mx.array([*prompt, *continuation[:-1]])[None]
+    logits = pm.view(list(skip))(ids, cache=pm.make_cache(list(skip)))[0, len(prompt) - 1:]
+    logits = logits.astype(mx.float32)
+    return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+
+
+def compare(ref: mx.array, logprobs: mx.array, targets: Sequence[int]
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per token: KL(ref || logprobs), top-1 agreement (0/1), NLL of `targets` under logprobs."""
+    kl = mx.sum(mx.exp(ref) * (ref - logprobs), axis=-1)
+    agree = mx.argmax(logprobs, axis=-1) == mx.argmax(ref, axis=-1)
+    nll = -mx.take_along_axis(logprobs, mx.array(list(targets))[:, None], axis=-1)[:, 0]
+    mx.eval(kl, agree, nll)
+    return np.array(kl), np.array(agree).astype(np.int64), np.array(nll)
+
+
+def first_divergence(pm, skip: Sequence[int], prompt: Sequence[int],
+                     continuation: Sequence[int]) -> int:
+    """How many tokens the set's greedy decoding reproduces before it first differs from
+    `continuation` (len(continuation) when it never does)."""
+    steps = generate_step(mx.array(list(prompt)), pm.view(list(skip)),
+                          max_tokens=len(continuation), prompt_cache=pm.make_cache(list(skip)))
+    for i, (token, _) in enumerate(steps):
+        if int(token) != continuation[i]:
+            return i
+    return len(continuation)
+
+
+@dataclass
+class SetMetrics:
+    """One skip set on one prompt: per-token values and the free-running count."""
+
+    kl: list[float]
+    agree: list[int]
+    nll: list[float]
+    diverge: int
+
+    @property
+    def tokens(self) -> int:
+        return len(self.nll)
+
+    def summary(self) -> dict[str, float]:
+        """Per-prompt means (agreement as a fraction) and the free-running count."""
+        return {"kl": float(np.mean(self.kl)), "agreement": float(np.mean(self.agree)),
+                "nll": float(np.mean(self.nll)), "diverge": float(self.diverge)}
+
+    def to_dict(self) -> dict:
+        return {"kl": [round(float(x), 7) for x in self.kl], "agree": list(map(int, self.agree)),
+                "nll": [round(float(x), 6) for x in self.nll], "diverge": int(self.diverge)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SetMetrics:
+        return cls(d["kl"], d["agree"], d["nll"], d["diverge"])
+
+
+def measure(pm, skip: Sequence[int], prompt: Sequence[int], continuation: Sequence[int],
+            ref: mx.array) -> SetMetrics:
+    """All metrics of one set on one prompt; `ref` is the dense `forced_logprobs`."""
+    logprobs = ref if not skip else forced_logprobs(pm, skip, prompt, continuation)
+    kl, agree, nll = compare(ref, logprobs, continuation)
+    # dense reproduces its own greedy output by definition: no second decode
+    diverge = (len(continuation) if not skip
+               else first_divergence(pm, skip, prompt, continuation))
+    return SetMetrics(kl.tolist(), agree.tolist(), nll.tolist(), diverge)
+
+
+# --- many prompts, cached ------------------------------------------------------------------------
+
+
+def measure_all(pm, cache: ScoreCache, prompts: Sequence[ChatPrompt],
+                skips: dict[str, list[int]], max_tokens: int, system_prompt: str | None,
+                chunk: int = 8) -> tuple[dict[str, list[int]], dict[str, dict[str, SetMetrics]]]:
+    """(prompt key -> dense continuation, set key -> prompt key -> SetMetrics) for every prompt
+    and set; cached values are reused, new ones saved after every `chunk` prompts."""
+    from tqdm.auto import tqdm
+
+    conts = cache.load(CACHE_TASK, CONTINUATIONS)
+    raw = {name: cache.load(CACHE_TASK, name) for name in skips}
+    todo = list({p.key: p for p in prompts
+                 if p.key not in conts or any(p.key not in raw[n] for n in skips)}.values())
+    with tqdm(total=len(todo), desc="fidelity", unit="prompt", leave=False) as bar:
+        for start in range(0, len(todo), chunk):
+            for p in todo[start:start + chunk]:
+                ids = pm.encode(p.text, True, system_prompt)
+                if p.key not in conts:
+                    conts[p.key] = greedy_continuation(pm, ids, max_tokens)
+                ref = forced_logprobs(pm, [], ids, conts[p.key])
+                for name, skip in skips.items():
+                    if p.key not in raw[name]:
+                        raw[name][p.key] = measure(pm, skip, ids, conts[p.key], ref).to_dict()
+                bar.update(1)
+            cache.save(CACHE_TASK, CONTINUATIONS, conts)
+            for name in skips:
+                cache.save(CACHE_TASK, name, raw[name])
+    values = {name: {p.key: SetMetrics.from_dict(raw[name][p.key]) for p in prompts}
+              for name in skips}
+    return {p.key: conts[p.key] for p in prompts}, values
+
+
+def route_prompts(pm, cache: ScoreCache, prompts: Sequence[ChatPrompt]) -> dict[str, str]:
+    """prompt key -> name of the candidate `PuddingModel.route` picks from the raw text."""
+    router_files = sorted((k, v) for k, v in pm.manifest.files.items() if k.startswith("router/"))
+    extra = {"router": digest([router_files, [c.name for c in pm.candidates],
+                               pm.manifest.static.name])}
+    keys = [p.key for p in prompts]
+
+    def compute(idx: list[int]) -> list[str]:
+        return [pm.route(prompts[i].text).name for i in idx]
+
+    return cache.fill(CACHE_TASK, "routes", keys, compute, chunk=256, desc="routing",
+                      extra=extra)
+
+
+# --- the run -------------------------------------------------------------------------------------
+
+
+@dataclass
+class FidelitySettings:
+    bundle: str
+    output: str
+    prompts: str | None = None  # a prompts file [default: the packaged set]
+    split: str = "heldout"
+    limit: int | None = None
+    max_tokens: int = 64
+    system_prompt: str | None = None
+    extra_sets: dict[str, list[int]] = field(default_factory=dict)
+    router_backend: str = "auto"
+    seed: int = 0
+    resamples: int = 2000
+    verify: bool = True
+    command: str = ""
+
+
+def fingerprint(pm, settings: FidelitySettings) -> dict:
+    """What the cached values depend on: model files, N, the chat template's inputs, FORMAT."""
+    model_files = sorted((k, v) for k, v in pm.manifest.files.items() if k.startswith("model/"))
+    return {"backend": "mlx", "model": digest(model_files), "format": FORMAT,
+            "max_tokens": settings.max_tokens, "chat_template": True,
+            "system_prompt": settings.system_prompt}
+
+
+def row_sets(sets: dict[str, list[int]]) -> dict[str, list[int] | None]:
+    """Table rows in order: dense, the candidates, the static set, extra sets, routed (None)."""
+    for name in ("dense", "routed"):
+        if name in sets:
+            raise PuddingError(f"a skip set may not be called {name!r} (a row of its own)")
+    rows: dict[str, list[int] | None] = {"dense": []}
+    rows.update(sets)
+    rows["routed"] = None
+    return rows
+
+
+def run_fidelity(settings: FidelitySettings) -> dict:
+    """Measure every set on the chosen prompts and write results.json / results.md /
+    fidelity.png to settings.output. Returns the results dict."""
+    from . import fidelity_report
+    from .model import load
+
+    tic = time.perf_counter()
+    out = Path(settings.output)
+    prompts = select(read_prompts(settings.prompts), settings.split, settings.limit,
+                     settings.seed)
+    pm = load(settings.bundle, router_backend=settings.router_backend, verify=settings.verify)
+    sets = named_sets(pm, settings.extra_sets)
+    for name, skip in settings.extra_sets.items():
+        try:
+            check_skip(pm.model, skip)
+        except PuddingError as e:
+            raise PuddingError(f"set {name!r}: {e}") from None
+    rows = row_sets(sets)
+    skips = {set_key(s): list(s) for s in rows.values() if s is not None}
+    cache = ScoreCache(out / "cache", fingerprint(pm, settings))
+    routes = route_prompts(pm, cache, prompts)
+    conts, values = measure_all(pm, cache, prompts, skips, settings.max_tokens,
+                                settings.system_prompt)
+
+    def per_prompt(row: str) -> list[SetMetrics]:
+        skip = rows[row]
+        return [values[set_key(sets[routes[p.key]] if skip is None else skip)][p.key]
+                for p in prompts]
+
+    metrics = {row: per_prompt(row) for row in rows}
+    results = {
+        "command": settings.command,
+        "bundle": str(Path(settings.bundle).resolve()),
+        "base_model": pm.manifest.base_model,
+        "num_blocks": pm.manifest.num_blocks,
+        "prompts_file": str(Path(settings.prompts).resolve()) if settings.prompts else "packaged",
+        "split": settings.split,
+        "limit": settings.limit,
+        "max_tokens": settings.max_tokens,
+        "system_prompt": settings.system_prompt,
+        "seed": settings.seed,
+        "resamples": settings.resamples,
+        "n": len(prompts),
+        "sources": _counts(p.source for p in prompts),
+        "mean_tokens": float(np.mean([len(c) for c in conts.values()])),
+        "candidates": [c.name for c in pm.candidates],
+        "static": pm.manifest.static.name,
+        "sets": {row: skip for row, skip in rows.items() if skip is not None},
+        "route_counts": _counts(routes[p.key] for p in prompts),
+        "summary": {row: summarise(m, settings.resamples, settings.seed)
+                    for row, m in metrics.items()},
+        "pairs": {row: pair(metrics["routed"], m, settings.resamples, settings.seed)
+                  for row, m in metrics.items() if row != "routed"},
+        "by_position": {row: by_position(m, settings.max_tokens) for row, m in metrics.items()},
+        "prompts": [{"id": p.id, "source": p.source, "route": routes[p.key],
+                     "tokens": len(conts[p.key]),
+                     **{row: metrics[row][i].summary() for row in rows}}
+                    for i, p in enumerate(prompts)],
+        "seconds": round(time.perf_counter() - tic, 1),
+    }
+    fidelity_report.write_all(out, results)
+    return results
+
+
+def _counts(items) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for x in items:
+        out[x] = out.get(x, 0) + 1
+    return out
+
+
+# --- statistics ----------------------------------------------------------------------------------
+
+
+def _column(ms: Sequence[SetMetrics], metric: str) -> np.ndarray:
+    return np.array([m.summary()[metric] for m in ms])
+
+
+def summarise(ms: Sequence[SetMetrics], resamples: int, seed: int) -> dict:
+    """Per metric: the mean over prompts with a 95% bootstrap interval; also the perplexity
+    exp(mean NLL) and the share of prompts whose whole continuation the set reproduces."""
+    zeros = np.zeros(len(ms))
+    out = {}
+    for metric in METRICS:
+        col = _column(ms, metric)
+        out[metric] = asdict(paired_bootstrap([(col, zeros)], resamples, seed))
+    out["ppl"] = float(np.exp(out["nll"]["diff"]))
+    out["full_match"] = float(np.mean([m.diverge == m.tokens for m in ms]))
+    return out
+
+
+def pair(a: Sequence[SetMetrics], b: Sequence[SetMetrics], resamples: int, seed: int) -> dict:
+    """a minus b per metric, paired over prompts, with a 95% bootstrap interval."""
+    return {metric: asdict(paired_bootstrap([(_column(a, metric), _column(b, metric))],
+                                            resamples, seed))
+            for metric in METRICS}
+
+
+def by_position(ms: Sequence[SetMetrics], max_tokens: int) -> dict[str, list[float | None]]:
+    """Mean KL at each continuation position (over prompts that reach it), and the share of
+    prompts whose greedy output still equals dense after t tokens, t = 1..max_tokens (a
+    continuation reproduced up to its end-of-sequence token matches for every t)."""
+    kl: list[float | None] = []
+    for t in range(max_tokens):
+        vals = [m.kl[t] for m in ms if len(m.kl) > t]
+        kl.append(float(np.mean(vals)) if vals else None)
+    matching = [float(np.mean([m.diverge >= t or m.diverge == m.tokens for m in ms]))
+                for t in range(1, max_tokens + 1)]
+    return {"kl": kl, "matching": matching}
