@@ -2,6 +2,41 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+
+@contextmanager
+def joined(device_name: str) -> Iterator:
+    """The torch device this rank uses. Started by torchrun/accelerate (WORLD_SIZE > 1), the body
+    runs in the process group, which is left at the end; a group made by the caller is kept."""
+    import torch
+    import torch.distributed as td
+
+    # Import before the group exists: its functions take `group=group.WORLD` as a default
+    # argument, so importing it later (transformers does, when it loads a model) pins the group:
+    # destroy_process_group cannot free it, its gloo threads outlive Python, and a rank then
+    # sometimes aborts at exit ("terminate called without an active exception").
+    import torch.distributed.nn  # noqa: F401
+
+    from .device import resolve_device
+
+    device = resolve_device(device_name)
+    own = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not td.is_initialized()
+    if own:
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+        td.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        yield device
+        if own:
+            td.barrier()  # ranks leave together, after rank 0 has written its outputs
+    finally:
+        if own:
+            td.destroy_process_group()
+
 
 class Dist:
     """torch.distributed helpers; a single process when no process group is initialised."""

@@ -35,7 +35,7 @@ from pudding_mlx.errors import PuddingError
 from pudding_mlx.files import remove_stale_temps, write_json
 from pudding_mlx.tasks import CALIBRATION_TASKS, Example
 
-from .dist import Dist
+from .dist import Dist, joined
 from .label_store import META, read_meta, shard_path, write_shard
 from .resume import changed_settings
 
@@ -158,6 +158,11 @@ def _shard_width(path: Path) -> int:
 def make_labels(out: str | Path, cfg: LabelConfig, device: str = "auto",
                 overwrite: bool = False, share_prefix: bool = True) -> dict:
     """Write the label folder (resuming a partial one); returns its meta."""
+    with joined(device) as dev:  # torchrun's / accelerate's process group, if any
+        return _make_labels(Path(out), cfg, dev, overwrite, share_prefix)
+
+
+def _make_labels(out: Path, cfg: LabelConfig, dev, overwrite: bool, share_prefix: bool) -> dict:
     import torch
     from tqdm.auto import tqdm
 
@@ -166,10 +171,7 @@ def make_labels(out: str | Path, cfg: LabelConfig, device: str = "auto",
     from .assets import load_causal_lm
     from .device import choose_dtype
     from .scoring import BlockRunner
-    from .search_cli import init_distributed
 
-    out = Path(out)
-    dev = init_distributed(device)  # joins torchrun's / accelerate's process group, if any
     dtype = choose_dtype(dev, cfg.dtype)
     cfg.dtype = str(dtype).removeprefix("torch.")
     settings = {"format": FORMAT, **asdict(cfg)}

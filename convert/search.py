@@ -299,6 +299,7 @@ def run_search(model, tokenizer, examples: dict[str, list[Example]], settings: d
     doc["candidates"] = [c.to_json() for c in done.values()]
     if dist.rank == 0:
         write_json(out, doc)
+    dist.barrier()  # every rank returns with `out` written, as make_labels does
     return doc
 
 

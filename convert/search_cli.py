@@ -2,28 +2,9 @@
 
 from __future__ import annotations
 
-import os
-
 import click
 
 from pudding_mlx.errors import PuddingError
-
-
-def init_distributed(device_name: str):
-    """Join the process group when started by torchrun/accelerate (WORLD_SIZE > 1); returns
-    the device this rank uses."""
-    import torch
-    import torch.distributed as td
-
-    from .device import resolve_device
-
-    device = resolve_device(device_name)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not td.is_initialized():
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-            torch.cuda.set_device(device)
-        td.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return device
 
 
 def split_list(value: str) -> list[str]:
@@ -76,6 +57,7 @@ def search(model_path, tasks, losses, k, samples, seed, data_dir, device, dtype,
 
     from . import assets
     from .device import choose_dtype
+    from .dist import Dist, joined
     from .search import LOSSES, run_search
 
     if threads:
@@ -86,18 +68,20 @@ def search(model_path, tasks, losses, k, samples, seed, data_dir, device, dtype,
     if bad := [loss for loss in losses if loss not in LOSSES]:
         raise PuddingError(f"--losses: unknown {bad}; expected {', '.join(LOSSES)}")
     check_writable_file(out)  # before hours of search, not after the first phase
-    dev = init_distributed(device)
-    torch_dtype = choose_dtype(dev, dtype)
-    model_path = model_path or assets.default_model()
-    examples = {t: calibration_examples(t, samples, seed, data_dir) for t in tasks}
-    model, tok = assets.load_causal_lm(model_path, dtype=torch_dtype, device=dev)
-    settings = {"model": str(model_path), "seed": seed, "samples": samples,
-                "dtype": str(torch_dtype).removeprefix("torch."), "device": dev.type,
-                "batch_size": batch_size, "data_dir": data_dir,
-                "num_blocks": len(model.model.layers)}
-    doc = run_search(model, tok, examples, settings, out, k, losses, batch_size,
-                     reuse_prefix=not naive, restart=restart, state_budget_gb=state_budget_gb)
-    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+    with joined(device) as dev:
+        torch_dtype = choose_dtype(dev, dtype)
+        model_path = model_path or assets.default_model()
+        examples = {t: calibration_examples(t, samples, seed, data_dir) for t in tasks}
+        model, tok = assets.load_causal_lm(model_path, dtype=torch_dtype, device=dev)
+        settings = {"model": str(model_path), "seed": seed, "samples": samples,
+                    "dtype": str(torch_dtype).removeprefix("torch."), "device": dev.type,
+                    "batch_size": batch_size, "data_dir": data_dir,
+                    "num_blocks": len(model.model.layers)}
+        doc = run_search(model, tok, examples, settings, out, k, losses, batch_size,
+                         reuse_prefix=not naive, restart=restart,
+                         state_budget_gb=state_budget_gb)
+        rank = Dist().rank
+    if rank == 0:
         for c in doc["candidates"]:
             secs = sum(p["seconds"] for p in c["trajectory"])
             click.echo(f"{c['name']}: skip {c['skip']} ({secs:.0f} s)")
