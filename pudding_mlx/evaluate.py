@@ -15,7 +15,7 @@ interrupted run resumes); the methods only pick, per question, whose scores coun
 - random: a uniformly random candidate per question (seeded).
 
 Splits: validation, or test for ARC / OpenBookQA when a local test split exists; HellaSwag
-always excludes `pudding_mlx.data.hellaswag_holdout` (the rows used for calibration and labels).
+always excludes its holdout (`pudding_mlx.tasks.split_holdout`: the calibration and label rows).
 """
 
 from __future__ import annotations

@@ -50,6 +50,9 @@ class Task:
     metric: str  # "acc" or "acc_norm", as the paper reports it
     splits: tuple[str, ...]  # splits offered (hellaswag "train" is a holdout of validation)
     build: Callable[[dict], tuple]  # row -> (id or None, choices, gold, prompt, eval, router)
+    # > 0: no train split offline, so "train" is this many validation questions held out
+    # (`split_holdout`) and "validation" is the rest, whatever the source.
+    holdout: int = 0
 
     def example(self, row: dict) -> Example:
         rid, choices, gold, prompt, ev, router = self.build(row)
@@ -127,7 +130,7 @@ TASKS: dict[str, Task] = {
              _arc),
         Task("boolq", ("google/boolq", None), "acc", ("train", "validation"), _boolq),
         Task("hellaswag", ("Rowan/hellaswag", None), "acc_norm", ("train", "validation"),
-             _hellaswag),
+             _hellaswag, holdout=2000),
         Task("piqa", ("ybisk/piqa", None), "acc", ("train", "validation"), _piqa),
         Task("winogrande", ("allenai/winogrande", "winogrande_xl"), "acc",
              ("train", "validation"), _winogrande),
@@ -138,6 +141,27 @@ TASKS: dict[str, Task] = {
 # The method calibrates on five tasks and holds BoolQ out; the paper's headline averages six.
 CALIBRATION_TASKS = ("arc_challenge", "arc_easy", "hellaswag", "piqa", "winogrande")
 EVAL_TASKS = ("arc_challenge", "arc_easy", "boolq", "hellaswag", "piqa", "winogrande")
+
+
+HOLDOUT_SEED = 1234
+
+
+def _holdout_key(qid: str, seed: int) -> str:
+    return hashlib.sha1(f"{seed}:{qid}".encode()).hexdigest()
+
+
+def split_holdout(examples: list[Example], size: int,
+                  seed: int = HOLDOUT_SEED) -> tuple[list[Example], list[Example]]:
+    """Split validation examples into (holdout, rest).
+
+    The holdout (calibration and router-label rows) is the `size` examples with the smallest
+    sha1(seed:qid); it depends only on the question ids, not on row order or data source.
+    Every evaluation uses `rest`. Both lists keep the input order.
+    """
+    chosen = set(sorted(_holdout_key(e.qid, seed) for e in examples)[:size])
+    holdout = [e for e in examples if _holdout_key(e.qid, seed) in chosen]
+    rest = [e for e in examples if _holdout_key(e.qid, seed) not in chosen]
+    return holdout, rest
 
 
 def get_task(name: str) -> Task:

@@ -8,9 +8,9 @@ import sys
 
 import pytest
 
-from pudding_mlx.data import hellaswag_holdout, load_examples, sample_examples
+from pudding_mlx.data import load_examples, sample_examples
 from pudding_mlx.errors import PuddingError
-from pudding_mlx.tasks import CALIBRATION_TASKS, EVAL_TASKS, TASKS
+from pudding_mlx.tasks import CALIBRATION_TASKS, EVAL_TASKS, TASKS, split_holdout
 
 ARC_ROW = {"id": "Mercury_1", "question": "Which is a gas?", "answerKey": "3",
            "choices": {"text": ["rock", "water", "steam", "ice"], "label": ["1", "2", "3", "4"]}}
@@ -110,12 +110,12 @@ def test_load_examples_save_to_disk_folder(tmp_path):
 def test_hellaswag_holdout_disjoint_and_order_free():
     rows = [{**HELLASWAG_ROW, "ind": i, "ctx_b": f"then {i}"} for i in range(50)]
     exs = [TASKS["hellaswag"].example(r) for r in rows]
-    hold, rest = hellaswag_holdout(exs, size=10, seed=3)
+    hold, rest = split_holdout(exs, size=10, seed=3)
     assert len(hold) == 10 and len(rest) == 40
     assert not {e.qid for e in hold} & {e.qid for e in rest}
-    hold2, _ = hellaswag_holdout(exs[::-1], size=10, seed=3)
+    hold2, _ = split_holdout(exs[::-1], size=10, seed=3)
     assert {e.qid for e in hold2} == {e.qid for e in hold}
-    assert {e.qid for e in hellaswag_holdout(exs, size=10, seed=4)[0]} != {e.qid for e in hold}
+    assert {e.qid for e in split_holdout(exs, size=10, seed=4)[0]} != {e.qid for e in hold}
 
 
 def test_hellaswag_splits_from_data_dir(tmp_path):
