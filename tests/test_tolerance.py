@@ -300,6 +300,28 @@ def test_fidelity_routed_rows_take_their_chosen_sets_values(fid, tmp_path):
     assert "| routed@0.6 | mean " in md
 
 
+def test_serve_takes_a_tolerance_in_the_request(fid, pm, shared_tiny_bundle):
+    pytest.importorskip("fastapi")
+    from test_serve import chat, request, serving
+
+    text = PROMPTS[1]
+    scores = torch_scores(fid, text)
+    assert not near(scores, 0.6) and not near(scores, DEFAULT_TOLERANCE)
+    with serving(pm, max_tokens_limit=4) as (url, _):
+        for body, x in ((chat(fid.path.name, text, max_tokens=2, tolerance=0.6), 0.6),
+                        (chat(fid.path.name, text, max_tokens=2), DEFAULT_TOLERANCE)):
+            status, _, reply = request(url, "POST", "/v1/chat/completions", body, key=None)
+            assert status == 200, reply
+            info = reply["pudding"]
+            assert info["set"] == expected(scores, x) and info["tolerance"] == x
+            assert info["predicted"] == pytest.approx(scores[NAMES.index(info["set"])], abs=1e-4)
+    plain = pudding_mlx.load(shared_tiny_bundle.path, router_backend="mlx")
+    with serving(plain, max_tokens_limit=4) as (url, _):
+        status, _, reply = request(url, "POST", "/v1/chat/completions",
+                                   chat(plain.path.name, text, tolerance=0.6), key=None)
+        assert status == 400 and "target 'fidelity'" in reply["error"]["message"]
+
+
 def test_demo_shows_dense_and_routed_answers_and_kl(fid):
     from test_fidelity import reference
 
