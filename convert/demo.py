@@ -1,7 +1,9 @@
 """`pudding demo`: build the quick SmolLM2 bundle once (cached), then route a few prompts.
 
-For each prompt it shows the omission set the router chose, the router's time, the routed
-answer, and decoding speed routed vs dense over the same number of tokens.
+For each prompt it shows the omission set the router chose, the router's time, the dense and
+the routed answer side by side, how far the routed set is from dense on the dense answer
+(KL and top-1 agreement, teacher-forced: `pudding_mlx.fidelity`), and decoding speed routed vs
+dense over the same number of tokens.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 import click
 
 from pudding_mlx.errors import PuddingError
+from pudding_mlx.generate_cli import TOLERANCE_HELP, describe_route
 
 PROMPTS = (
     ("science question", "Why do plants need sunlight to grow?"),
@@ -77,16 +80,26 @@ def suppress_tokens(ids) -> Callable:
     return processor
 
 
-def run_prompt(pm, prompt: str, max_tokens: int) -> dict:
-    """Route and answer `prompt`; then time a dense run of the same length."""
-    route = pm.route(prompt)
+def run_prompt(pm, prompt: str, max_tokens: int, tolerance: float | None = None) -> dict:
+    """Route and answer `prompt`; answer it dense too and measure the routed set's KL to dense
+    on that answer; then time a dense run as long as the routed answer."""
+    from pudding_mlx.fidelity import compare, forced_logprobs, greedy_continuation
+
+    route = pm.route(prompt, tolerance=tolerance)
     pieces = list(pm.stream_generate(prompt, max_tokens=max_tokens, route=route))
     routed, text = pieces[-1], "".join(p.text for p in pieces)
     n = routed.generation_tokens
-    no_eos = suppress_tokens(pm.tokenizer.eos_token_ids)
+    ids = pm.encode(prompt)
+    answer = greedy_continuation(pm, ids, max_tokens)
+    ref = forced_logprobs(pm, [], ids, answer)
+    kl, agree, _ = compare(ref, forced_logprobs(pm, route.skip, ids, answer), answer)
+    eos = set(pm.tokenizer.eos_token_ids)
+    dense_text = pm.tokenizer.decode([t for t in answer if t not in eos])
+    no_eos = suppress_tokens(eos)
     *_, dense = pm.stream_generate(prompt, max_tokens=n, mode="dense",
                                    logits_processors=[no_eos])
-    return {"route": route, "text": text.strip(), "tokens": n,
+    return {"route": route, "text": text.strip(), "tokens": n, "dense_text": dense_text.strip(),
+            "kl": float(kl.mean()), "agreement": float(agree.mean()),
             "routed_tps": routed.generation_tps, "dense_tps": dense.generation_tps,
             "dense_tokens": dense.generation_tokens}
 
@@ -97,12 +110,15 @@ def run_prompt(pm, prompt: str, max_tokens: int) -> dict:
 @click.option("--rebuild", is_flag=True, help="Build the cached quick bundle again from scratch.")
 @click.option("--max-tokens", "-m", type=int, default=48, show_default=True,
               help="Tokens per answer.")
-def demo(bundle, rebuild, max_tokens):
-    """Route a handful of prompts of different kinds and compare routed vs dense speed.
+@click.option("--tolerance", type=float, default=None, metavar="X", help=TOLERANCE_HELP)
+def demo(bundle, rebuild, max_tokens, tolerance):
+    """Route a handful of prompts of different kinds; compare the routed answers with dense
+    ones (KL to dense) and routed vs dense speed.
 
     With no --bundle, the quick bundle (SmolLM2-135M-Instruct, MiniLM router, packaged data) is
     built on the first run and cached under $PUDDING_CACHE or ~/.cache/pudding-mlx/demo."""
     from pudding_mlx.model import load
+    from pudding_mlx.tolerance import Policy
 
     if max_tokens < 1:
         raise PuddingError("--max-tokens must be at least 1")
@@ -116,21 +132,25 @@ def demo(bundle, rebuild, max_tokens):
     click.echo(f"Loaded {bundle} in {time.perf_counter() - start:.1f} s: "
                f"{pm.manifest.base_model}, {n_blocks} blocks, "
                f"{len(pm.candidates)} candidate omission sets, router {type(pm.router).__name__}")
+    pm.check_policy(Policy(tolerance))
     list(pm.stream_generate("Hello", max_tokens=2, mode="dense"))  # warm-up for fair timings
     rows = []
     for i, (kind, prompt) in enumerate(PROMPTS, 1):
-        r = run_prompt(pm, prompt, max_tokens)
+        r = run_prompt(pm, prompt, max_tokens, tolerance)
         route = r["route"]
         speedup = r["routed_tps"] / r["dense_tps"]
         click.echo(f"\n[{i}/{len(PROMPTS)}] {kind}\n> {prompt}")
-        click.echo(f"route: {route.name} (skips blocks {','.join(map(str, route.skip))} of "
-                   f"{n_blocks}; router {route.seconds * 1e3:.1f} ms)")
-        click.echo(f"answer: {r['text']}")
+        click.echo(describe_route(route, n_blocks))
+        click.echo(f"dense answer:  {r['dense_text']}")
+        click.echo(f"routed answer: {r['text']}")
+        click.echo(f"routed vs dense on the dense answer: KL {r['kl']:.3f} nats/token, top-1 "
+                   f"agreement {100 * r['agreement']:.0f}%")
         click.echo(f"speed over {r['tokens']} tokens: routed {r['routed_tps']:.1f} tokens/s, "
                    f"dense {r['dense_tps']:.1f} tokens/s ({speedup:.2f}x)")
-        rows.append((kind, route, r["routed_tps"], r["dense_tps"]))
-    click.echo("\nprompt                  skipped  router ms  routed tok/s  dense tok/s")
-    for kind, route, routed, dense in rows:
-        click.echo(f"{kind:<23} {len(route.skip):>7}  {route.seconds * 1e3:>9.1f}  "
+        rows.append((kind, route, r["kl"], r["routed_tps"], r["dense_tps"]))
+    click.echo("\nprompt                  skipped  router ms  KL to dense  routed tok/s  "
+               "dense tok/s")
+    for kind, route, kl, routed, dense in rows:
+        click.echo(f"{kind:<23} {len(route.skip):>7}  {route.seconds * 1e3:>9.1f}  {kl:>11.3f}  "
                    f"{routed:>12.1f}  {dense:>11.1f}")
     click.echo(f"demo done in {time.perf_counter() - began:.0f} s")

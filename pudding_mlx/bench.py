@@ -30,9 +30,10 @@ if TYPE_CHECKING:
 
 
 def run_bench(pm: PuddingModel, settings: Settings, route_mode: str = "router",
-              skip: list[int] | None = None, progress: Callable[[], None] = lambda: None
-              ) -> Result:
-    """Every measurement of `settings` on a loaded PuddingModel."""
+              skip: list[int] | None = None, progress: Callable[[], None] = lambda: None,
+              tolerance: float | None = None) -> Result:
+    """Every measurement of `settings` on a loaded PuddingModel (routed as
+    PuddingModel.route(text, route_mode, skip, tolerance))."""
     text_source = Path(settings.prompt_file).read_text() if settings.prompt_file else None
     pm.tokenizer.eos_token_ids = set()  # never stop early, like mlx_lm.benchmark
     kinds = ["dense", "routed"] + (["mlx-lm"] if settings.compare_mlx_lm else [])
@@ -44,10 +45,12 @@ def run_bench(pm: PuddingModel, settings: Settings, route_mode: str = "router",
     for p in dict.fromkeys(p for p, _ in points):
         tokens = make_prompt(pm.tokenizer, p, settings.seed + p, text_source)
         prompts[p] = (tokens, pm.tokenizer.decode(tokens))
-        routes[p] = pm.route(prompts[p][1], route_mode, skip)
+        routes[p] = pm.route(prompts[p][1], route_mode, skip, tolerance)
     skips = {len(r.skip) for r in routes.values()}
     if skips == {0}:
-        raise PuddingError("the routed request skips no block; nothing to compare")
+        hint = ("; no set is predicted within the tolerance, raise it"
+                if any(r.tolerance is not None for r in routes.values()) else "")
+        raise PuddingError(f"the routed request skips no block; nothing to compare{hint}")
     if len(skips) != 1:
         raise PuddingError(f"the prompts were routed to sets of different sizes {sorted(skips)};"
                            " pass --skip or --static to compare one set")
@@ -56,13 +59,15 @@ def run_bench(pm: PuddingModel, settings: Settings, route_mode: str = "router",
         tokens, text = prompts[p]
 
         def request(kind: str, tokens=tokens, text=text, g=g) -> Trial:
-            return run_request(pm, kind, tokens, text, g, route_mode, skip)
+            return run_request(pm, kind, tokens, text, g, route_mode, skip, tolerance)
 
         trials += measure(request, kinds, settings.trials, settings.warmup, progress)
     route = routes[settings.gen_prompt if settings.gen_lengths else max(routes)]
     result = Result(settings, machine, facts,
                     {"mode": route_mode, "name": route.name, "skip": route.skip,
-                     "per_prompt": {f"p{p}": {"name": r.name, "skip": r.skip}
+                     "tolerance": route.tolerance,
+                     "per_prompt": {f"p{p}": {"name": r.name, "skip": r.skip,
+                                              "predicted": r.predicted}
                                     for p, r in routes.items()},
                      "router_backend": pm.router.backend,
                      "router_max_length": pm.router.max_length},
@@ -120,7 +125,7 @@ def _lengths(ctx, param, value: str) -> tuple[int, ...]:
 @route_options
 def bench(bundle, prompt_lengths, gen_lengths, gen_prompt, trials, warmup, seed, prompt_file,
           compare_mlx_lm, router_study, memory, memory_requests, memory_budget, output, note,
-          no_verify, route_mode, skip, router_backend):
+          no_verify, route_mode, skip, tolerance, router_backend):
     """Dense vs routed speed, side by side, against the ideal speedup of the skipped blocks.
 
     The routed set comes from the router (or --static / --skip); --dense is meaningless here.
@@ -128,6 +133,7 @@ def bench(bundle, prompt_lengths, gen_lengths, gen_prompt, trials, warmup, seed,
     from tqdm import tqdm
 
     from .model import load
+    from .tolerance import Policy
 
     if route_mode == "dense" and skip is None:
         raise PuddingError("--dense: pudding bench always runs dense; choose the routed set "
@@ -137,16 +143,18 @@ def bench(bundle, prompt_lengths, gen_lengths, gen_prompt, trials, warmup, seed,
     settings = Settings(prompt_lengths, gen_lengths, gen_prompt, trials, warmup, seed,
                         prompt_file, compare_mlx_lm, router_study)
     pm = load(bundle, router_backend=router_backend, verify=not no_verify)
+    if route_mode == "router" and skip is None:
+        pm.check_policy(Policy(tolerance))  # a bad --tolerance fails before any measuring
     kinds = 3 if compare_mlx_lm else 2
     total = (len(prompt_lengths) + len(gen_lengths)) * kinds * (trials + warmup)
     with tqdm(total=total, desc="bench", unit="request") as bar:
-        result = run_bench(pm, settings, route_mode, skip, lambda: bar.update())
+        result = run_bench(pm, settings, route_mode, skip, lambda: bar.update(), tolerance)
     result.notes = list(note)
     if memory or memory_budget:
         prompts = [pm.tokenizer.decode(make_prompt(pm.tokenizer, 128, seed + i))
                    for i in range(memory_requests)]
         result.memory = memory_compare(bundle, route_mode, skip, prompts, router_backend,
-                                       memory_budget and memory_budget * 1e9)
+                                       memory_budget and memory_budget * 1e9, tolerance)
     click.echo(format_table(result))
     if output:
         from .bench_plot import plot

@@ -28,6 +28,7 @@ class Probe:
     router_backend: str
     budget: float | None = None  # bytes of blocks kept resident (residency.py); None: all
     max_tokens: int = 16
+    tolerance: float | None = None  # of the routed requests (PuddingModel.route)
 
 
 def memory_probe(probe: Probe) -> dict:
@@ -49,7 +50,8 @@ def memory_probe(probe: Probe) -> dict:
                  if probe.budget else None)
     requests = []
     for prompt in probe.prompts:
-        route = pm.route(prompt, probe.route_mode, probe.skip)
+        route = pm.route(prompt, probe.route_mode, probe.skip,
+                         probe.tolerance if probe.route_mode == "router" else None)
         evicted = residency.use(route.skip) if residency else []
         tic = time.perf_counter()
         pm.generate(prompt, max_tokens=probe.max_tokens, route=route)
@@ -79,7 +81,8 @@ def probe_reply(proc: subprocess.CompletedProcess) -> dict:
 
 
 def memory_compare(bundle: str, route_mode: str, skip: list[int] | None, prompts: list[str],
-                   router_backend: str, budget: float | None = None) -> dict:
+                   router_backend: str, budget: float | None = None,
+                   tolerance: float | None = None) -> dict:
     """Dense vs routed (vs routed within `budget` bytes of blocks) memory over the same
     requests, each in its own process."""
     runs = [("dense", "dense", None, None), ("routed", route_mode, skip, None)]
@@ -87,7 +90,7 @@ def memory_compare(bundle: str, route_mode: str, skip: list[int] | None, prompts
         runs.append(("routed, budget", route_mode, skip, budget))
     out = {}
     for name, mode, s, b in runs:
-        probe = Probe(bundle, mode, s, prompts, router_backend, b)
+        probe = Probe(bundle, mode, s, prompts, router_backend, b, tolerance=tolerance)
         proc = subprocess.run([sys.executable, "-m", __name__], input=json.dumps(asdict(probe)),
                               capture_output=True, text=True, check=False)
         try:

@@ -55,7 +55,8 @@ def make_prompt(tokenizer, length: int, seed: int, text: str | None = None) -> l
 
 
 def run_request(pm: PuddingModel, kind: str, tokens: list[int], text: str, max_tokens: int,
-                route_mode: str = "router", skip: Sequence[int] | None = None) -> Trial:
+                route_mode: str = "router", skip: Sequence[int] | None = None,
+                tolerance: float | None = None) -> Trial:
     """Time one request of `kind`; routed requests route `text` first (timed)."""
     import mlx.core as mx
     from mlx_lm.generate import stream_generate as lm_stream_generate
@@ -67,7 +68,8 @@ def run_request(pm: PuddingModel, kind: str, tokens: list[int], text: str, max_t
     if kind == "mlx-lm":
         stream = lm_stream_generate(pm.model, pm.tokenizer, tokens, max_tokens=max_tokens)
     else:
-        route = pm.route(text, "dense") if kind == "dense" else pm.route(text, route_mode, skip)
+        route = (pm.route(text, "dense") if kind == "dense"
+                 else pm.route(text, route_mode, skip, tolerance))
         router_s = route.seconds
         stream = pm.stream_generate(tokens, max_tokens=max_tokens, route=route)
     response = next(stream)

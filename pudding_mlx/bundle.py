@@ -24,11 +24,15 @@ from typing import Any
 
 from .errors import BundleError, PuddingError
 from .files import read_json
+from .tolerance import check_tolerance
 
 FORMAT_VERSION = 1
 MANIFEST = "pudding.json"
 ROUTER_CONFIG = "router_config.json"  # in router/: RouterConfig
 LOSSES = ("likelihood", "margin", "perplexity")
+# What a router predicts per candidate: a score, higher is better ("likelihood", "margin"), or
+# mean KL(dense || set) in nats/token, lower is better ("fidelity"); see tolerance.py.
+ROUTER_TARGETS = ("likelihood", "margin", "fidelity")
 
 
 def check_skip_set(skip: Iterable[int], num_blocks: int, protected: Iterable[int] = (),
@@ -135,7 +139,8 @@ class RouterInfo:
     max_length: int
     outputs: list[str]  # candidate names, in the order of the router's outputs
     pooling: str = "mean"
-    target: str = "likelihood"
+    target: str = "likelihood"  # one of ROUTER_TARGETS
+    tolerance: float | None = None  # fidelity routers: the default --tolerance (nats/token)
 
 
 @dataclass
@@ -210,6 +215,17 @@ class Manifest:
             raise BundleError(f"{where}: router max_length must be an integer >= 2")
         if r.pooling not in ("mean", "cls"):
             raise BundleError(f"{where}: router pooling must be 'mean' or 'cls', got {r.pooling!r}")
+        if r.target not in ROUTER_TARGETS:
+            raise BundleError(f"{where}: router target must be one of {ROUTER_TARGETS}, got "
+                              f"{r.target!r}")
+        if r.tolerance is not None:
+            if r.target != "fidelity":
+                raise BundleError(f"{where}: router tolerance is set but the router's target is "
+                                  f"{r.target!r}; only a 'fidelity' router takes a tolerance")
+            try:
+                check_tolerance(r.tolerance)
+            except PuddingError as e:
+                raise BundleError(f"{where}: router {e}") from None
         for rel in self.files:
             safe_relpath(rel, where)
 

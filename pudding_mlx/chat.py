@@ -29,6 +29,7 @@ class Conversation:
     route_each_turn: bool = False
     system_prompt: str | None = None
     max_kv_size: int | None = None
+    tolerance: float | None = None  # fidelity routers: see PuddingModel.route
     route: Route | None = None
     cache: list | None = None
     tokens: list[int] = field(default_factory=list)  # everything in the cache, in order
@@ -48,7 +49,7 @@ class Conversation:
         new = self.pm.encode(query, system_prompt=self.system_prompt)
         self.reprefilled = 0
         if self.route is None or self.route_each_turn:
-            route = self.pm.route(query, self.mode, self.skip)
+            route = self.pm.route(query, self.mode, self.skip, self.tolerance)
             if self.route is None or route.skip != self.route.skip:
                 self.reprefilled = len(self.tokens)
                 new = self.tokens + new
@@ -85,7 +86,7 @@ def read_line(stream) -> str:
 @click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the bundle files.")
 @route_options
 def chat(bundle, max_tokens, temp, top_p, seed, system_prompt, max_kv_size, route_each_turn,
-         no_verify, route_mode, skip, router_backend):
+         no_verify, route_mode, skip, tolerance, router_backend):
     """Chat with a bundle; one KV cache per conversation (routed on its first turn by default).
 
     Empty lines are ignored.
@@ -94,12 +95,16 @@ def chat(bundle, max_tokens, temp, top_p, seed, system_prompt, max_kv_size, rout
     from mlx_lm.sample_utils import make_sampler
 
     from .model import load
+    from .tolerance import Policy
 
     if max_tokens < 1:
         raise PuddingError("--max-tokens must be at least 1")
     mx.random.seed(seed)
     pm = load(bundle, router_backend=router_backend, verify=not no_verify)
-    conv = Conversation(pm, route_mode, skip, route_each_turn, system_prompt, max_kv_size)
+    if route_mode == "router" and skip is None:
+        pm.check_policy(Policy(tolerance))  # a bad --tolerance fails now, not at the first turn
+    conv = Conversation(pm, route_mode, skip, route_each_turn, system_prompt, max_kv_size,
+                        tolerance)
     sampler = make_sampler(temp, top_p)
     click.echo(f"[pudding chat: {pm.manifest.base_model}, {pm.manifest.num_blocks} blocks, "
                f"router on {pm.router.backend}] {HELP}")

@@ -4,7 +4,10 @@
 - static:best: the candidate with the best likelihood on a calibration slice of all tasks;
 - static:task-best: per task, the candidate best on that task's calibration slice (the cheapest
   "router": it only recognises the task; tasks without a slice take static:best);
-- pudding: the router's pick for the question;
+- pudding: the router's pick for the question (the bundle's rule: the best prediction, or for
+  a fidelity router the tolerance rule at --tolerance or the bundle's default);
+- routed@X / routed:kN: the router's pick by the tolerance rule at X, or the best prediction
+  among the candidates of N blocks (`tolerance.py`);
 - oracle: the candidate that ranks the gold answer best (largest margin of gold over the best
   distractor, first candidate on ties): a per-question upper bound for any router;
 - oracle:task: per task, the candidate with the most correct answers on the evaluated
@@ -22,22 +25,27 @@ import numpy as np
 
 from .errors import PuddingError
 from .eval_stats import decide, gold_margin
+from .tolerance import Policy
 
 # kind -> table label; the table lists methods in this order
 LABELS = {"dense": "dense", "static": "static:", "best": "static:best",
-          "task-best": "static:task-best", "pudding": "pudding", "oracle": "oracle",
-          "oracle-task": "oracle:task", "random": "random"}
-PER_QUESTION = ("pudding", "oracle", "random")  # kinds whose pick varies by question
+          "task-best": "static:task-best", "pudding": "pudding", "routed": "routed",
+          "oracle": "oracle", "oracle-task": "oracle:task", "random": "random"}
+ROUTED = ("pudding", "routed")  # kinds whose pick is the router's
+PER_QUESTION = ("pudding", "routed", "oracle", "random")  # kinds whose pick varies by question
 ALL_CANDIDATES = ("oracle", "oracle-task", "random")  # kinds that need every candidate scored
 DEFAULT_METHODS = "dense,static:*,static:best,static:task-best,pudding,oracle,oracle:task,random"
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True)
 class Method:
     kind: str  # a key of LABELS
     set_name: str = ""  # the fixed set of kind "static"
+    policy: Policy = Policy()  # kind "routed": routed@X or routed:kN (kind "pudding": the default)
 
     def __str__(self) -> str:
+        if self.kind == "routed":
+            return str(self.policy)
         return LABELS[self.kind] + self.set_name if self.kind == "static" else LABELS[self.kind]
 
     @property
@@ -54,8 +62,10 @@ def parse_methods(spec: str, sets: dict[str, list[int]], candidates: Sequence[st
                   static_name: str) -> list[Method]:
     """Methods in table order from e.g. "dense,static:*,pudding": dense, static (the bundle's
     static set), static:<name>, static:* (every named set), static:best, static:task-best,
-    pudding, oracle, oracle:task, random; "all" is the default list."""
-    by_label = {label: Method(kind) for kind, label in LABELS.items() if kind != "static"}
+    pudding (also "routed"), routed@X (tolerance X), routed:kN (fixed k = N), oracle,
+    oracle:task, random; "all" is the default list."""
+    by_label = {label: Method(kind) for kind, label in LABELS.items()
+                if kind not in ("static", "routed")}
     tokens = [t.strip() for t in (DEFAULT_METHODS if spec == "all" else spec).split(",")]
     out: list[Method] = []
     for t in filter(None, tokens):
@@ -68,18 +78,21 @@ def parse_methods(spec: str, sets: dict[str, list[int]], candidates: Sequence[st
             out.append(by_label[t])
         elif t.startswith("static:") and t.removeprefix("static:") in sets:
             out.append(Method("static", t.removeprefix("static:")))
+        elif (policy := Policy.parse(t)) is not None:
+            out.append(Method("pudding") if policy == Policy() else Method("routed", policy=policy))
         else:
             raise PuddingError(f"--methods: unknown method {t!r}; use dense, static, "
                                f"static:<{'|'.join(sets)}>, static:*, static:best, "
-                               "static:task-best, pudding, oracle, oracle:task, random")
+                               "static:task-best, pudding, routed@X, routed:kN, oracle, "
+                               "oracle:task, random")
     return sorted(dict.fromkeys(out), key=lambda m: m.rank)
 
 
 def needed_sets(methods: Sequence[Method], sets: dict[str, list[int]], candidates: list[str],
-                fixed: dict[str, str | None], static_name: str,
-                routes_use_static: bool) -> list[list[int]]:
+                fixed: dict[str, str | None],
+                routes: dict[str, dict[str, str | None]] | None) -> list[list[int]]:
     """The distinct skip sets to score for one task; `fixed` names the set of static:best and
-    static:task-best for it."""
+    static:task-best for it, `routes` the sets the router picked (see `task_outcomes`)."""
     need: list[list[int]] = []
     for m in methods:
         if m.kind == "dense":
@@ -88,18 +101,20 @@ def needed_sets(methods: Sequence[Method], sets: dict[str, list[int]], candidate
             need.append(sets[m.set_name])
         elif m.kind in ("best", "task-best"):
             need.append(sets[fixed[m.kind]])
+        elif m.kind in ROUTED:
+            need += [[] if n is None else sets[n] for n in routes[str(m)].values()]
         else:
             need += [sets[c] for c in candidates]
-    if routes_use_static:
-        need.append(sets[static_name])
     return list({set_key(s): s for s in need}.values())
 
 
 def task_outcomes(task, examples, methods: Sequence[Method], sets: dict[str, list[int]],
-                  candidates: list[str], scores: dict[str, dict], routes: dict[str, str] | None,
+                  candidates: list[str], scores: dict[str, dict],
+                  routes: dict[str, dict[str, str | None]] | None,
                   fixed: dict[str, str | None], seed: int) -> dict[str, dict]:
-    """Per method (by label): chosen set per question and per-question correctness (acc and
-    acc_norm)."""
+    """Per method (by label): chosen set per question (None: skip nothing) and per-question
+    correctness (acc and acc_norm). `routes` maps each router method's label to its pick per
+    qid."""
     norm = task.metric == "acc_norm"
     rng = np.random.default_rng([seed, zlib.crc32(task.name.encode())])
     random_pick = rng.integers(0, len(candidates), size=len(examples))
@@ -118,8 +133,8 @@ def task_outcomes(task, examples, methods: Sequence[Method], sets: dict[str, lis
         if m.kind == "oracle":
             return [candidates[int(np.argmax([gold_margin(lls(c, e), e.choices, e.gold, norm)
                                               for c in candidates]))] for e in examples]
-        if m.kind == "pudding":
-            return [routes[e.qid] for e in examples]
+        if m.kind in ROUTED:
+            return [routes[str(m)][e.qid] for e in examples]
         if m.kind == "random":
             return [candidates[i] for i in random_pick]
         if m.kind == "oracle-task":

@@ -111,6 +111,16 @@ def _notes(results: dict) -> str:
              "- Avg is over ARC-C, ARC-E, BoolQ, HellaSwag, PIQA, WinoGrande; 'above chance' "
              "keeps the tasks where dense beats chance by more than 1.96 binomial standard "
              "errors."]
+    if results.get("router_target") == "fidelity":
+        tol = results.get("tolerance")
+        notes.append("- The router predicts each set's KL to dense (target 'fidelity'); "
+                     "pudding picks within " + (f"tolerance {tol:g}" if tol is not None
+                                                else "the bundle's default tolerance") + ".")
+    if any(m.startswith("routed") for m in results["methods"]):
+        notes.append("- routed@X: per question, the set skipping the most blocks among those "
+                     "the router predicts within X nats/token of KL to dense (else dense); "
+                     "routed:kN: the router's best prediction among the sets of N blocks. "
+                     "results.json gives each method's mean_skipped blocks per task.")
     best = results.get("static_best")
     if best:
         notes.append(f"- static:best = {best['name']}: the candidate with the highest "

@@ -9,7 +9,8 @@ Every skip set that some method needs is scored once per question (cached in --o
 interrupted run resumes); the methods only pick, per question, whose scores count:
 - dense / static:<name>: one fixed set for every question;
 - pudding: the router's pick for the question, made once from the question alone
-  (`Example.router_text`);
+  (`Example.router_text`); routed@X / routed:kN: the same router scores, picked by the
+  tolerance rule at X or among the sets of N blocks (`tolerance.py`);
 - oracle: the candidate that ranks the gold answer best (largest margin of gold over the best
   other choice under the task's metric): correct whenever any candidate is;
 - random: a uniformly random candidate per question (seeded).
@@ -36,6 +37,7 @@ from .errors import PuddingError
 from .eval_methods import (
     DEFAULT_METHODS,
     PER_QUESTION,
+    ROUTED,
     needed_sets,
     parse_methods,
     set_key,
@@ -45,6 +47,7 @@ from .eval_scoring import digest
 from .eval_stats import above_chance, chance_level, paired_bootstrap
 from .plugins import EVAL_BACKENDS, plugins
 from .tasks import CALIBRATION_TASKS, EVAL_TASKS, get_task
+from .tolerance import Policy
 
 DEFAULT_TASKS = ("arc_challenge", "arc_easy", "boolq", "hellaswag", "piqa", "winogrande",
                  "openbookqa")
@@ -66,6 +69,7 @@ class EvalSettings:
     device: str = "auto"
     dtype: str = "auto"
     batch_size: int = 16
+    tolerance: float | None = None  # pudding's, for a fidelity router [default: the bundle's]
     extra_sets: dict[str, list[int]] = field(default_factory=dict)
     baseline: str | None = None  # the row the delta column compares to [default: bundle static]
     best_slice: int = 32  # static:best: train examples per calibration task
@@ -139,28 +143,43 @@ def named_sets(pm, extra: dict[str, list[int]]) -> dict[str, list[int]]:
 # --- scoring -------------------------------------------------------------------------------------
 
 
-def route_questions(pm, cache, task: str, examples, batch: int = 32) -> dict[str, str]:
-    """qid -> name of the candidate the router picks (cached); an empty text gets the static
-    set, as PuddingModel.route does."""
+def router_scores(pm, cache, task: str, examples, batch: int = 32
+                  ) -> dict[str, list[float] | None]:
+    """qid -> the router's scores for the question (router output order; cached), None for an
+    empty text (which PuddingModel.route sends to the static set unasked)."""
     names = [c.name for c in pm.candidates]
     qids = [e.qid for e in examples]
 
-    def compute(idx: list[int]) -> list[str]:
+    def compute(idx: list[int]) -> list[list[float] | None]:
         texts = [examples[i].router_text for i in idx]
-        out = [pm.manifest.static.name] * len(texts)
+        out: list[list[float] | None] = [None] * len(texts)
         live = [j for j, t in enumerate(texts) if t.strip()]
         for s in range(0, len(live), batch):
             part = live[s:s + batch]
             scores = pm.router.scores_batch([texts[j] for j in part])
             for j, row in zip(part, scores, strict=True):
-                out[j] = names[int(np.argmax(row))]
+                out[j] = [float(x) for x in row]
         return out
 
     router_files = sorted((k, v) for k, v in pm.manifest.files.items() if k.startswith("router/"))
-    extra = {"router": digest([router_files, names, pm.manifest.static.name]),
-             "text": "router_text-v1"}
-    return cache.fill(task, "routes", qids, compute, chunk=512, desc=f"{task} routing",
-                      extra=extra)
+    extra = {"router": digest([router_files, names]), "text": "router_text-v1"}
+    return cache.fill(task, "router-scores", qids, compute, chunk=512,
+                      desc=f"{task} routing", extra=extra)
+
+
+def route_questions(pm, scores: dict[str, list[float] | None], policy: Policy
+                    ) -> dict[str, str | None]:
+    """qid -> name of the candidate `policy` picks from the question's router
+    scores, None for skip nothing; an empty text gets the static set."""
+    names = [c.name for c in pm.candidates]
+    out: dict[str, str | None] = {}
+    for qid, row in scores.items():
+        if row is None:
+            out[qid] = pm.manifest.static.name
+        else:
+            index = pm.pick(row, policy)
+            out[qid] = None if index is None else names[index]
+    return out
 
 
 def set_scores(scorer, cache, task: str, examples, skip: Sequence[int], fmt: str = "eval",
@@ -246,6 +265,13 @@ def run_eval(settings: EvalSettings) -> dict:
     candidates = [c.name for c in pm.candidates]
     static_name = pm.manifest.static.name
     methods = parse_methods(settings.methods, sets, candidates, static_name)
+    if settings.tolerance is not None and not any(m.kind == "pudding" for m in methods):
+        raise PuddingError("--tolerance sets the tolerance of the pudding method, which "
+                           "--methods leaves out; use routed@X methods instead")
+    policies = {str(m): Policy(settings.tolerance) if m.kind == "pudding" else m.policy
+                for m in methods if m.kind in ROUTED}
+    for policy in policies.values():
+        pm.check_policy(policy)  # a bad tolerance or k fails before any scoring
     labels = [str(m) for m in methods]
     baseline = settings.baseline or f"static:{static_name}"
     if baseline not in labels:
@@ -278,12 +304,14 @@ def run_eval(settings: EvalSettings) -> dict:
                                         settings.seed)
         if not examples:
             raise PuddingError(f"{task.name}/{split}: no examples")
-        routes = (route_questions(pm, cache, task.name, examples)
-                  if any(m.kind == "pudding" for m in methods) else None)
-        use_static = routes is not None and static_name in set(routes.values())
+        routes = None
+        if policies:
+            picked = router_scores(pm, cache, task.name, examples)
+            routes = {label: route_questions(pm, picked, policy)
+                      for label, policy in policies.items()}
         fixed = {"best": best and best["name"],
                  "task-best": best and best["task_best"].get(task.name, best["name"])}
-        need = needed_sets(methods, sets, candidates, fixed, static_name, use_static)
+        need = needed_sets(methods, sets, candidates, fixed, routes)
         scores = {}
         for si, skip in enumerate(need, 1):
             click.echo(f"[task {ti}/{len(tasks)} {task.name} ({split}, {len(examples)} q)] "
@@ -292,7 +320,8 @@ def run_eval(settings: EvalSettings) -> dict:
         outcomes = task_outcomes(task, examples, methods, sets, candidates, scores, routes,
                                  fixed, settings.seed)
         per_task[task.name] = _task_summary(task, split, examples, outcomes, sets,
-                                            pm.manifest.num_blocks, settings)
+                                            pm.manifest.num_blocks, settings,
+                                            [str(m) for m in methods if m.kind in PER_QUESTION])
 
     results = {
         "command": settings.command,
@@ -304,6 +333,8 @@ def run_eval(settings: EvalSettings) -> dict:
         "seed": settings.seed,
         "resamples": settings.resamples,
         "methods": labels,
+        "tolerance": settings.tolerance,
+        "router_target": pm.manifest.router.target,
         "baseline": baseline,
         "candidates": candidates,
         "static": static_name,
@@ -321,9 +352,13 @@ def _bad_baseline(name: str, methods: list[str]):
 
 
 def _task_summary(task, split: str, examples, outcomes: dict, sets: dict[str, list[int]],
-                  num_blocks: int, settings: EvalSettings) -> dict:
+                  num_blocks: int, settings: EvalSettings, per_question: list[str]) -> dict:
     n = len(examples)
     num_choices = [len(e.choices) for e in examples]
+
+    def skipped(name: str | None) -> list[int]:
+        return [] if name is None else sets[name]
+
     results = {}
     for m, o in outcomes.items():
         results[m] = {
@@ -331,6 +366,7 @@ def _task_summary(task, split: str, examples, outcomes: dict, sets: dict[str, li
             "acc_norm": None if task.name == "winogrande" else float(np.mean(o["acc_norm"])),
             "score": float(np.mean(o["correct"])),
             "correct": int(np.sum(o["correct"])),
+            "mean_skipped": float(np.mean([len(skipped(c)) for c in o["chosen"]])),
         }
     pairs = {}
     if "pudding" in outcomes:
@@ -343,13 +379,13 @@ def _task_summary(task, split: str, examples, outcomes: dict, sets: dict[str, li
     if "pudding" in outcomes:
         counts = np.zeros(num_blocks)
         for name in outcomes["pudding"]["chosen"]:
-            counts[sets[name]] += 1
+            counts[skipped(name)] += 1
         skip_freq = (counts / n).tolist()
     questions = []
     for q, e in enumerate(examples):
         row = {"qid": e.qid, "gold": e.gold,
                "correct": {m: o["correct"][q] for m, o in outcomes.items()}}
-        row.update({m: outcomes[m]["chosen"][q] for m in PER_QUESTION if m in outcomes})
+        row.update({m: outcomes[m]["chosen"][q] for m in per_question})
         questions.append(row)
     dense = outcomes.get("dense")
     return {
@@ -410,6 +446,9 @@ def _averages(per_task: dict, methods: list[str], eval_tasks: Sequence[str],
                    "static:<name> any candidate or extra set, static:* all of them.")
 @click.option("--limit", type=int, default=None,
               help="Questions per task: a seeded random subset (kept in data order).")
+@click.option("--tolerance", type=float, default=None, metavar="X",
+              help="The pudding method's tolerance (fidelity routers; see generate "
+                   "--tolerance) [default: the bundle's]. routed@X methods set their own.")
 @click.option("--backend", type=click.Choice(["mlx", *plugins(EVAL_BACKENDS)]), default="mlx",
               show_default=True)
 @click.option("--torch-model", default=None,
@@ -430,9 +469,9 @@ def _averages(per_task: dict, methods: list[str], eval_tasks: Sequence[str],
 @click.option("--resamples", type=int, default=2000, show_default=True,
               help="Bootstrap resamples for the confidence intervals.")
 @click.option("--no-verify", is_flag=True, help="Skip the bundle's sha256 checks.")
-def evaluate(bundle, output, tasks, methods, limit, backend, torch_model, device, dtype,
-             batch_size, extra_set, sets_file, baseline, best_slice, data_dir, seed, resamples,
-             no_verify):
+def evaluate(bundle, output, tasks, methods, limit, tolerance, backend, torch_model, device,
+             dtype, batch_size, extra_set, sets_file, baseline, best_slice, data_dir, seed,
+             resamples, no_verify):
     """Zero-shot accuracy of dense, static, routed, oracle and random skip sets, side by side."""
     extra = read_sets_file(sets_file) if sets_file else {}
     for value in extra_set:
@@ -443,7 +482,8 @@ def evaluate(bundle, output, tasks, methods, limit, backend, torch_model, device
     settings = EvalSettings(
         bundle=bundle, output=output, tasks=tuple(t.strip() for t in tasks.split(",") if t),
         methods=methods, limit=limit, backend=backend, torch_model=torch_model, device=device,
-        dtype=dtype, batch_size=batch_size, extra_sets=extra, baseline=baseline,
+        dtype=dtype, batch_size=batch_size, tolerance=tolerance, extra_sets=extra,
+        baseline=baseline,
         best_slice=best_slice, data_dir=data_dir, seed=seed, resamples=resamples,
         verify=not no_verify, command="pudding " + shlex.join(sys.argv[1:]))
     results = run_eval(settings)

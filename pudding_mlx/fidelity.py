@@ -35,6 +35,8 @@ from .eval_scoring import ScoreCache, digest
 from .eval_stats import paired_bootstrap
 from .evaluate import named_sets, set_key
 from .masking import check_skip
+from .model import clean_text
+from .tolerance import Policy
 
 CACHE_TASK = "fidelity"  # the cache's folder name
 CONTINUATIONS = "continuations"  # the cache file of the dense continuations
@@ -162,18 +164,35 @@ def measure_all(pm, cache: ScoreCache, prompts: Sequence[ChatPrompt],
     return {p.key: conts[p.key] for p in prompts}, values
 
 
-def route_prompts(pm, cache: ScoreCache, prompts: Sequence[ChatPrompt]) -> dict[str, str]:
-    """prompt key -> name of the candidate `PuddingModel.route` picks from the raw text."""
+def prompt_scores(pm, cache: ScoreCache, prompts: Sequence[ChatPrompt]
+                  ) -> dict[str, list[float] | None]:
+    """prompt key -> the router's scores for the raw text (router output order; cached), None
+    for an empty text (which `PuddingModel.route` sends to the static set unasked)."""
     router_files = sorted((k, v) for k, v in pm.manifest.files.items() if k.startswith("router/"))
-    extra = {"router": digest([router_files, [c.name for c in pm.candidates],
-                               pm.manifest.static.name])}
+    extra = {"router": digest([router_files, [c.name for c in pm.candidates]])}
     keys = [p.key for p in prompts]
 
-    def compute(idx: list[int]) -> list[str]:
-        return [pm.route(prompts[i].text).name for i in idx]
+    def one(text: str) -> list[float] | None:
+        text = clean_text(text)  # one prompt at a time, exactly as PuddingModel.route reads it
+        return [float(x) for x in pm.router.scores(text)] if text.strip() else None
 
-    return cache.fill(CACHE_TASK, "routes", keys, compute, chunk=256, desc="routing",
-                      extra=extra)
+    return cache.fill(CACHE_TASK, "router-scores", keys,
+                      lambda idx: [one(prompts[i].text) for i in idx], chunk=256,
+                      desc="routing", extra=extra)
+
+
+def route_prompts(pm, scores: dict[str, list[float] | None], policy: Policy) -> dict[str, str]:
+    """prompt key -> name of the candidate `policy` picks ("dense" for skip nothing; an empty
+    prompt gets the static set, as `PuddingModel.route` does)."""
+    names = [c.name for c in pm.candidates]
+    out = {}
+    for key, row in scores.items():
+        if row is None:
+            out[key] = pm.manifest.static.name
+        else:
+            index = pm.pick(row, policy)
+            out[key] = "dense" if index is None else names[index]
+    return out
 
 
 # --- the run -------------------------------------------------------------------------------------
@@ -189,6 +208,10 @@ class FidelitySettings:
     max_tokens: int = 64
     system_prompt: str | None = None
     extra_sets: dict[str, list[int]] = field(default_factory=dict)
+    # routed rows: "routed" (the bundle's rule, at `tolerance` for a fidelity router),
+    # "routed@X" (tolerance X), "routed:kN" (the best prediction among the sets of N blocks)
+    routed: tuple[str, ...] = ("routed",)
+    tolerance: float | None = None
     router_backend: str = "auto"
     seed: int = 0
     resamples: int = 2000
@@ -204,15 +227,34 @@ def fingerprint(pm, settings: FidelitySettings) -> dict:
             "system_prompt": settings.system_prompt}
 
 
-def row_sets(sets: dict[str, list[int]]) -> dict[str, list[int] | None]:
-    """Table rows in order: dense, the candidates, the static set, extra sets, routed (None)."""
-    for name in ("dense", "routed"):
-        if name in sets:
+def row_sets(sets: dict[str, list[int]], routed: Sequence[str] = ("routed",)
+             ) -> dict[str, list[int] | None]:
+    """Table rows in order: dense, the candidates, the static set, extra sets, then the routed
+    rows (None: the set varies by prompt). A set may be called "dense" only if it skips
+    nothing (a bundle's dense candidate)."""
+    for name, skip in sets.items():
+        if (name == "dense" and skip) or name in routed:
             raise PuddingError(f"a skip set may not be called {name!r} (a row of its own)")
     rows: dict[str, list[int] | None] = {"dense": []}
     rows.update(sets)
-    rows["routed"] = None
+    rows.update(dict.fromkeys(routed))
     return rows
+
+
+def routed_policies(settings: FidelitySettings) -> dict[str, Policy]:
+    """Row name -> routing policy of every routed row (see FidelitySettings.routed)."""
+    out = {}
+    for spec in settings.routed:
+        policy = Policy.parse(spec)
+        if policy is None:
+            raise PuddingError(f"--routed {spec!r}: expected routed, routed@X or routed:kN")
+        out[str(policy)] = Policy(settings.tolerance) if policy == Policy() else policy
+    if not out:
+        raise PuddingError("--routed: no routed row to measure")
+    if settings.tolerance is not None and "routed" not in out:
+        raise PuddingError("--tolerance sets the tolerance of the routed row, which --routed "
+                           "leaves out; use routed@X rows instead")
+    return out
 
 
 def run_fidelity(settings: FidelitySettings) -> dict:
@@ -232,19 +274,24 @@ def run_fidelity(settings: FidelitySettings) -> dict:
             check_skip(pm.model, skip)
         except PuddingError as e:
             raise PuddingError(f"set {name!r}: {e}") from None
-    rows = row_sets(sets)
+    policies = routed_policies(settings)
+    for policy in policies.values():
+        pm.check_policy(policy)  # a bad tolerance or k fails before any measuring
+    rows = row_sets(sets, list(policies))
     skips = {set_key(s): list(s) for s in rows.values() if s is not None}
     cache = ScoreCache(out / "cache", fingerprint(pm, settings))
-    routes = route_prompts(pm, cache, prompts)
+    scores = prompt_scores(pm, cache, prompts)
+    routes = {row: route_prompts(pm, scores, policy) for row, policy in policies.items()}
     conts, values = measure_all(pm, cache, prompts, skips, settings.max_tokens,
                                 settings.system_prompt)
+    named = {"dense": [], **sets}  # what a routed row's pick skips
 
-    def per_prompt(row: str) -> list[SetMetrics]:
-        skip = rows[row]
-        return [values[set_key(sets[routes[p.key]] if skip is None else skip)][p.key]
-                for p in prompts]
+    def row_skip(row: str, p: ChatPrompt) -> list[int]:
+        return named[routes[row][p.key]] if rows[row] is None else rows[row]
 
-    metrics = {row: per_prompt(row) for row in rows}
+    metrics = {row: [values[set_key(row_skip(row, p))][p.key] for p in prompts]
+               for row in rows}
+    base = "routed" if "routed" in routes else next(iter(routes))
     results = {
         "command": settings.command,
         "bundle": str(Path(settings.bundle).resolve()),
@@ -263,14 +310,23 @@ def run_fidelity(settings: FidelitySettings) -> dict:
         "candidates": [c.name for c in pm.candidates],
         "static": pm.manifest.static.name,
         "sets": {row: skip for row, skip in rows.items() if skip is not None},
-        "route_counts": _counts(routes[p.key] for p in prompts),
+        "router_target": pm.manifest.router.target,
+        "tolerance": settings.tolerance,
+        "routed": {row: str(policy) for row, policy in policies.items()},  # as applied
+        "route_counts": _counts(routes[base][p.key] for p in prompts),
+        "route_counts_by_row": {row: _counts(r[p.key] for p in prompts)
+                                for row, r in routes.items()},
+        "mean_skipped": {row: float(np.mean([len(row_skip(row, p)) for p in prompts]))
+                         for row in rows},
         "summary": {row: summarise(m, settings.resamples, settings.seed)
                     for row, m in metrics.items()},
-        "pairs": {row: pair(metrics["routed"], m, settings.resamples, settings.seed)
-                  for row, m in metrics.items() if row != "routed"},
+        "pairs_base": base,
+        "pairs": {row: pair(metrics[base], m, settings.resamples, settings.seed)
+                  for row, m in metrics.items() if row != base},
         "by_position": {row: by_position(m, settings.max_tokens) for row, m in metrics.items()},
-        "prompts": [{"id": p.id, "source": p.source, "route": routes[p.key],
-                     "tokens": len(conts[p.key]),
+        "prompts": [{"id": p.id, "source": p.source, "route": routes[base][p.key],
+                     "routes": {row: r[p.key] for row, r in routes.items()},
+                     "router_scores": scores[p.key], "tokens": len(conts[p.key]),
                      **{row: metrics[row][i].summary() for row in rows}}
                     for i, p in enumerate(prompts)],
         "seconds": round(time.perf_counter() - tic, 1),

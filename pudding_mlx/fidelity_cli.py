@@ -43,6 +43,13 @@ def parse_skip_option(value: str) -> tuple[str, list[int]]:
               help="Another skip set to measure (repeatable).")
 @click.option("--sets-file", type=click.Path(exists=True, dir_okay=False),
               help="More skip sets from a candidates JSON file (e.g. a SLEB run).")
+@click.option("--routed", "routed_specs", multiple=True, metavar="routed@X,routed:kN",
+              help="The routed rows (comma list, repeatable): routed (the bundle's rule), "
+                   "routed@X (tolerance X), routed:kN (best of the N-block sets) "
+                   "[default: routed].")
+@click.option("--tolerance", type=float, default=None, metavar="X",
+              help="The routed row's tolerance (fidelity routers; see generate --tolerance) "
+                   "[default: the bundle's].")
 @click.option("--router-backend", type=click.Choice(["auto", "mlx", "coreml"]), default="auto",
               show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -50,11 +57,11 @@ def parse_skip_option(value: str) -> tuple[str, list[int]]:
               help="Bootstrap resamples for the confidence intervals.")
 @click.option("--no-verify", is_flag=True, help="Skip the bundle's sha256 checks.")
 def fidelity(bundle, output, prompts, split, limit, max_tokens, system_prompt, skips, sets_file,
-             router_backend, seed, resamples, no_verify):
+             routed_specs, tolerance, router_backend, seed, resamples, no_verify):
     """How far each skip set moves the model from dense on generated text.
 
     For every prompt the dense model writes a greedy continuation; then dense, every candidate,
-    the static set, the routed choice and any --skip/--sets-file set are measured on it:
+    the static set, the routed choices and any --skip/--sets-file set are measured on it:
     KL(dense || set) and top-1 agreement per token (teacher-forced), the continuation's
     perplexity under the set, and how many tokens the set's own greedy output matches dense.
     """
@@ -71,10 +78,12 @@ def fidelity(bundle, output, prompts, split, limit, max_tokens, system_prompt, s
     for value in skips:
         name, skip = parse_skip_option(value)
         extra[name] = skip
+    routed = tuple(s.strip() for spec in routed_specs for s in spec.split(",") if s.strip())
     settings = FidelitySettings(
         bundle=bundle, output=output, prompts=prompts, split=split, limit=limit,
         max_tokens=max_tokens, system_prompt=system_prompt, extra_sets=extra,
-        router_backend=router_backend, seed=seed, resamples=resamples, verify=not no_verify,
+        routed=routed or ("routed",), tolerance=tolerance, router_backend=router_backend,
+        seed=seed, resamples=resamples, verify=not no_verify,
         command="pudding " + shlex.join(sys.argv[1:]))
     results = run_fidelity(settings)
     click.echo(markdown(results))

@@ -29,11 +29,20 @@ def _label(row: str, results: dict) -> str:
     return row
 
 
+def _routed_rows(results: dict) -> dict[str, dict[str, int]]:
+    """Routed row -> how often it picked each set (results before routed@X rows: one row)."""
+    return results.get("route_counts_by_row", {"routed": results["route_counts"]})
+
+
 def _skips(row: str, results: dict) -> str:
-    if row == "routed":
+    counts = _routed_rows(results).get(row)
+    if counts is not None:
         n = results["n"]
-        picks = sorted(results["route_counts"].items(), key=lambda kv: -kv[1])
-        return "per prompt: " + ", ".join(f"{name} {100 * c / n:.0f}%" for name, c in picks)
+        picks = sorted(counts.items(), key=lambda kv: -kv[1])
+        mean = results.get("mean_skipped", {}).get(row)
+        text = f"mean {mean:.2f} blocks; " if mean is not None else ""
+        return text + "per prompt: " + ", ".join(f"{name} {100 * c / n:.0f}%"
+                                                 for name, c in picks)
     return ",".join(map(str, results["sets"][row])) or "none"
 
 
@@ -69,12 +78,13 @@ def markdown(results: dict) -> str:
             _label(row, results), _skips(row, results), _ci(s["kl"], digits=4),
             _ci(s["agreement"], 100, 1), f"{s['ppl']:.3f}", _ci(s["diverge"], digits=1),
             f"{100 * s['full_match']:.1f}"]) + " |")
+    base = results.get("pairs_base", "routed")
     lines += [
         "",
-        f"Paired differences, routed minus each set, with 95% bootstrap intervals over prompts "
+        f"Paired differences, {base} minus each set, with 95% bootstrap intervals over prompts "
         f"({results['resamples']} resamples):",
         "",
-        "| routed minus | Δ KL, nats/token | Δ agreement, points | Δ NLL, nats/token | "
+        f"| {base} minus | Δ KL, nats/token | Δ agreement, points | Δ NLL, nats/token | "
         "Δ tokens to first divergence |",
         "|---|---|---|---|---|",
     ]
@@ -88,6 +98,7 @@ def markdown(results: dict) -> str:
 
 
 def _notes(results: dict) -> str:
+    applied = ", ".join(f"{row} as {rule}" for row, rule in results.get("routed", {}).items())
     return "\n".join([
         "Notes:",
         "- Teacher-forced on the dense continuation (prompt + continuation in one forward "
@@ -100,7 +111,12 @@ def _notes(results: dict) -> str:
         "= how many tokens it produces before its first token that differs from dense (the "
         "continuation's length when it reproduces all of it, end-of-sequence token included).",
         "- routed: the bundle's router picks one candidate per prompt from the raw prompt "
-        "text (`PuddingModel.route`); its row takes that set's values prompt by prompt.",
+        "text (`PuddingModel.route`); its row takes that set's values prompt by prompt. "
+        "routed@X: the set skipping the most blocks among those the router predicts within "
+        "X nats/token of KL to dense (else dense); routed:kN: the router's best prediction "
+        "among the sets of N blocks (fidelity routers: the lowest predicted KL). "
+        f"This router's target: {results.get('router_target', 'likelihood')}"
+        + (f"; rows routed {applied}." if applied else "."),
         "- Intervals: percentile bootstrap over prompts (`eval_stats.paired_bootstrap`), "
         f"seed {results['seed']}.",
     ])
@@ -117,7 +133,8 @@ def plot(path: str | Path, results: dict) -> None:
     fig, (ax_kl, ax_match) = plt.subplots(1, 2, figsize=(11, 4))
     for row in rows:
         d = results["by_position"][row]
-        style = {"color": "black", "linestyle": "--", "linewidth": 2} if row == "routed" else {}
+        style = ({"color": "black", "linestyle": "--", "linewidth": 2} if row == "routed"
+                 else {"linestyle": "--"} if row in _routed_rows(results) else {})
         xs = [t + 1 for t, v in enumerate(d["kl"]) if v is not None]
         ax_kl.plot(xs, [v for v in d["kl"] if v is not None], label=_label(row, results),
                    **style)

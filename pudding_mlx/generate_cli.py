@@ -8,6 +8,7 @@ import sys
 import click
 
 from .errors import PuddingError
+from .tolerance import check_tolerance
 
 
 def parse_skip(text: str) -> list[int]:
@@ -18,27 +19,41 @@ def parse_skip(text: str) -> list[int]:
         raise PuddingError(f"--skip takes block numbers like 3,7,9, got {text!r}") from None
 
 
-def route_options(f):
-    """The routing overrides every command takes: --dense, --static, --skip, --router-backend.
+TOLERANCE_HELP = ("Fidelity routers: skip the most blocks among the sets whose predicted "
+                  "KL to dense is at most X nats/token (dense when none is) [default: the "
+                  "bundle's].")
 
-    The command receives `route_mode` ("router" | "dense" | "static") and `skip`
-    (list[int] | None) instead of the raw flags, ready for PuddingModel.route.
+
+def route_options(f):
+    """The routing overrides every command takes: --dense, --static, --skip, --tolerance,
+    --router-backend.
+
+    The command receives `route_mode` ("router" | "dense" | "static"), `skip`
+    (list[int] | None) and `tolerance` (float | None) instead of the raw flags, ready for
+    PuddingModel.route.
     """
 
     @click.option("--dense", is_flag=True, help="Skip no block (ignore the router).")
     @click.option("--static", "static_", is_flag=True, help="Use the bundle's static set.")
     @click.option("--skip", "skip_text", default=None, metavar="3,7,9",
                   help="Skip exactly these blocks (0-based).")
+    @click.option("--tolerance", type=float, default=None, metavar="X", help=TOLERANCE_HELP)
     @click.option("--router-backend", type=click.Choice(["auto", "mlx", "coreml"]),
                   default="auto", show_default=True,
                   help="auto: Core ML on macOS when router.mlpackage exists, else MLX.")
     @functools.wraps(f)
-    def wrapper(*args, dense: bool, static_: bool, skip_text: str | None, **kwargs):
+    def wrapper(*args, dense: bool, static_: bool, skip_text: str | None,
+                tolerance: float | None, **kwargs):
         if dense + static_ + (skip_text is not None) > 1:
             raise PuddingError("--dense, --static and --skip exclude each other")
+        if tolerance is not None and dense + static_ + (skip_text is not None):
+            raise PuddingError("--tolerance picks among the router's sets; it cannot go with "
+                               "--dense, --static or --skip")
         mode = "dense" if dense else "static" if static_ else "router"
         skip = parse_skip(skip_text) if skip_text is not None else None
-        return f(*args, route_mode=mode, skip=skip, **kwargs)
+        if tolerance is not None:
+            check_tolerance(tolerance)
+        return f(*args, route_mode=mode, skip=skip, tolerance=tolerance, **kwargs)
 
     return wrapper
 
@@ -46,10 +61,17 @@ def route_options(f):
 def describe_route(route, num_blocks: int) -> str:
     blocks = ",".join(map(str, route.skip)) or "none"
     text = f"Route: {route.name} (skips blocks {blocks} of {num_blocks}"
-    if route.reason == "router":
+    if route.reason in ("router", "none within tolerance"):
         text += f"; router {route.seconds * 1e3:.1f} ms"
         if route.truncated:
             text += ", prompt truncated for the router"
+        if route.predicted is not None:
+            text += f"; predicted KL to dense {route.predicted:.4f} nats/token"
+        if route.tolerance is not None:
+            text += (f", tolerance {route.tolerance:g}" if route.index is not None
+                     else f"; no set predicted within tolerance {route.tolerance:g}")
+        elif route.k is not None:
+            text += f", best of the {route.k}-block sets"
     else:
         text += f"; {route.reason}"
     return text + ")"
@@ -76,7 +98,8 @@ def read_prompt(prompt: str) -> str:
 @click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the bundle files.")
 @route_options
 def generate(bundle, prompt, max_tokens, temp, top_p, seed, system_prompt,
-             ignore_chat_template, max_kv_size, no_verify, route_mode, skip, router_backend):
+             ignore_chat_template, max_kv_size, no_verify, route_mode, skip, tolerance,
+             router_backend):
     """Route a prompt to an omission set and generate with those blocks skipped.
 
     An empty or whitespace-only prompt is not routed: it gets the bundle's static set.
@@ -100,7 +123,7 @@ def generate(bundle, prompt, max_tokens, temp, top_p, seed, system_prompt,
         click.echo(f"note: the prompt ({len(tokens)} tokens) plus --max-tokens {max_tokens} "
                    f"exceed the model's context of {context} tokens; expect worse output",
                    err=True)
-    route = pm.route(prompt, route_mode, skip)
+    route = pm.route(prompt, route_mode, skip, tolerance)
     click.echo(describe_route(route, pm.manifest.num_blocks))
     click.echo("=" * 10)
     last = None

@@ -29,8 +29,9 @@ def info(bundle: str, verify: bool) -> None:
     click.echo(f"  format version {m.format_version}; base model {m.base_model}; "
                f"{m.num_blocks} blocks; protected {m.protected or 'none'}")
     coreml = "yes" if (root / "router.mlpackage").exists() else "no"
+    target = r.target + ("" if r.tolerance is None else f" (default tolerance {r.tolerance:g})")
     click.echo(f"  router: {r.backbone}, {r.pooling} pooling, max {r.max_length} tokens, "
-               f"target {r.target}, {len(r.outputs)} outputs; Core ML package: {coreml}")
+               f"target {target}, {len(r.outputs)} outputs; Core ML package: {coreml}")
     for key, value in m.extra.items():
         click.echo(f"  {key}: {value}")
 

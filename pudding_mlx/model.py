@@ -26,6 +26,7 @@ from .bundle import (
 from .errors import BundleError, PuddingError
 from .masking import check_skip, num_blocks, protected_blocks, skip_view
 from .router import Router, load_router
+from .tolerance import LOWER_IS_BETTER, Policy, check_policy, choose
 
 MODES = ("router", "dense", "static")
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -41,7 +42,12 @@ class Route:
     scores: np.ndarray | None = None  # the router's scores, in manifest.router.outputs order
     seconds: float = 0.0  # time spent routing (tokenize + router forward)
     truncated: bool = False  # the prompt was cut to the router's max_length tokens
-    reason: str = "router"  # "router", "dense", "static", "skip", or "empty prompt"
+    # "router", "dense", "static", "skip", "empty prompt", or "none within tolerance" (the
+    # router predicted every set above the tolerance and the bundle has no dense candidate)
+    reason: str = "router"
+    predicted: float | None = None  # fidelity routers: the chosen set's predicted KL to dense
+    tolerance: float | None = None  # the tolerance the set was chosen within
+    k: int | None = None  # the size the set was chosen among (fixed-k rule)
 
 
 def clean_text(text: str) -> str:
@@ -61,14 +67,21 @@ class PuddingModel:
 
     # --- routing -------------------------------------------------------------------------------
 
-    def route(self, prompt: str, mode: str = "router", skip: Sequence[int] | None = None) -> Route:
+    def route(self, prompt: str, mode: str = "router", skip: Sequence[int] | None = None,
+              tolerance: float | None = None, k: int | None = None) -> Route:
         """Choose the blocks to skip for `prompt` (the raw user text, not the templated one).
 
         mode "router" asks the router (an empty or whitespace-only prompt gets the static
-        fallback set without asking it), "dense" skips nothing, "static" takes the bundle's
-        static set; an explicit `skip` list overrides the mode.
+        fallback set without asking it) and picks by the rules of `tolerance.py`: a fidelity
+        router within `tolerance` (default: the bundle's), or among the sets of `k` blocks;
+        "dense" skips nothing, "static" takes the bundle's static set; an explicit `skip` list
+        overrides the mode.
         """
         prompt = clean_text(prompt)
+        policy = Policy(tolerance, k)
+        if policy != Policy() and (skip is not None or mode != "router"):
+            raise PuddingError("a tolerance or fixed k applies to the router, not to dense, "
+                               "static or an explicit skip set")
         if skip is not None:
             s = list(check_skip(self.model, skip))
             return Route(None, "skip:" + ",".join(map(str, s)), s, reason="skip")
@@ -76,6 +89,7 @@ class PuddingModel:
             raise PuddingError(f"route mode must be one of {MODES}, got {mode!r}")
         if mode == "dense":
             return Route(None, "dense", [], reason="dense")
+        tolerance = self.check_policy(policy)
         if mode == "static" or not prompt.strip():
             static = self.manifest.static
             return Route(None, static.name, sorted(static.skip),
@@ -84,14 +98,37 @@ class PuddingModel:
         enc = self.router.encode([prompt])
         scores = self.router.forward(enc)[0]
         seconds = time.perf_counter() - tic
-        index = int(np.argmax(scores))
+        index = self.pick(scores, policy)
+        fidelity = self.manifest.router.target in LOWER_IS_BETTER
+        if index is None:
+            return Route(None, "dense", [], scores, seconds, enc.truncated[0],
+                         "none within tolerance", tolerance=tolerance)
         c = self.candidates[index]
-        return Route(index, c.name, sorted(c.skip), scores, seconds, enc.truncated[0])
+        return Route(index, c.name, sorted(c.skip), scores, seconds, enc.truncated[0],
+                     predicted=float(scores[index]) if fidelity else None,
+                     tolerance=tolerance, k=policy.k)
+
+    def check_policy(self, policy: Policy | None = None) -> float | None:
+        """The tolerance `policy` routes with on this bundle's router (None: none applies), or a
+        one-line error (a tolerance for a likelihood router, a fidelity router without one)."""
+        r = self.manifest.router
+        return check_policy(r.target, policy or Policy(), r.tolerance, self.sizes)
+
+    def pick(self, scores: Sequence[float], policy: Policy | None = None) -> int | None:
+        """Index (router output order) of the candidate `policy` picks from one prompt's router
+        scores; None means skip nothing."""
+        r = self.manifest.router
+        return choose(scores, self.sizes, r.target, policy or Policy(), r.tolerance)
 
     @property
     def candidates(self) -> list[Candidate]:
         """Candidate sets in the order of the router's outputs."""
         return self.manifest.ordered_candidates()
+
+    @property
+    def sizes(self) -> list[int]:
+        """Blocks each candidate skips, in the order of the router's outputs."""
+        return [len(c.skip) for c in self.candidates]
 
     # --- the model under a route ---------------------------------------------------------------
 
@@ -243,5 +280,5 @@ def load(path: str | Path, router_backend: str = "auto", verify: bool = True,
         except PuddingError as e:
             raise BundleError(f"{path / 'pudding.json'}: {e}") from None
     r = manifest.router
-    router = load_router(path, r.outputs, r.max_length, r.pooling, router_backend)
+    router = load_router(path, r.outputs, r.max_length, r.pooling, router_backend, r.target)
     return PuddingModel(path, manifest, model, tokenizer, router, config)

@@ -326,13 +326,15 @@ class CoreMLRouter(Router):
 
 
 def load_router(bundle: str | Path, outputs: list[str], max_length: int, pooling: str,
-                backend: str = "auto") -> Router:
-    """The bundle's router on `backend`: auto = Core ML on macOS when router.mlpackage exists."""
+                backend: str = "auto", target: str | None = None) -> Router:
+    """The bundle's router on `backend`: auto = Core ML on macOS when router.mlpackage exists.
+    The router's config must match the manifest's outputs, max_length, pooling (and target,
+    when given)."""
     bundle = Path(bundle)
     if backend not in BACKENDS:
         raise PuddingError(f"router backend must be one of {BACKENDS}, got {backend!r}")
     folder = bundle / "router"
-    _check_router_config(folder, outputs, max_length, pooling)
+    _check_router_config(folder, outputs, max_length, pooling, target)
     package = bundle / MLPACKAGE
     if backend == "auto":
         backend = "coreml" if sys.platform == "darwin" and package.exists() and _has_ct() else "mlx"
@@ -343,7 +345,8 @@ def load_router(bundle: str | Path, outputs: list[str], max_length: int, pooling
     return MLXRouter(folder, outputs, max_length, pooling)
 
 
-def _check_router_config(folder: Path, outputs: list[str], max_length: int, pooling: str) -> None:
+def _check_router_config(folder: Path, outputs: list[str], max_length: int, pooling: str,
+                         target: str | None) -> None:
     path = folder / ROUTER_CONFIG
     rc = RouterConfig.from_dict(read_json(path, error=BundleError), str(path))
     if rc.outputs != outputs or rc.num_outputs != len(outputs):
@@ -351,7 +354,9 @@ def _check_router_config(folder: Path, outputs: list[str], max_length: int, pool
             f"{path}: outputs {rc.outputs} (num_outputs {rc.num_outputs}) differ "
             f"from the manifest's router outputs {outputs}"
         )
-    for key, want in (("max_length", max_length), ("pooling", pooling)):
+    checks = [("max_length", max_length), ("pooling", pooling)]
+    checks += [("target", target)] if target is not None else []
+    for key, want in checks:
         if getattr(rc, key) != want:
             raise BundleError(f"{path}: {key} {getattr(rc, key)!r} differs from the manifest's "
                               f"{want!r}")

@@ -80,6 +80,8 @@ class Sampling(BaseModel):
     n: Literal[1] = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
+    # pudding's own: fidelity routers' tolerance for this request (PuddingModel.route)
+    tolerance: float | None = Field(None, ge=0.0)
 
 
 class ChatRequest(Sampling):
@@ -121,7 +123,7 @@ def worker_error(e: Exception) -> ApiError:
 def route_info(route: Route) -> dict:
     """The `pudding` field of a response (also its `x-pudding-route` header, as JSON)."""
     return {"set": route.name, "skip": route.skip, "router_ms": round(route.seconds * 1e3, 3),
-            "reason": route.reason}
+            "reason": route.reason, "predicted": route.predicted, "tolerance": route.tolerance}
 
 
 def usage(started: Started, finished: Finished) -> dict:
@@ -278,7 +280,8 @@ def create_app(pm: PuddingModel, config: ServeConfig) -> FastAPI:
         job = Job(mode_of(body.model), route_text, prompt,
                   min(max_tokens or config.max_tokens_limit, config.max_tokens_limit),
                   body.temperature, body.top_p,
-                  [body.stop] if isinstance(body.stop, str) else body.stop or [], body.seed)
+                  [body.stop] if isinstance(body.stop, str) else body.stop or [], body.seed,
+                  body.tolerance)
         if not engine.submit(job):
             raise ApiError(503, "the server is busy; retry shortly", type="server_error",
                            code="server_busy", headers={"Retry-After": "1"})

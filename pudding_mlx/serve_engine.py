@@ -60,6 +60,7 @@ class Job:
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
+    tolerance: float | None = None  # fidelity routers (PuddingModel.route)
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     loop: asyncio.AbstractEventLoop | None = None
@@ -173,7 +174,7 @@ class Engine:
 
     def _generate(self, job: Job) -> Finished:
         pm = self.pm
-        route = pm.route(job.route_text, job.mode)
+        route = pm.route(job.route_text, job.mode, tolerance=job.tolerance)
         tokens = encode_prompt(pm, job.prompt)
         cache, cached = self.prompt_cache.fetch(route.skip, tokens)
         if cache is None:

@@ -14,7 +14,7 @@ def test_label_and_eval_paths_give_the_router_the_same_text(setup, tmp_path):  #
     from convert.labels import label_examples, make_labels
     from convert.router_metrics import group_questions
     from pudding_mlx.eval_scoring import ScoreCache
-    from pudding_mlx.evaluate import route_questions
+    from pudding_mlx.evaluate import router_scores
 
     root, _, _ = setup
     cfg = _config(root)
@@ -36,7 +36,7 @@ def test_label_and_eval_paths_give_the_router_the_same_text(setup, tmp_path):  #
     for task in cfg.tasks:
         task_examples = [e for e in examples if e.task == task]
         start = len(seen)
-        route_questions(pm, ScoreCache(tmp_path / "cache", {}), task, task_examples)
+        router_scores(pm, ScoreCache(tmp_path / "cache", {}), task, task_examples)
         for ex, text in zip(task_examples, seen[start:], strict=True):
             assert trained_on[(task, ex.qid)] == text, task
     assert len(seen) == len(trained_on) == 10
