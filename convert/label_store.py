@@ -81,7 +81,7 @@ def folder_target(meta: dict) -> str:
 
 def per_candidate(table, column: str, num_c: int, where: Path) -> np.ndarray:
     """A list column with one float per candidate as a (rows, candidates) float32 array."""
-    values = np.asarray(table[column].combine_chunks().flatten(), dtype=np.float32)
+    values = np.array(table[column].combine_chunks().flatten(), dtype=np.float32)
     if values.size != num_c * len(table):
         raise PuddingError(f"{where}: {column} rows do not all have {num_c} values")
     return values.reshape(len(table), num_c)
