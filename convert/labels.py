@@ -431,11 +431,13 @@ FIDELITY_ONLY = ("prompts", "limit", "max_tokens", "system_prompt")
               help="Questions or prompts per shard (an interruption loses at most one shard) "
                    "[default: 64 likelihood, 32 fidelity].")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, mps.")
+@click.option("--threads", type=int, default=None,
+              help="CPU threads per process [default: torch's]; 1 is fastest on a busy machine.")
 @click.option("--no-share-prefix", is_flag=True,
               help="Run every candidate from the embeddings (for timing the prefix sharing).")
 @click.option("--overwrite", is_flag=True, help="Discard labels already in --out.")
 def label(candidates_path, out, target, model, split, seed, dtype, batch_size, shard_size,
-          device, no_share_prefix, overwrite, **options):
+          device, threads, no_share_prefix, overwrite, **options):
     """Label training questions (or chat prompts) with every candidate's answer
     log-likelihoods (or KL to dense): the router's training data.
 
@@ -451,6 +453,10 @@ def label(candidates_path, out, target, model, split, seed, dtype, batch_size, s
                  if ctx.get_parameter_source(n) != click.core.ParameterSource.DEFAULT]:
         raise PuddingError(f"{', '.join(given)}: not an option of --target {target}")
     check_writable_file(Path(out) / META)  # before the model loads
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     if model is None:
         model = json.loads(Path(candidates_path).read_text()).get("settings", {}).get(
             "model") if Path(candidates_path).is_file() else None
