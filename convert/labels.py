@@ -74,7 +74,9 @@ class FidelityLabelConfig:
     seed: int = 42
     max_tokens: int = 64  # N, dense's continuation length
     system_prompt: str | None = None
-    dtype: str = "auto"  # resolved to a torch dtype name before it is recorded
+    # float32, not "auto": dense's greedy continuation depends on the dtype (bf16 changed it on
+    # 4 of 8 SmolLM2 prompts against the float32 MLX bundle)
+    dtype: str = "float32"
     batch_size: int = 8  # prompts per teacher-forced forward
     shard_size: int = 32  # prompts per shard
 
@@ -422,8 +424,9 @@ FIDELITY_ONLY = ("prompts", "limit", "max_tokens", "system_prompt")
               help="Split to label: a task split (HellaSwag 'train' is the fixed validation "
                    "holdout), or for fidelity the prompts' train, heldout or all.")
 @click.option("--seed", type=int, default=42, show_default=True)
-@click.option("--dtype", default="auto", show_default=True,
-              help="auto (bf16 on CPUs with fast bf16 and on GPUs), float32, bfloat16, float16.")
+@click.option("--dtype", default=None,
+              help="auto (bf16 on CPUs with fast bf16 and on GPUs), float32, bfloat16, float16 "
+                   "[default: auto for likelihood, float32 for fidelity].")
 @click.option("--batch-size", type=int, default=None,
               help="Packed rows (one question, all choices; or one prompt) per forward "
                    "[default: 16 likelihood, 8 fidelity].")
@@ -462,7 +465,9 @@ def label(candidates_path, out, target, model, split, seed, dtype, batch_size, s
             "model") if Path(candidates_path).is_file() else None
         model = model or default_model()
     common = {"model": str(model), "candidates": candidate_table(candidates_path),
-              "split": split, "seed": seed, "dtype": dtype}
+              "split": split, "seed": seed}
+    if dtype is not None:
+        common["dtype"] = dtype
     if batch_size is not None:
         common["batch_size"] = batch_size
     if shard_size is not None:

@@ -195,12 +195,13 @@ def test_cli(built, tmp_path, monkeypatch, capsys):
     args = ["label", "--target", "fidelity", "--candidates", str(root / "candidates.json"),
             "--model", str(root / "bundle" / "model"), "--prompts", str(root / "prompts.jsonl"),
             "--out", str(tmp_path / "out"), "--max-tokens", "4", "--limit", "2",
-            "--dtype", "float32", "--device", "cpu"]
+            "--device", "cpu"]
     code, out, err = run_cli(args, monkeypatch, capsys)
     assert code == 0, err
     assert "2 prompts, 5 candidates" in out
     meta = json.loads((tmp_path / "out" / "meta.json").read_text())
     assert meta["target"] == "fidelity" and meta["settings"]["max_tokens"] == 4
+    assert meta["settings"]["dtype"] == "float32"  # fidelity's default, whatever the CPU
     assert all(len(c) <= 4 for c in read_fidelity_labels(tmp_path / "out").continuation)
     code, _, err = run_cli([*args, "--tasks", "piqa"], monkeypatch, capsys)
     assert code != 0 and "--tasks: not an option of --target fidelity" in err
