@@ -1,14 +1,19 @@
-"""`pudding label`: router labels, one row per (question, answer choice), for every candidate.
+"""`pudding label`: router labels for every candidate, of one of two targets.
 
-For each training question of each task and each candidate omission set S, the row of choice a
-gets l_S(x, a): the mean answer-token log-probability of a with S's blocks skipped (in the
-order of candidates.json). The router's targets are derived from these rows at training time
-(`router_metrics`). Storage: `label_store` (parquet shards + meta.json).
+likelihood (the paper): one row per (question, answer choice) of each task's training split;
+for each candidate omission set S, the row of choice a gets l_S(x, a): the mean answer-token
+log-probability of a with S's blocks skipped (in the order of candidates.json). The router's
+targets are derived from these rows at training time (`router_metrics`).
+fidelity (`--target fidelity`): one row per chat prompt (the packaged set's train split, or a
+user file); for each candidate, the mean KL(dense || S) in nats per token over dense's own
+greedy continuation of the prompt, and the top-1 agreement with dense (`convert/fidelity.py`;
+the definition of `pudding fidelity`). No gold answers are needed.
+Storage: `label_store` (parquet shards + meta.json, which records the target).
 
 Shared prefixes: candidates that skip the same blocks up to some block share the hidden state
 entering it, so each batch walks the candidates as a trie over blocks (`_walk`) and every
-distinct prefix runs once. The counts of block evaluations, with and without sharing, go into
-meta.json.
+distinct prefix runs once (fidelity labels walk dense with them: the reference shares every
+prefix). The counts of block evaluations, with and without sharing, go into meta.json.
 
 Resuming: a shard is written whole or not at all; a rerun labels only the missing shards.
 Candidates may be appended (the old list a prefix of the new): each shard gets the new columns.
@@ -31,15 +36,17 @@ import click
 import numpy as np
 
 from pudding_mlx.bundle import read_candidates
+from pudding_mlx.chat_prompts import ChatPrompt
 from pudding_mlx.errors import PuddingError
 from pudding_mlx.files import remove_stale_temps, write_json
 from pudding_mlx.tasks import CALIBRATION_TASKS, Example
 
 from .dist import Dist, joined
-from .label_store import META, read_meta, shard_path, write_shard
+from .label_store import META, VALUES, read_meta, shard_path, write_shard
 from .resume import changed_settings
 
 FORMAT = 2  # 2: the context column holds Example.router_text (WinoGrande: the whole sentence)
+FIDELITY_FORMAT = 1  # bump when the fidelity labels' definition changes
 
 
 @dataclass
@@ -55,6 +62,23 @@ class LabelConfig:
     shard_size: int = 64  # questions per shard
     data_dir: str | None = None
     split: str = "train"
+
+
+@dataclass
+class FidelityLabelConfig:
+    model: str
+    candidates: list[dict]  # {"name", "skip"} in candidates.json order
+    prompts: str | None = None  # a prompts file (chat_prompts.read_prompts); None: packaged
+    split: str = "train"  # of the prompts: train, heldout or all
+    limit: int | None = None  # a seeded subset of the split (chat_prompts.select)
+    seed: int = 42
+    max_tokens: int = 64  # N, dense's continuation length
+    system_prompt: str | None = None
+    # float32, not "auto": dense's greedy continuation depends on the dtype (bf16 changed it on
+    # 4 of 8 SmolLM2 prompts against the float32 MLX bundle)
+    dtype: str = "float32"
+    batch_size: int = 8  # prompts per teacher-forced forward
+    shard_size: int = 32  # prompts per shard
 
 
 def candidate_table(path: str | Path) -> list[dict]:
@@ -83,24 +107,46 @@ def label_examples(cfg: LabelConfig) -> list[Example]:
                                       cfg.seed)]
 
 
+def label_prompts(cfg: FidelityLabelConfig) -> list[ChatPrompt]:
+    """The chat prompts to label: a seeded subset of a split, in file order."""
+    from pudding_mlx.chat_prompts import read_prompts, select
+
+    return select(read_prompts(cfg.prompts), cfg.split, cfg.limit, cfg.seed)
+
+
 # -- the candidate trie --
 
 
-def _walk(runner, batch, h, start: int, group: list[tuple[int, frozenset]], out: dict) -> None:
+def _walk(runner, batch, h, start: int, group: list[tuple[int, frozenset]], leaf, out: dict
+          ) -> None:
     """Run blocks from `start` for candidates that agree on every block before it (sharing
-    hidden state h); split the group at the first block they disagree on."""
+    hidden state h); split the group at the first block they disagree on. At the last block,
+    out[c] = leaf(h, members) for every member c. The group that runs the block goes first, so
+    a candidate that skips nothing reaches its leaf before every other."""
     b = start
     while b < runner.num_blocks and len({b in s for _, s in group}) == 1:
         b += 1
     h = runner.run(h, batch, [i for i in range(start, b) if i not in group[0][1]])
     if b == runner.num_blocks:
-        sums = runner.head(h, batch)
+        value = leaf(h, [c for c, _ in group])
         for c, _ in group:
-            out[c] = sums
+            out[c] = value
         return
-    _walk(runner, batch, h, b + 1, [g for g in group if b in g[1]], out)
     _walk(runner, batch, runner.run(h, batch, [b]), b + 1, [g for g in group if b not in g[1]],
-          out)
+          leaf, out)
+    _walk(runner, batch, h, b + 1, [g for g in group if b in g[1]], leaf, out)
+
+
+def walk_candidates(runner, batch, skips: list[list[int]], leaf, share_prefix: bool = True
+                    ) -> dict:
+    """candidate index -> leaf(final hidden state, members) for one batch, each candidate
+    skipping its blocks; with share_prefix, shared block prefixes run once."""
+    sets = [(c, frozenset(s)) for c, s in enumerate(skips)]
+    out: dict = {}
+    h = runner.embed(batch)
+    for group in [sets] if share_prefix else [[s] for s in sets]:
+        _walk(runner, batch, h, 0, group, leaf, out)
+    return out
 
 
 def score_candidates(runner, batches, n_requests: int, skips: list[list[int]],
@@ -109,16 +155,40 @@ def score_candidates(runner, batches, n_requests: int, skips: list[list[int]],
     import torch
 
     out = np.zeros((n_requests, len(skips)))
-    sets = [(c, frozenset(s)) for c, s in enumerate(skips)]
     with torch.inference_mode():
         for batch in batches:
-            sums: dict[int, np.ndarray] = {}
-            h = runner.embed(batch)
-            for group in [sets] if share_prefix else [[s] for s in sets]:
-                _walk(runner, batch, h, 0, group, sums)
+            sums = walk_candidates(runner, batch, skips, lambda h, _, b=batch: runner.head(h, b),
+                                   share_prefix)
             for c in range(len(skips)):
                 out[batch.requests, c] = sums[c] / batch.counts
     return out
+
+
+def fidelity_candidates(runner, batches, n_requests: int, skips: list[list[int]],
+                        share_prefix: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """(requests, candidates) mean KL(dense || candidate) and top-1 agreement per answer token
+    (each request: a prompt and dense's continuation of it)."""
+    import torch
+
+    from .scoring import kl_to_reference
+
+    kl = np.zeros((n_requests, len(skips)))
+    agree = np.zeros((n_requests, len(skips)))
+    with torch.inference_mode():
+        for batch in batches:
+            ref = {}
+
+            def leaf(h, members, batch=batch, ref=ref):
+                lp = runner.logprobs(h, batch)
+                if 0 in members:  # dense, the first leaf of the walk
+                    ref["lp"] = lp
+                per_token = kl_to_reference(ref["lp"], lp)
+                return [runner.per_request(v, batch) / batch.counts for v in per_token]
+
+            values = walk_candidates(runner, batch, [[], *skips], leaf, share_prefix)
+            for c in range(len(skips)):
+                kl[batch.requests, c], agree[batch.requests, c] = values[c + 1]
+    return kl, agree
 
 
 def _check_meta(out: Path, settings: dict) -> bool:
@@ -138,35 +208,109 @@ def _check_meta(out: Path, settings: dict) -> bool:
     return old == settings and bool(meta.get("complete"))
 
 
-def _read_loglik(path: Path) -> np.ndarray:
+def _read_values(path: Path, column: str) -> np.ndarray:
+    """A per-candidate list column of a written shard as (rows, candidates) float32."""
     import pyarrow.parquet as pq
 
-    col = pq.read_table(path, columns=["loglik"])["loglik"].combine_chunks()
+    col = pq.read_table(path, columns=[column])[column].combine_chunks()
     return np.asarray(col.flatten(), dtype=np.float32).reshape(len(col), -1)
 
 
-def _shard_width(path: Path) -> int:
+def _shard_width(path: Path, column: str) -> int:
     """Candidates already labelled in a shard (0 if it does not exist)."""
     import pyarrow.parquet as pq
 
     if not path.is_file():
         return 0
-    first = pq.read_table(path, columns=["loglik"])["loglik"][0].as_py()
+    first = pq.read_table(path, columns=[column])[column][0].as_py()
     return len(first)
 
 
-def make_labels(out: str | Path, cfg: LabelConfig, device: str = "auto",
+def make_labels(out: str | Path, cfg: LabelConfig | FidelityLabelConfig, device: str = "auto",
                 overwrite: bool = False, share_prefix: bool = True) -> dict:
-    """Write the label folder (resuming a partial one); returns its meta."""
+    """Write the label folder (resuming a partial one); returns its meta. The config's type
+    chooses the target: LabelConfig likelihood, FidelityLabelConfig fidelity."""
     with joined(device) as dev:  # torchrun's / accelerate's process group, if any
         return _make_labels(Path(out), cfg, dev, overwrite, share_prefix)
 
 
-def _make_labels(out: Path, cfg: LabelConfig, dev, overwrite: bool, share_prefix: bool) -> dict:
+def _items(cfg: LabelConfig | FidelityLabelConfig) -> tuple[str, dict, list, dict]:
+    """(target, settings, items to label, meta counts) of a config."""
+    if isinstance(cfg, FidelityLabelConfig):
+        from pudding_mlx.eval_scoring import digest
+
+        prompts = label_prompts(cfg)
+        settings = {"format": FIDELITY_FORMAT, "target": "fidelity", **asdict(cfg),
+                    "prompts_digest": digest([p.key for p in prompts])}
+        return "fidelity", settings, prompts, {"num_prompts": len(prompts),
+                                               "rows": len(prompts)}
+    settings = {"format": FORMAT, **asdict(cfg)}
+    examples = label_examples(cfg)
+    return "likelihood", settings, examples, {"num_questions": len(examples),
+                                              "rows": sum(len(e.prompt) for e in examples)}
+
+
+def _likelihood_shard(runner, tokenizer, cfg: LabelConfig, exs: list[Example],
+                      skips: list[list[int]], old: Path | None, share_prefix: bool
+                      ) -> tuple[dict, int]:
+    """The shard's rows, labelled for `skips` (after the columns of `old`, when candidates
+    are appended); and the block evaluations this would need without prefix sharing."""
+    from pudding_mlx.tasks import encode_requests
+
+    requests = [r for ex in exs for r in ex.prompt]
+    batches = runner.prepare(encode_requests(tokenizer, requests), cfg.batch_size)
+    ll = score_candidates(runner, batches, len(requests), skips, share_prefix)
+    if old is not None:
+        ll = np.concatenate([_read_values(old, "loglik"), ll], axis=1)
+    naive = sum(b.rows for b in batches) * sum(runner.num_blocks - len(s) for s in skips)
+    return {
+        "task": [ex.task for ex in exs for _ in ex.prompt],
+        "qid": [ex.qid for ex in exs for _ in ex.prompt],
+        "choice": [c for ex in exs for c in range(len(ex.prompt))],
+        "gold": [ex.gold for ex in exs for _ in ex.prompt],
+        "text": [t for ex in exs for t in ex.texts],
+        "context": [ex.router_text for ex in exs for _ in ex.prompt],
+        "loglik": ll.astype(np.float32).tolist(),
+    }, naive
+
+
+def _fidelity_shard(runner, tokenizer, cfg: FidelityLabelConfig, prompts: list[ChatPrompt],
+                    skips: list[list[int]], old: Path | None, share_prefix: bool
+                    ) -> tuple[dict, int]:
+    """As `_likelihood_shard`; dense's continuations are generated once (an appending run
+    reads them from the shard)."""
+    import pyarrow.parquet as pq
+
+    from pudding_mlx.chat_prompts import encode_chat
+
+    from .fidelity import chat_requests
+
+    if old is None:
+        requests = chat_requests(runner.model, tokenizer, prompts, cfg.max_tokens,
+                                 cfg.system_prompt)
+    else:
+        conts = pq.read_table(old, columns=["continuation"])["continuation"].to_pylist()
+        requests = [(encode_chat(tokenizer, p.text, True, cfg.system_prompt), c)
+                    for p, c in zip(prompts, conts, strict=True)]
+    batches = runner.prepare(requests, cfg.batch_size)
+    kl, agree = fidelity_candidates(runner, batches, len(requests), skips, share_prefix)
+    if old is not None:
+        kl = np.concatenate([_read_values(old, "kl"), kl], axis=1)
+        agree = np.concatenate([_read_values(old, "agreement"), agree], axis=1)
+    # without sharing: dense, then each candidate, from the embeddings
+    naive = sum(b.rows for b in batches) * sum(runner.num_blocks - len(s) for s in [[], *skips])
+    return {
+        "id": [p.id for p in prompts], "source": [p.source for p in prompts],
+        "split": [p.split for p in prompts], "text": [p.text for p in prompts],
+        "continuation": [c for _, c in requests],
+        "kl": kl.astype(np.float32).tolist(), "agreement": agree.astype(np.float32).tolist(),
+    }, naive
+
+
+def _make_labels(out: Path, cfg: LabelConfig | FidelityLabelConfig, dev, overwrite: bool,
+                 share_prefix: bool) -> dict:
     import torch
     from tqdm.auto import tqdm
-
-    from pudding_mlx.tasks import encode_requests
 
     from .assets import load_causal_lm
     from .device import choose_dtype
@@ -174,23 +318,22 @@ def _make_labels(out: Path, cfg: LabelConfig, dev, overwrite: bool, share_prefix
 
     dtype = choose_dtype(dev, cfg.dtype)
     cfg.dtype = str(dtype).removeprefix("torch.")
-    settings = {"format": FORMAT, **asdict(cfg)}
     ranks = Dist()
     if overwrite and ranks.rank == 0 and out.exists():
         shutil.rmtree(out)
     ranks.barrier()
+    t0 = time.perf_counter()
+    target, settings, items, counts = _items(cfg)
     if _check_meta(out, settings):  # every rank raises the same error on a mismatch
         return read_meta(out)
     runs = read_meta(out).get("runs", []) if (out / META).is_file() else []
 
-    t0 = time.perf_counter()
-    examples = label_examples(cfg)
-    if not examples:
-        raise PuddingError(f"no examples to label for tasks {cfg.tasks}")
-    shards = [examples[i : i + cfg.shard_size] for i in range(0, len(examples), cfg.shard_size)]
-    meta = {"settings": settings, "candidates": cfg.candidates, "num_shards": len(shards),
-            "num_questions": len(examples), "rows": sum(len(e.prompt) for e in examples),
-            "complete": False, "runs": runs}
+    if not items:
+        raise PuddingError(f"no {'prompts' if target == 'fidelity' else 'examples'} to label"
+                           + ("" if target == "fidelity" else f" for tasks {cfg.tasks}"))
+    shards = [items[i : i + cfg.shard_size] for i in range(0, len(items), cfg.shard_size)]
+    meta = {"target": target, "settings": settings, "candidates": cfg.candidates,
+            "num_shards": len(shards), **counts, "complete": False, "runs": runs}
     ranks.barrier()  # every rank has read the old meta before rank 0 replaces it
     if ranks.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -205,32 +348,23 @@ def _make_labels(out: Path, cfg: LabelConfig, dev, overwrite: bool, share_prefix
                                                       for b in c["skip"])]
     if bad:
         raise PuddingError(f"candidates {bad} skip blocks outside 0..{runner.num_blocks - 1}")
+    label_shard = _fidelity_shard if target == "fidelity" else _likelihood_shard
     mine = [i for i in range(len(shards)) if i % ranks.world == ranks.rank]
-    width = {i: _shard_width(shard_path(out, i)) for i in mine}
+    width = {i: _shard_width(shard_path(out, i), VALUES[target]) for i in mine}
     todo = [i for i in mine if width[i] < len(skips)]
+    unit = "prompt" if target == "fidelity" else "q"
     bar = tqdm(total=sum(len(shards[i]) for i in mine), desc=f"labels (rank {ranks.rank})"
-               if ranks.world > 1 else "labels", unit="q",
+               if ranks.world > 1 else "labels", unit=unit,
                initial=sum(len(shards[i]) for i in mine if i not in todo))
     naive = 0  # block evaluations without prefix sharing: each candidate from the embeddings
     for i in todo:
-        exs = shards[i]
-        requests = [r for ex in exs for r in ex.prompt]
-        batches = runner.prepare(encode_requests(tokenizer, requests), cfg.batch_size)
-        ll = score_candidates(runner, batches, len(requests), skips[width[i]:], share_prefix)
-        if width[i]:  # candidates appended to a finished shard: keep its columns
-            ll = np.concatenate([_read_loglik(shard_path(out, i)), ll], axis=1)
-        naive += sum(b.rows for b in batches) * sum(runner.num_blocks - len(s)
-                                                    for s in skips[width[i]:])
-        write_shard(out, i, {
-            "task": [ex.task for ex in exs for _ in ex.prompt],
-            "qid": [ex.qid for ex in exs for _ in ex.prompt],
-            "choice": [c for ex in exs for c in range(len(ex.prompt))],
-            "gold": [ex.gold for ex in exs for _ in ex.prompt],
-            "text": [t for ex in exs for t in ex.texts],
-            "context": [ex.router_text for ex in exs for _ in ex.prompt],
-            "loglik": ll.astype(np.float32).tolist(),
-        })
-        bar.update(len(exs))
+        # candidates appended to a finished shard: keep its columns
+        old = shard_path(out, i) if width[i] else None
+        rows, n = label_shard(runner, tokenizer, cfg, shards[i], skips[width[i]:], old,
+                              share_prefix)
+        naive += n
+        write_shard(out, i, rows, target)
+        bar.update(len(shards[i]))
         bar.set_postfix(block_evals=runner.evals)
     bar.close()
     seconds = time.perf_counter() - t0
@@ -251,62 +385,107 @@ def _make_labels(out: Path, cfg: LabelConfig, dev, overwrite: bool, share_prefix
     return meta
 
 
+LIKELIHOOD_ONLY = ("tasks", "max_examples_per_task", "task_limits", "data_dir")
+FIDELITY_ONLY = ("prompts", "limit", "max_tokens", "system_prompt")
+
+
 @click.command("label")
 @click.option("--candidates", "candidates_path", required=True, type=click.Path(dir_okay=False),
               help="candidates.json from `pudding search`.")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Label folder: meta.json and parquet shards.")
+@click.option("--target", type=click.Choice(["likelihood", "fidelity"]), default="likelihood",
+              show_default=True, help="likelihood: answer log-likelihoods of task questions "
+              "(the paper); fidelity: KL to dense on chat prompts (no gold answers needed).")
 @click.option("--model", default=None, help="HF id, HF folder or GGUF file [default: the "
               "model in candidates.json's settings, else the packaged SmolLM2-135M].")
 @click.option("--tasks", default=",".join(CALIBRATION_TASKS), show_default=True,
-              help="Comma-separated task names.")
+              help="Comma-separated task names (likelihood).")
 @click.option("--max-examples-per-task", type=int, default=None,
-              help="A seeded sample of this many questions per task [default: all].")
+              help="A seeded sample of this many questions per task [default: all] "
+                   "(likelihood).")
 @click.option("--task-limit", "task_limits", multiple=True, callback=lambda c, p, v:
               parse_task_limits(v), metavar="TASK=N",
-              help="Questions for one task, over --max-examples-per-task (repeatable).")
-@click.option("--split", default="train", show_default=True,
-              help="Split to label (HellaSwag 'train' is the fixed validation holdout).")
-@click.option("--seed", type=int, default=42, show_default=True)
-@click.option("--dtype", default="auto", show_default=True,
-              help="auto (bf16 on CPUs with fast bf16 and on GPUs), float32, bfloat16, float16.")
-@click.option("--batch-size", type=int, default=16, show_default=True,
-              help="Packed rows (one question, all choices) per forward pass.")
-@click.option("--shard-size", type=int, default=64, show_default=True,
-              help="Questions per shard (an interruption loses at most one shard).")
+              help="Questions for one task, over --max-examples-per-task (repeatable; "
+                   "likelihood).")
 @click.option("--data-dir", default=None, type=click.Path(file_okay=False),
-              help="A folder laid out like shared/data (<task>/<split>.arrow).")
+              help="A folder laid out like shared/data (<task>/<split>.arrow) (likelihood).")
+@click.option("--prompts", default=None, type=click.Path(dir_okay=False),
+              help="Chat prompts: JSONL or one per line [default: the packaged set] "
+                   "(fidelity).")
+@click.option("--limit", type=int, default=None,
+              help="A seeded subset of this many prompts of the split [default: all] "
+                   "(fidelity).")
+@click.option("--max-tokens", type=int, default=64, show_default=True,
+              help="Dense continuation length N (fidelity).")
+@click.option("--system-prompt", default=None, help="System message in the chat template "
+              "(fidelity).")
+@click.option("--split", default="train", show_default=True,
+              help="Split to label: a task split (HellaSwag 'train' is the fixed validation "
+                   "holdout), or for fidelity the prompts' train, heldout or all.")
+@click.option("--seed", type=int, default=42, show_default=True)
+@click.option("--dtype", default=None,
+              help="auto (bf16 on CPUs with fast bf16 and on GPUs), float32, bfloat16, float16 "
+                   "[default: auto for likelihood, float32 for fidelity].")
+@click.option("--batch-size", type=int, default=None,
+              help="Packed rows (one question, all choices; or one prompt) per forward "
+                   "[default: 16 likelihood, 8 fidelity].")
+@click.option("--shard-size", type=int, default=None,
+              help="Questions or prompts per shard (an interruption loses at most one shard) "
+                   "[default: 64 likelihood, 32 fidelity].")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, mps.")
+@click.option("--threads", type=int, default=None,
+              help="CPU threads per process [default: torch's]; 1 is fastest on a busy machine.")
 @click.option("--no-share-prefix", is_flag=True,
               help="Run every candidate from the embeddings (for timing the prefix sharing).")
 @click.option("--overwrite", is_flag=True, help="Discard labels already in --out.")
-def label(candidates_path, out, model, tasks, max_examples_per_task, task_limits, split, seed,
-          dtype,
-          batch_size, shard_size, data_dir, device, no_share_prefix, overwrite):
-    """Label training questions with every candidate's answer log-likelihoods (router data).
+def label(candidates_path, out, target, model, split, seed, dtype, batch_size, shard_size,
+          device, threads, no_share_prefix, overwrite, **options):
+    """Label training questions (or chat prompts) with every candidate's answer
+    log-likelihoods (or KL to dense): the router's training data.
 
     Runs data-parallel under torchrun / accelerate launch (one set of shards per process)."""
     from pudding_mlx.files import check_writable_file
 
     from .assets import default_model
 
+    ctx = click.get_current_context()
+    wrong = LIKELIHOOD_ONLY if target == "fidelity" else FIDELITY_ONLY
+    flags = {p.name: p.opts[0] for p in ctx.command.params}
+    if given := [flags[n] for n in wrong
+                 if ctx.get_parameter_source(n) != click.core.ParameterSource.DEFAULT]:
+        raise PuddingError(f"{', '.join(given)}: not an option of --target {target}")
     check_writable_file(Path(out) / META)  # before the model loads
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     if model is None:
         model = json.loads(Path(candidates_path).read_text()).get("settings", {}).get(
             "model") if Path(candidates_path).is_file() else None
         model = model or default_model()
-    cfg = LabelConfig(model=str(model), candidates=candidate_table(candidates_path),
-                      tasks=[t.strip() for t in tasks.split(",") if t.strip()],
-                      max_examples_per_task=max_examples_per_task, task_limits=task_limits,
-                      seed=seed, dtype=dtype,
-                      batch_size=batch_size, shard_size=shard_size, data_dir=data_dir,
-                      split=split)
+    common = {"model": str(model), "candidates": candidate_table(candidates_path),
+              "split": split, "seed": seed}
+    if dtype is not None:
+        common["dtype"] = dtype
+    if batch_size is not None:
+        common["batch_size"] = batch_size
+    if shard_size is not None:
+        common["shard_size"] = shard_size
+    if target == "fidelity":
+        cfg = FidelityLabelConfig(**common, **{k: options[k] for k in FIDELITY_ONLY})
+    else:
+        cfg = LabelConfig(**common, tasks=[t.strip() for t in options["tasks"].split(",")
+                                           if t.strip()],
+                          **{k: options[k] for k in LIKELIHOOD_ONLY if k != "tasks"})
     meta = make_labels(out, cfg, device=device, overwrite=overwrite,
                        share_prefix=not no_share_prefix)
     s = meta.get("stats", {})
     if int(os.environ.get("RANK", "0")) == 0:
-        click.echo(f"{out}: {meta['num_questions']} questions, {meta['rows']} rows, "
-                   f"{len(cfg.candidates)} candidates, {meta['num_shards']} shards")
+        what = (f"{meta['num_prompts']} prompts" if target == "fidelity"
+                else f"{meta['num_questions']} questions, {meta['rows']} rows")
+        click.echo(f"{out}: {what}, {len(cfg.candidates)} candidates, "
+                   f"{meta['num_shards']} shards")
         if s:
             click.echo(f"{s['seconds']:.0f} s on {s['processes']} process(es), {s['dtype']}; "
                        f"block evaluations {s['block_evals']} (without prefix sharing "

@@ -1,7 +1,10 @@
 """Router targets, the question split and routing metrics, computed from the label rows.
 
-Label rows are one per (question, answer choice); `loglik[r, c]` is the mean answer-token
-log-likelihood of row r's choice with candidate c's blocks skipped. Everything here is numpy.
+Likelihood label rows are one per (question, answer choice); `loglik[r, c]` is the mean
+answer-token log-likelihood of row r's choice with candidate c's blocks skipped. Fidelity label
+rows are one per chat prompt; `kl[r, c]` is candidate c's mean KL to dense (lower is better),
+and a fidelity router is judged by the tolerance rule it will run under (`fidelity_metrics`).
+Everything here is numpy.
 """
 
 from __future__ import annotations
@@ -12,7 +15,9 @@ import numpy as np
 
 from pudding_mlx.errors import PuddingError
 
-TARGETS = ("likelihood", "margin")
+TARGETS = ("likelihood", "margin", "fidelity")
+# KL tolerances (nats/token) at which a fidelity router's decisions are measured
+TOLERANCES = (0.05, 0.1, 0.25, 0.5, 1.0)
 
 
 @dataclass
@@ -134,3 +139,91 @@ def baseline_metrics(
     oracle = decision_metrics(q, target, evals, t[evals].argmax(1))
     return {"best_fixed": {"candidate": best, **fixed[best]}, "random": random,
             "oracle": oracle, "fixed": fixed}
+
+
+# -- fidelity routers --
+
+
+def tolerance_choice(pred: np.ndarray, sizes: np.ndarray, tolerance: float) -> np.ndarray:
+    """Per row of predicted KLs (rows, candidates): the candidate that skips the most blocks
+    among those predicted within `tolerance` (the lowest prediction among equal sizes, then
+    the first), or -1 (dense) when none is."""
+    out = np.full(len(pred), -1)
+    for r, row in enumerate(pred):
+        ok = np.flatnonzero(row <= tolerance)
+        if len(ok):
+            out[r] = min(ok, key=lambda c: (-sizes[c], row[c], c))
+    return out
+
+
+def _picked(values: np.ndarray, chosen: np.ndarray) -> np.ndarray:
+    """values[r, chosen[r]] per row; 0 where chosen is -1 (dense's KL)."""
+    got = values[np.arange(len(chosen)), np.maximum(chosen, 0)]
+    return np.where(chosen < 0, 0.0, got)
+
+
+def static_curve(kl_train: np.ndarray, kl_eval: np.ndarray, sizes: np.ndarray,
+                 names: list[str]) -> list[dict]:
+    """Per size (dense, k = 0, first): the candidate with the lowest mean train KL among
+    those of that size, and its mean eval KL."""
+    curve = [{"size": 0, "candidate": "dense", "kl": 0.0}]
+    for k in sorted(set(sizes.tolist()) - {0}):
+        of_k = np.flatnonzero(sizes == k)
+        best = of_k[np.argmin(kl_train[:, of_k].mean(0))]
+        curve.append({"size": int(k), "candidate": names[best],
+                      "kl": float(kl_eval[:, best].mean())})
+    return curve
+
+
+def hull_kl(curve: list[dict], size: float) -> float | None:
+    """The lowest mean KL a per-prompt mix of the curve's static sets reaches at mean size
+    `size` (the lower convex hull of the points); None beyond the largest size."""
+    hull: list[tuple[float, float]] = []
+    for p in sorted((c["size"], c["kl"]) for c in curve):
+        while len(hull) >= 2 and ((hull[-1][0] - hull[-2][0]) * (p[1] - hull[-2][1])
+                                  <= (hull[-1][1] - hull[-2][1]) * (p[0] - hull[-2][0])):
+            hull.pop()
+        hull.append(p)
+    if size > hull[-1][0] + 1e-9:
+        return None
+    xs, ys = zip(*hull, strict=True)
+    return float(np.interp(size, xs, ys))
+
+
+def fidelity_metrics(kl: np.ndarray, agreement: np.ndarray, pred: np.ndarray,
+                     sizes: np.ndarray, names: list[str], kl_train: np.ndarray,
+                     tolerances=TOLERANCES) -> dict:
+    """A fidelity router's decisions on held-out prompts (true `kl`, `agreement`; predicted
+    `pred`; all (prompts, candidates)), against static sets chosen on the train prompts'
+    labels `kl_train`.
+
+    tolerance: at each tolerance, the router's and the oracle's (the true KLs used as
+    predictions) mean blocks skipped, mean true KL, agreement, the share of prompts whose true
+    KL is within the tolerance, and the share sent to dense; beside them the lowest KL static
+    sets reach at the router's mean size (`hull_kl` of `static_curve`).
+    fixed_k: per candidate size, routing among that size's candidates (lowest prediction)
+    against the best static set of that size and the oracle."""
+    def decisions(chosen: np.ndarray) -> dict:
+        size = np.where(chosen < 0, 0, sizes[np.maximum(chosen, 0)])
+        true = _picked(kl, chosen)
+        return {"mean_skip": float(size.mean()), "kl": float(true.mean()),
+                "agreement": float(np.where(chosen < 0, 1.0, _picked(agreement, chosen)).mean()),
+                "dense": float((size == 0).mean())}
+
+    curve = static_curve(kl_train, kl, sizes, names)
+    out: dict = {"static": curve, "tolerance": [], "fixed_k": []}
+    for tol in tolerances:
+        router, oracle = tolerance_choice(pred, sizes, tol), tolerance_choice(kl, sizes, tol)
+        row = {"tolerance": tol, "router": decisions(router), "oracle": decisions(oracle)}
+        row["router"]["within"] = float((_picked(kl, router) <= tol).mean())
+        row["static_kl"] = hull_kl(curve, row["router"]["mean_skip"])
+        out["tolerance"].append(row)
+    for c in curve[1:]:
+        of_k = np.flatnonzero(sizes == c["size"])
+        router = of_k[np.argmin(pred[:, of_k], axis=1)]
+        oracle = of_k[np.argmin(kl[:, of_k], axis=1)]
+        out["fixed_k"].append({
+            "size": c["size"], "candidates": len(of_k), "best_fixed": c["candidate"],
+            "router": decisions(router), "best_fixed_kl": c["kl"], "oracle": decisions(oracle),
+            "top1": float((_picked(kl, router) <= _picked(kl, oracle)).mean())})
+    return out

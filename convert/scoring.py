@@ -172,16 +172,35 @@ class BlockRunner:
             self.evals += batch.rows
         return h
 
-    def head(self, h, batch: Batch) -> np.ndarray:
-        """Summed answer-token log-probs per request of the batch (float64)."""
+    def logprobs(self, h, batch: Batch):
+        """log p(. | earlier tokens) at every answer token of the batch: [P, V], float32."""
         import torch
 
         hs = h.reshape(-1, h.shape[-1])[batch.pred_index]
         logits = self.model.lm_head(self.inner.norm(hs)).float()
-        lp = torch.log_softmax(logits, dim=-1).gather(1, batch.targets[:, None])[:, 0]
-        sums = torch.zeros(len(batch.requests), dtype=torch.float64, device=lp.device)
-        sums.index_add_(0, batch.pred_request, lp.double())
+        return torch.log_softmax(logits, dim=-1)
+
+    @staticmethod
+    def per_request(values, batch: Batch) -> np.ndarray:
+        """Per-answer-token values [P] summed per request of the batch (float64)."""
+        import torch
+
+        sums = torch.zeros(len(batch.requests), dtype=torch.float64, device=values.device)
+        sums.index_add_(0, batch.pred_request, values.double())
         return sums.cpu().numpy()
+
+    def head(self, h, batch: Batch) -> np.ndarray:
+        """Summed answer-token log-probs per request of the batch (float64)."""
+        lp = self.logprobs(h, batch).gather(1, batch.targets[:, None])[:, 0]
+        return self.per_request(lp, batch)
+
+
+def kl_to_reference(ref, logprobs):
+    """Per token: KL(ref || logprobs) = sum_v p_ref(v) (log p_ref(v) - log p(v)) and top-1
+    agreement (1.0 where both argmaxes agree), from log-prob rows [P, V] (float32)."""
+    kl = (ref.exp() * (ref - logprobs)).sum(-1)
+    agree = (logprobs.argmax(-1) == ref.argmax(-1)).float()
+    return kl, agree
 
 
 def answer_logprobs(model, tokenizer, requests: Sequence[tuple[str, str]], skip: Iterable[int] = (),

@@ -3,7 +3,12 @@
 For one task, every evaluated skip set S gets l_S(x, a) for every calibration example x and
 choice a (mean answer-token log-prob, `scoring`). In each of k phases every remaining block b
 (never the first or last) is tried on top of the current set C; the one with the lowest loss
-joins C. Three speed-ups, none of which changes the result:
+joins C. The fidelity loss needs no task: on chat prompts (the packaged set's train split, or a
+user file), L(S) is the mean over prompts of the mean KL(dense || S) per token over dense's
+own greedy continuation (`convert/fidelity.py`, `pudding fidelity`'s definition), giving
+candidates made for chat; its candidates are named after the task "chat". Every greedy
+trajectory is nested, so `truncate_run` takes smaller k from a finished run.
+Three speed-ups, none of which changes the result:
 - prefix reuse: trial C+{b} equals C up to block b, so one pass of C stores the hidden state
   entering each trial block and every trial runs only the blocks after b;
 - state reuse across phases: the hidden state entering block w depends only on the skipped
@@ -15,6 +20,8 @@ joins C. Three speed-ups, none of which changes the result:
   first one already evaluated (all of phase 1, and more while their choices agree).
 Data-parallel: under torch.distributed each rank scores its shard of examples; per-example
 losses are gathered and summed in the global example order, as a single process would.
+The fidelity scorer recomputes dense's log-probs batch by batch in every phase (one dense pass
+per phase, instead of holding tokens x vocabulary floats).
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from pudding_mlx.bundle import Candidate
+from pudding_mlx.chat_prompts import ChatPrompt
 from pudding_mlx.errors import PuddingError
 from pudding_mlx.files import read_json, write_json
 from pudding_mlx.tasks import Example, TokenRequest, encode_requests
@@ -34,14 +42,17 @@ from .dist import Dist
 from .resume import read_run
 from .scoring import BlockRunner
 
-LOSSES = ("likelihood", "margin")
+TASK_LOSSES = ("likelihood", "margin")
+LOSSES = (*TASK_LOSSES, "fidelity")
+CHAT = "chat"  # the task name of fidelity candidates
 
 
 def example_losses(scores: np.ndarray, offsets: Sequence[int], gold: Sequence[int],
                    loss: str) -> np.ndarray:
-    """Per-example loss terms from flat per-choice l_S values; L(S) is their sum.
+    """Per-example loss terms from flat per-choice l_S values (for fidelity: per-prompt mean
+    KL values); L(S) is their sum (fidelity: their mean).
 
-    likelihood: -l(a_c); margin: -sum_{j != c} (l(a_c) - l(a_j)).
+    likelihood: -l(a_c); margin: -sum_{j != c} (l(a_c) - l(a_j)); fidelity: the KL.
     """
     out = np.empty(len(gold))
     for e, (start, c) in enumerate(zip(offsets, gold, strict=False)):
@@ -51,6 +62,8 @@ def example_losses(scores: np.ndarray, offsets: Sequence[int], gold: Sequence[in
             out[e] = -ls[c]
         elif loss == "margin":
             out[e] = -(len(ls) * ls[c] - ls.sum())
+        elif loss == "fidelity":
+            out[e] = ls[0]
         else:
             raise PuddingError(f"unknown loss {loss!r}; expected one of {', '.join(LOSSES)}")
     return out
@@ -104,13 +117,38 @@ def tokenize_examples(tokenizer, examples: Sequence[Example]) -> list[TokenExamp
     return [TokenExample(encode_requests(tokenizer, ex.prompt), ex.gold) for ex in examples]
 
 
+def chat_examples(model, tokenizer, prompts: Sequence[ChatPrompt], max_tokens: int,
+                  dist: Dist | None = None, progress: bool = False) -> list[TokenExample]:
+    """One example per prompt: the request (chat ids, dense's greedy continuation). Each rank
+    generates the continuations of the prompts it will score (SetScorer's shard) and the
+    ranks exchange them."""
+    from tqdm.auto import tqdm
+
+    from .fidelity import chat_requests
+
+    dist = dist or Dist()
+    ids = list(range(dist.rank, len(prompts), dist.world))
+    with tqdm(total=len(ids), desc="dense continuations", unit="prompt",
+              disable=not progress or dist.rank != 0) as bar:
+        mine = chat_requests(model, tokenizer, [prompts[i] for i in ids], max_tokens, bar=bar)
+    out: list = [None] * len(prompts)
+    for part_ids, part in dist.gather((ids, mine)):
+        for i, request in zip(part_ids, part, strict=True):
+            out[i] = TokenExample([request], 0)
+    return out
+
+
 class SetScorer:
     """Per-choice scores l_S of one task's calibration examples (this rank's shard), memoised
-    per skip set, computed with prefix and state reuse (or naively, for comparison)."""
+    per skip set, computed with prefix and state reuse (or naively, for comparison). With
+    `fidelity`, the examples are `chat_examples` and the scores are each prompt's mean
+    KL(dense || S) over its continuation."""
 
     def __init__(self, model, examples: Sequence[TokenExample], batch_size: int = 16,
                  reuse_prefix: bool = True, max_length: int | None = None,
-                 dist: Dist | None = None, state_budget_gb: float = 2.0):
+                 dist: Dist | None = None, state_budget_gb: float = 2.0,
+                 fidelity: bool = False):
+        self.fidelity = fidelity
         self.dist = dist or Dist()
         self.global_ids = list(range(self.dist.rank, len(examples), self.dist.world))
         mine = [examples[i] for i in self.global_ids]
@@ -171,9 +209,17 @@ class SetScorer:
                       watch: set[int]) -> dict[int, np.ndarray]:
         run = self.runner
         keep = [i for i in range(self.num_blocks) if i not in set(current)]
+        head = run.head
+        if self.fidelity:
+            from .scoring import kl_to_reference
+
+            ref = run.logprobs(run.run(run.embed(batch), batch, range(self.num_blocks)), batch)
+
+            def head(h, batch):
+                return run.per_request(kl_to_reference(ref, run.logprobs(h, batch))[0], batch)
         if not self.reuse_prefix:
-            return {b: run.head(run.run(run.embed(batch), batch, [i for i in keep if i != b]),
-                                batch) for b in trials}
+            return {b: head(run.run(run.embed(batch), batch, [i for i in keep if i != b]), batch)
+                    for b in trials}
         # One pass of the current set, up to the last trial block, keeping the hidden state
         # that enters each trial block; each trial then runs only the blocks after it.
         entering, h, last = {}, run.embed(batch), max(trials)
@@ -198,19 +244,24 @@ class SetScorer:
                 if blocks[at] in watch:
                     self.states.setdefault((n, applied + tuple(blocks[:at])), h)
                 h = run.run(h, batch, [blocks[at]])
-            out[b] = run.head(h, batch)
+            out[b] = head(h, batch)
         return out
 
     def losses(self, current: Sequence[int], trials: Sequence[int], loss: str,
                watch: Sequence[int] = ()) -> dict[int, float]:
-        """L(current + {b}) per trial, summed over all ranks' examples in global order."""
+        """L(current + {b}) per trial, summed (fidelity: averaged) over all ranks' examples in
+        global order."""
+        if (loss == "fidelity") != self.fidelity:
+            raise PuddingError(f"the {loss} loss needs a {'task' if self.fidelity else 'chat'}"
+                               " scorer")
         scores = self.scores(current, trials, watch)
         local = np.stack([example_losses(scores[b], self.offsets, self.gold, loss)
                           for b in trials]) if self.gold else np.zeros((len(trials), 0))
         full = np.zeros((len(trials), self.n_examples))
         for ids, part in self.dist.gather((self.global_ids, local)):
             full[:, ids] = part
-        return {b: float(full[t].sum()) for t, b in enumerate(trials)}
+        reduce = np.mean if loss == "fidelity" else np.sum
+        return {b: float(reduce(full[t])) for t, b in enumerate(trials)}
 
     def total_evals(self) -> int:
         return int(sum(self.dist.gather(self.runner.evals)))
@@ -255,27 +306,40 @@ def candidate_name(task: str, loss: str, k: int) -> str:
 
 
 def run_search(model, tokenizer, examples: dict[str, list[Example]], settings: dict, out,
-               k: int, losses: Sequence[str] = LOSSES, batch_size: int = 16,
+               k: int, losses: Sequence[str] = TASK_LOSSES, batch_size: int = 16,
                reuse_prefix: bool = True, restart: bool = False, progress: bool = True,
-               max_length: int | None = None, state_budget_gb: float = 2.0) -> dict:
-    """Search one candidate per (task, loss) and write `out` (candidates.json) after every
-    phase; a rerun with the same settings continues from the last finished phase.
+               max_length: int | None = None, state_budget_gb: float = 2.0,
+               chat: Sequence[ChatPrompt] = (), max_tokens: int = 64) -> dict:
+    """Search one candidate per (task, task loss), and one per fidelity loss on the `chat`
+    prompts (dense continuations of `max_tokens`), and write `out` (candidates.json) after
+    every phase; a rerun with the same settings continues from the last finished phase.
 
-    `settings` records what the result depends on (model, seed, samples, dtype, ...); it is
-    stored with tasks, losses and k, and compared on resume.
+    `settings` records what the result depends on (model, seed, samples, dtype, ...; the
+    chat prompts' selection for fidelity); it is stored with tasks, losses and k, and compared
+    on resume.
     """
     from pathlib import Path
 
     dist = Dist()
     settings = {**settings, "tasks": list(examples), "losses": list(losses), "k": k}
+    task_losses = [loss for loss in losses if loss in TASK_LOSSES]
+    groups = [(task, task_losses, lambda exs=exs: tokenize_examples(tokenizer, exs), False)
+              for task, exs in examples.items() if task_losses]
+    if "fidelity" in losses:
+        if not chat:
+            raise PuddingError("the fidelity loss needs chat prompts")
+        groups.append((CHAT, ["fidelity"], lambda: chat_examples(
+            model, tokenizer, chat, max_tokens, dist, progress), True))
     doc = None
     if dist.rank == 0 and Path(out).exists() and not restart:
         doc = read_run(out, settings)
     doc = dist.broadcast(doc)
     if doc is None:
+        calibration = {t: [e.qid for e in exs] for t, exs in examples.items()}
+        if "fidelity" in losses:
+            calibration[CHAT] = [p.id for p in chat]
         doc = {"settings": settings, "complete": False, "candidates": [],
-               "calibration": {t: [e.qid for e in exs] for t, exs in examples.items()},
-               "setup_seconds": {}}
+               "calibration": calibration, "setup_seconds": {}}
     done = {c["name"]: GreedyRun.from_json(c, str(out)) for c in doc["candidates"]}
 
     def save(run: GreedyRun) -> None:
@@ -284,14 +348,15 @@ def run_search(model, tokenizer, examples: dict[str, list[Example]], settings: d
         if dist.rank == 0:
             write_json(out, doc)
 
-    for task, exs in examples.items():
-        todo = [GreedyRun.new(candidate_name(task, loss, k), task, loss, k) for loss in losses]
+    for task, group_losses, make_examples, fidelity in groups:
+        todo = [GreedyRun.new(candidate_name(task, loss, k), task, loss, k)
+                for loss in group_losses]
         todo = [done.get(r.name, r) for r in todo]
         if all(r.done for r in todo):
             continue
         start = time.perf_counter()
-        scorer = SetScorer(model, tokenize_examples(tokenizer, exs), batch_size, reuse_prefix,
-                           max_length, dist, state_budget_gb)
+        scorer = SetScorer(model, make_examples(), batch_size, reuse_prefix, max_length, dist,
+                           state_budget_gb, fidelity)
         doc["setup_seconds"][task] = time.perf_counter() - start
         for run in todo:
             greedy_search(scorer, run, on_phase=save, progress=progress)
@@ -316,9 +381,10 @@ def merge_runs(paths: Sequence, out, tasks: Sequence[str]) -> dict:
         raise PuddingError(f"{', '.join(map(str, paths))}: runs with different settings")
     merged = {"settings": {**docs[0]["settings"], "tasks": list(tasks)}, "complete": True,
               "candidates": [], "calibration": {}, "setup_seconds": {}}
-    for task in tasks:
-        names = [candidate_name(task, loss, merged["settings"]["k"])
-                 for loss in merged["settings"]["losses"]]
+    losses = merged["settings"]["losses"]
+    for task in [*tasks, *([CHAT] if "fidelity" in losses else [])]:
+        names = [candidate_name(task, loss, merged["settings"]["k"]) for loss in losses
+                 if (loss == "fidelity") == (task == CHAT)]
         for d in docs:
             found = {c["name"]: c for c in d["candidates"]}
             if all(n in found and len(found[n]["trajectory"]) == found[n]["k"] for n in names):

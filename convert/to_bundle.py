@@ -28,6 +28,7 @@ from pudding_mlx.bundle import (
 from pudding_mlx.errors import BundleError, PuddingError
 from pudding_mlx.files import read_json
 
+from .router_metrics import TARGETS
 from .to_mlx import DTYPES, MLXSettings
 
 ROUTER_TOLERANCE = 1e-4  # MLX router vs torch router, max |score diff| (both fp32)
@@ -64,7 +65,8 @@ def resolve_static(value: str | None, candidates: list[Candidate]) -> Candidate:
 
 def read_router_config(router_dir: str | Path, candidates: list[Candidate]):
     """The router's RouterConfig, checked against the candidates (the same names, in any order:
-    the manifest keeps the router's output order)."""
+    the manifest keeps the router's output order). Its target (likelihood, margin: higher is
+    better; fidelity: predicted KL to dense, lower is better) goes into the manifest."""
     from .router_model import WEIGHTS
 
     router_dir = Path(router_dir)
@@ -73,6 +75,9 @@ def read_router_config(router_dir: str | Path, candidates: list[Candidate]):
             raise PuddingError(f"{router_dir / name}: missing (not a trained router folder)")
     path = router_dir / ROUTER_CONFIG
     cfg = RouterConfig.from_dict(read_json(path), str(path))
+    if cfg.target not in TARGETS:
+        raise PuddingError(f"{path}: router target {cfg.target!r} unknown; expected one of "
+                           f"{', '.join(TARGETS)}")
     names = [c.name for c in candidates]
     if sorted(cfg.outputs) != sorted(names) or cfg.num_outputs != len(names):
         raise PuddingError(

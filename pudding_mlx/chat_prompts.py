@@ -1,5 +1,6 @@
-"""Chat-style prompts for `pudding fidelity`: the packaged set, user files, the train/held-out
-split.
+"""Chat-style prompts for `pudding fidelity` (and the torch side's fidelity labels and search):
+the packaged set, user files, the train/held-out split, and the token ids a prompt becomes
+(`encode_chat`).
 
 The packaged set, `pudding_mlx/prompts/chat_prompts.jsonl`, is built by
 `benchmarks/build_chat_prompts.py` (sources and licences in `pudding_mlx/prompts/README.md`).
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,6 +31,7 @@ PACKAGED = Path(__file__).resolve().parent / "prompts" / "chat_prompts.jsonl"
 SPLITS = ("heldout", "train", "all")
 SPLIT_SEED = 1234
 TRAIN_FRACTION = 0.5
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass(frozen=True)
@@ -116,3 +119,29 @@ def select(prompts: Sequence[ChatPrompt], split: str = "heldout", limit: int | N
         keep = np.sort(rng.permutation(len(chosen))[:limit])
         chosen = [chosen[i] for i in keep]
     return chosen
+
+
+def clean_text(text: str) -> str:
+    """`text` with each lone surrogate (how Python passes on undecodable bytes from argv or
+    stdin) replaced by U+FFFD: tokenizers reject them."""
+    return _SURROGATE.sub("\ufffd", text)
+
+
+def encode_chat(tokenizer, prompt: str, chat_template: bool = True,
+                system_prompt: str | None = None) -> list[int]:
+    """Prompt token ids as mlx_lm.generate makes them: the chat template (optional system
+    message, the user message, the generation prompt) rendered to text, then encoded without
+    special tokens; without a template, the text encoded as is. `tokenizer` is mlx-lm's
+    TokenizerWrapper (PuddingModel.encode) or an HF tokenizer (the torch side's fidelity labels
+    and search), so both sides feed the model the same ids."""
+    prompt = clean_text(prompt)
+    system_prompt = clean_text(system_prompt) if system_prompt else system_prompt
+    has_template = getattr(tokenizer, "has_chat_template", None)  # mlx-lm's wrapper only
+    if has_template is None:
+        has_template = getattr(tokenizer, "chat_template", None) is not None
+    if chat_template and has_template:
+        messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+        messages.append({"role": "user", "content": prompt})
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return list(tokenizer.encode(text, add_special_tokens=False))
+    return list(tokenizer.encode(prompt))

@@ -23,13 +23,13 @@ from .bundle import (
     read_manifest,
     verify_files,
 )
+from .chat_prompts import clean_text, encode_chat
 from .errors import BundleError, PuddingError
 from .masking import check_skip, num_blocks, protected_blocks, skip_view
 from .router import Router, load_router
 from .tolerance import LOWER_IS_BETTER, Policy, check_policy, choose
 
 MODES = ("router", "dense", "static")
-_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass
@@ -48,12 +48,6 @@ class Route:
     predicted: float | None = None  # fidelity routers: the chosen set's predicted KL to dense
     tolerance: float | None = None  # the tolerance the set was chosen within
     k: int | None = None  # the size the set was chosen among (fixed-k rule)
-
-
-def clean_text(text: str) -> str:
-    """`text` with each lone surrogate (how Python passes on undecodable bytes from argv or
-    stdin) replaced by U+FFFD: tokenizers reject them."""
-    return _SURROGATE.sub("\ufffd", text)
 
 
 @dataclass
@@ -143,14 +137,7 @@ class PuddingModel:
     def encode(self, prompt: str, chat_template: bool = True,
                system_prompt: str | None = None) -> list[int]:
         """Prompt token ids, with the chat template applied like mlx_lm.generate does."""
-        tok, prompt = self.tokenizer, clean_text(prompt)
-        system_prompt = clean_text(system_prompt) if system_prompt else system_prompt
-        if chat_template and getattr(tok, "has_chat_template", False):
-            messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
-            messages.append({"role": "user", "content": prompt})
-            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            return list(tok.encode(text, add_special_tokens=False))
-        return list(tok.encode(prompt))
+        return encode_chat(self.tokenizer, prompt, chat_template, system_prompt)
 
     # --- generation ----------------------------------------------------------------------------
 

@@ -296,3 +296,112 @@ def test_sleb_cli_resumes_extends_and_cuts(tmp_path, monkeypatch, capsys):
     code, _, err = run_cli([*base, "--seq-len", "8", "-k", "3", "--out", str(tmp_path / "a.json")],
                            monkeypatch, capsys)  # the last --seq-len counts
     assert code != 0 and "other settings (seq_len)" in err
+
+
+# -- the fidelity loss: KL to dense on chat prompts' dense continuations --
+
+CHAT_TEXTS = ["Which gas do plants absorb from the air?", "How do you boil an egg?",
+              "hello, how are you today?", "What is the capital of France?",
+              "She poured the water into the glass because"]
+N_CHAT = 6
+
+
+def chat_prompts():
+    from pudding_mlx.chat_prompts import ChatPrompt
+
+    return [ChatPrompt(f"p{i}", "test", "train", t) for i, t in enumerate(CHAT_TEXTS)]
+
+
+def brute_force_fidelity(model, tok, k):
+    """Greedy search with plain HF forwards: dense's continuations by hand-written greedy
+    decoding, each trial's KL(dense || set) per token in numpy; the loss is the mean over
+    prompts of each prompt's mean KL. Returns (blocks, losses) per phase."""
+    from helpers import chat_ids, torch_greedy
+
+    def log_softmax(x):
+        x = x - x.max(-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+    requests = []
+    for text in CHAT_TEXTS:
+        ids = chat_ids(tok, text)
+        cont = torch_greedy(model, ids, [], N_CHAT, tok.eos_token_id)
+        span = slice(len(ids) - 1, len(ids) + len(cont) - 1)
+        requests.append((ids + cont, span))
+    dense = [log_softmax(torch_logits(model, seq, []).double().numpy()[span])
+             for seq, span in requests]
+    n_layers, chosen, losses = len(model.model.layers), [], []
+    for _ in range(k):
+        results = {}
+        for b in [b for b in range(1, n_layers - 1) if b not in chosen]:
+            kls = []
+            for (seq, span), d in zip(requests, dense, strict=True):
+                s = log_softmax(torch_logits(model, seq, chosen + [b]).double().numpy()[span])
+                kls.append((np.exp(d) * (d - s)).sum(-1).mean())
+            results[b] = float(np.mean(kls))
+        best = min(results, key=lambda b: (results[b], b))
+        chosen.append(best)
+        losses.append(results[best])
+    return chosen, losses
+
+
+def test_fidelity_search_matches_brute_force(tiny):
+    from convert.search import CHAT, chat_examples
+
+    model, tok = tiny
+    ref, ref_losses = brute_force_fidelity(model, tok, 3)
+    exs = chat_examples(model, tok, chat_prompts(), N_CHAT)
+    evals = {}
+    for name, kw in (("fast", {}), ("naive", {"reuse_prefix": False}),
+                     ("prefix", {"state_budget_gb": 0})):
+        scorer = SetScorer(model, exs, batch_size=2, fidelity=True, **kw)
+        got = greedy_search(scorer, GreedyRun.new("c", CHAT, "fidelity", 3))
+        assert [p.block for p in got.trajectory] == ref, name
+        assert [p.loss for p in got.trajectory] == pytest.approx(ref_losses, rel=1e-4, abs=1e-6)
+        evals[name] = scorer.runner.evals
+    assert evals["fast"] <= evals["prefix"] < evals["naive"]
+    with pytest.raises(PuddingError, match="needs a task scorer"):
+        scorer.losses([], [1, 2], "likelihood")
+
+
+def test_fidelity_search_cli_from_run_and_resume(tiny, tmp_path, monkeypatch, capsys):
+    model, tok = tiny
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": p.id, "text": p.text, "split": "train"}) + "\n"
+                               for p in chat_prompts()))
+    base = ["search", "--model", str(tmp_path / "m"), "--losses", "fidelity", "--samples", "4",
+            "--prompts", str(prompts), "--max-tokens", str(N_CHAT), "--dtype", "float32",
+            "--device", "cpu", "--batch-size", "2"]
+
+    def run(*args):
+        code, out, err = run_cli([*base, *args], monkeypatch, capsys)
+        assert code == 0, err
+        return json.loads(Path(args[args.index("--out") + 1]).read_text())
+
+    def phases(doc):
+        return [[(p["block"], pytest.approx(p["loss"], rel=1e-6)) for p in c["trajectory"]]
+                for c in doc["candidates"]]
+
+    big = run("-k", "3", "--out", str(tmp_path / "k3.json"))
+    assert [c["name"] for c in big["candidates"]] == ["chat-fidelity-k3"]
+    assert big["settings"]["tasks"] == [] and len(big["calibration"]["chat"]) == 4
+    assert big["candidates"][0]["task"] == "chat" and big["candidates"][0]["loss"] == "fidelity"
+    small = run("-k", "2", "--out", str(tmp_path / "k2.json"))
+    code, out, _ = run_cli(["search", "-k", "2", "--from-run", str(tmp_path / "k3.json"),
+                            "--out", str(tmp_path / "cut.json")], monkeypatch, capsys)
+    assert code == 0 and "chat-fidelity-k2: skip" in out
+    cut = json.loads((tmp_path / "cut.json").read_text())
+    assert cut["settings"] == small["settings"]
+    assert [c["skip"] for c in cut["candidates"]] == [c["skip"] for c in small["candidates"]]
+    assert phases(cut) == phases(small)
+    # killed after one phase, then resumed: the same trajectory
+    doc = {**big, "complete": False}
+    doc["candidates"] = [{**big["candidates"][0], "trajectory": big["candidates"][0][
+        "trajectory"][:1]}]
+    (tmp_path / "part.json").write_text(json.dumps(doc))
+    assert phases(run("-k", "3", "--out", str(tmp_path / "part.json"))) == phases(big)
+    code, _, err = run_cli([*base, "--max-tokens", "3", "-k", "3",
+                            "--out", str(tmp_path / "k3.json")], monkeypatch, capsys)
+    assert code != 0 and "other settings (chat)" in err

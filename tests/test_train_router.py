@@ -282,3 +282,152 @@ def test_cli_writes_router_and_metrics(tmp_path, tiny_encoder):
     assert CliRunner().invoke(train_router, args).exit_code == 0
     r = CliRunner().invoke(train_router, [*args[:-2], "--target", "likelihood"])
     assert r.exit_code != 0 and "--overwrite" in str(r.exception)
+
+
+# -- fidelity routers --
+
+
+def test_tolerance_choice_by_hand():
+    from convert.router_metrics import tolerance_choice
+
+    sizes = np.array([2, 4, 4, 6, 0])
+    pred = np.array([
+        [0.1, 0.3, 0.2, 0.9, 0.0],  # tol 0.5: sizes 4 within, tie on size -> lower pred (2)
+        [0.1, 0.3, 0.3, 0.4, 0.0],  # size 6 within
+        [0.6, 0.7, 0.7, 0.8, 0.6],  # nothing within -> -1 (dense)
+        [0.1, 0.5, 0.5, 0.9, 0.0],  # equal size and prediction -> the first; == tol is within
+    ])
+    assert tolerance_choice(pred, sizes, 0.5).tolist() == [2, 3, -1, 1]
+    assert tolerance_choice(pred, sizes, 0.05).tolist() == [4, 4, -1, 4]
+    assert tolerance_choice(pred[:, :4], sizes[:4], 0.05).tolist() == [-1, -1, -1, -1]
+
+
+def test_fidelity_metrics_by_hand():
+    from convert.router_metrics import fidelity_metrics, hull_kl
+
+    names, sizes = ["a2", "b2", "c4"], np.array([2, 2, 4])
+    kl_train = np.array([[0.2, 0.4, 1.0], [0.2, 0.4, 1.0]])  # a2 is the best static k = 2
+    kl = np.array([[0.1, 0.5, 0.8], [0.3, 0.1, 1.2]])
+    agree = np.array([[0.9, 0.5, 0.4], [0.7, 0.95, 0.2]])
+    pred = np.array([[0.15, 0.2, 0.25], [0.2, 0.05, 0.4]])
+    m = fidelity_metrics(kl, agree, pred, sizes, names, kl_train, tolerances=(0.1, 0.3))
+    assert m["static"] == [{"size": 0, "candidate": "dense", "kl": 0.0},
+                           {"size": 2, "candidate": "a2", "kl": pytest.approx(0.2)},
+                           {"size": 4, "candidate": "c4", "kl": pytest.approx(1.0)}]
+    # tolerance 0.1: prompt 0 -> dense, prompt 1 -> b2 (pred 0.05)
+    t = m["tolerance"][0]
+    assert t["router"] == pytest.approx({"mean_skip": 1.0, "kl": 0.05, "agreement": 0.975,
+                                         "dense": 0.5, "within": 1.0})
+    # static at mean size 1: half way between dense (0) and a2 (0.2)
+    assert t["static_kl"] == pytest.approx(0.1)
+    # oracle at 0.1: prompt 0 -> a2 (0.1), prompt 1 -> b2 (0.1)
+    assert t["oracle"]["mean_skip"] == 2.0 and t["oracle"]["kl"] == pytest.approx(0.1)
+    # tolerance 0.3: prompt 0 -> c4 (true KL 0.8, not within), prompt 1 -> b2 (c4 predicted
+    # 0.4 is out; 0.1, within)
+    t = m["tolerance"][1]
+    assert t["router"] == pytest.approx({"mean_skip": 3.0, "kl": 0.45, "agreement": 0.675,
+                                         "dense": 0.0, "within": 0.5})
+    # static at mean size 3: half way between a2 (0.2) and c4 (1.0)
+    assert t["static_kl"] == pytest.approx(0.6)
+    k2, k4 = m["fixed_k"]
+    assert k2["best_fixed"] == "a2" and k2["best_fixed_kl"] == pytest.approx(0.2)
+    # router among k = 2: a2 for prompt 0 (0.15 < 0.2), b2 for prompt 1: both the oracle's
+    assert k2["router"]["kl"] == pytest.approx(0.1) and k2["top1"] == 1.0
+    assert k4["router"]["kl"] == pytest.approx(1.0) and k4["candidates"] == 1
+    # the hull skips a point above the segment between its neighbours
+    curve = [{"size": 0, "kl": 0.0}, {"size": 2, "kl": 1.5}, {"size": 4, "kl": 2.0}]
+    assert hull_kl(curve, 2) == pytest.approx(1.0) and hull_kl(curve, 5) is None
+
+
+def write_fidelity_labels(folder, num_prompts=20, sizes=(0, 2, 2, 4), seed=0):
+    """A random fidelity label table in the `pudding label --target fidelity` layout."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True)
+    rows = {"id": [], "source": [], "split": [], "text": [], "continuation": [], "kl": [],
+            "agreement": []}
+    for i in range(num_prompts):
+        kl = [0.0 if k == 0 else float(rng.gamma(2.0, 0.1 * k)) for k in sizes]
+        for key, v in (("id", f"p{i}"), ("source", ("nq", "arc")[i % 2]), ("split", "train"),
+                       ("text", " ".join(rng.choice(WORDS, 6))), ("continuation", [1, 2, 3]),
+                       ("kl", kl), ("agreement", [float(np.exp(-x)) for x in kl])):
+            rows[key].append(v)
+    write_shard(folder, 0, rows, target="fidelity")
+    write_json(folder / "meta.json", {
+        "target": "fidelity", "num_shards": 1, "complete": True,
+        "candidates": [{"name": f"c{i}", "skip": list(range(1, k + 1))}
+                       for i, k in enumerate(sizes)]})
+    return folder
+
+
+def test_fidelity_router_trains_and_writes_target(tmp_path, tiny_encoder):
+    """lr 0 with the mean head init: every prediction is the mean train KL, so eval MSE and the
+    decisions follow from the table by hand; router_config.json says target fidelity."""
+    import json
+
+    from click.testing import CliRunner
+
+    from convert.label_store import read_fidelity_labels
+    from convert.router_metrics import tolerance_choice
+    from convert.train_router import TrainConfig, train, train_router
+    from pudding_mlx.errors import PuddingError
+
+    labels = write_fidelity_labels(tmp_path / "labels")
+    t = read_fidelity_labels(labels)
+    is_eval = split_questions(list(zip(t.source, t.id, strict=True)), 0.2, 42)
+    m = train(labels, tmp_path / "out", TrainConfig(backbone=tiny_encoder, epochs=1, lr=0.0,
+                                                    max_length=24, target=None), device="cpu")
+    assert m["target"] == "fidelity" and m["prompts"] == {"train": 16, "eval": 4}
+    cfg = json.loads((tmp_path / "out" / "router" / "router_config.json").read_text())
+    assert cfg["target"] == "fidelity" and cfg["outputs"] == ["c0", "c1", "c2", "c3"]
+    mean = t.kl[~is_eval].mean(0)
+    assert m["eval_mse"] == pytest.approx(np.mean((t.kl[is_eval] - mean) ** 2), rel=1e-5)
+    sizes = t.candidate_sizes
+    for row in m["tolerance"]:
+        chosen = tolerance_choice(mean[None], sizes, row["tolerance"])[0]
+        kl = t.kl[is_eval, chosen].mean() if chosen >= 0 else 0.0
+        assert row["router"]["kl"] == pytest.approx(kl, rel=1e-5)
+        assert row["router"]["mean_skip"] == (sizes[chosen] if chosen >= 0 else 0)
+    # the CLI prints the tolerance table; a likelihood target does not fit fidelity labels
+    r = CliRunner().invoke(train_router, [str(labels), "--out", str(tmp_path / "cli"),
+                                          "--backbone", tiny_encoder, "--epochs", "1",
+                                          "--max-length", "24"])
+    assert r.exit_code == 0, r.output
+    assert "target fidelity" in r.output and "static KL" in r.output
+    with pytest.raises(PuddingError, match="holds fidelity labels"):
+        train(labels, tmp_path / "x", TrainConfig(backbone=tiny_encoder, target="likelihood"))
+    with pytest.raises(PuddingError, match="holds likelihood labels"):
+        train(write_labels(tmp_path / "ll"), tmp_path / "y",
+              TrainConfig(backbone=tiny_encoder, target="fidelity"))
+
+
+def test_fidelity_router_goes_into_the_bundle(tmp_path, tiny_encoder):
+    """A fidelity router, with a dense candidate among its outputs, converts into a bundle whose
+    manifest says target fidelity; an unknown target is refused."""
+    import json
+
+    from helpers import tiny_llama
+
+    import pudding_mlx
+    from convert.to_bundle import ConvertSettings, read_router_config, write_bundle
+    from convert.to_mlx import MLXSettings
+    from convert.train_router import TrainConfig, train
+    from pudding_mlx.bundle import Candidate
+    from pudding_mlx.errors import PuddingError
+
+    labels = write_fidelity_labels(tmp_path / "labels")
+    train(labels, tmp_path / "out", TrainConfig(backbone=tiny_encoder, epochs=1, max_length=24,
+                                                target=None), device="cpu")
+    meta = json.loads((labels / "meta.json").read_text())
+    (tmp_path / "candidates.json").write_text(json.dumps({"candidates": meta["candidates"]}))
+    tiny_llama(tmp_path / "llm", num_layers=6)
+    m = write_bundle(str(tmp_path / "llm"), tmp_path / "candidates.json",
+                     tmp_path / "out" / "router", tmp_path / "bundle",
+                     ConvertSettings(mlx=MLXSettings("float32"), coreml=False))
+    assert m.router.target == "fidelity" and m.candidates[0].skip == []
+    pm = pudding_mlx.load(tmp_path / "bundle", router_backend="mlx")
+    assert pm.manifest.router.target == "fidelity"
+    path = tmp_path / "out" / "router" / "router_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "target": "accuracy"}))
+    with pytest.raises(PuddingError, match="target 'accuracy' unknown"):
+        read_router_config(path.parent, [Candidate(c["name"], c["skip"])
+                                         for c in meta["candidates"]])
