@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pudding_mlx.errors import PuddingError
+from pudding_mlx.tolerance import within_tolerance
 
 TARGETS = ("likelihood", "margin", "fidelity")
 # KL tolerances (nats/token) at which a fidelity router's decisions are measured
@@ -145,15 +146,10 @@ def baseline_metrics(
 
 
 def tolerance_choice(pred: np.ndarray, sizes: np.ndarray, tolerance: float) -> np.ndarray:
-    """Per row of predicted KLs (rows, candidates): the candidate that skips the most blocks
-    among those predicted within `tolerance` (the lowest prediction among equal sizes, then
-    the first), or -1 (dense) when none is."""
-    out = np.full(len(pred), -1)
-    for r, row in enumerate(pred):
-        ok = np.flatnonzero(row <= tolerance)
-        if len(ok):
-            out[r] = min(ok, key=lambda c: (-sizes[c], row[c], c))
-    return out
+    """Per row of predicted KLs (rows, candidates): the runtime's tolerance rule
+    (`pudding_mlx.tolerance.within_tolerance`), -1 where it skips nothing."""
+    picks = [within_tolerance(row.tolist(), sizes.tolist(), tolerance) for row in pred]
+    return np.array([-1 if p is None else p for p in picks], dtype=int)
 
 
 def _picked(values: np.ndarray, chosen: np.ndarray) -> np.ndarray:

@@ -294,11 +294,12 @@ def test_tolerance_choice_by_hand():
     pred = np.array([
         [0.1, 0.3, 0.2, 0.9, 0.0],  # tol 0.5: sizes 4 within, tie on size -> lower pred (2)
         [0.1, 0.3, 0.3, 0.4, 0.0],  # size 6 within
-        [0.6, 0.7, 0.7, 0.8, 0.6],  # nothing within -> -1 (dense)
+        [0.6, 0.7, 0.7, 0.8, 0.6],  # nothing within -> the dense candidate (4)
         [0.1, 0.5, 0.5, 0.9, 0.0],  # equal size and prediction -> the first; == tol is within
     ])
-    assert tolerance_choice(pred, sizes, 0.5).tolist() == [2, 3, -1, 1]
-    assert tolerance_choice(pred, sizes, 0.05).tolist() == [4, 4, -1, 4]
+    assert tolerance_choice(pred, sizes, 0.5).tolist() == [2, 3, 4, 1]
+    assert tolerance_choice(pred, sizes, 0.05).tolist() == [4, 4, 4, 4]
+    # no dense candidate: -1, skip nothing
     assert tolerance_choice(pred[:, :4], sizes[:4], 0.05).tolist() == [-1, -1, -1, -1]
 
 
