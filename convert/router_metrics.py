@@ -223,3 +223,14 @@ def fidelity_metrics(kl: np.ndarray, agreement: np.ndarray, pred: np.ndarray,
             "router": decisions(router), "best_fixed_kl": c["kl"], "oracle": decisions(oracle),
             "top1": float((_picked(kl, router) <= _picked(kl, oracle)).mean())})
     return out
+
+
+def default_tolerance(metrics: dict, kl_target: float) -> float:
+    """A fidelity bundle's default tolerance from its router's held-out metrics
+    (`fidelity_metrics`): the largest measured tolerance whose routed mean true KL stays at or
+    below `kl_target`; the smallest measured one when none does (the safest on offer)."""
+    rows = metrics.get("tolerance") or []
+    if not rows:
+        raise PuddingError("router metrics have no tolerance rows (not a fidelity router?)")
+    ok = [r["tolerance"] for r in rows if r["router"]["kl"] <= kl_target]
+    return float(max(ok) if ok else min(r["tolerance"] for r in rows))

@@ -399,6 +399,13 @@ def merge_runs(paths: Sequence, out, tasks: Sequence[str]) -> dict:
 
 
 def truncate_run(doc: dict, k: int, out) -> dict:
+    """Write `first_phases(doc, k)` to `out`."""
+    short = first_phases(doc, k)
+    write_json(out, short)
+    return short
+
+
+def first_phases(doc: dict, k: int) -> dict:
     """The candidates.json a search for `k` blocks would write, from a finished run with a
     larger k: greedy phases never look ahead, so its first k phases are that search."""
     old_k = doc["settings"]["k"]
@@ -411,6 +418,4 @@ def truncate_run(doc: dict, k: int, out) -> dict:
         candidates.append({**c, "name": candidate_name(c["task"], c["loss"], k), "k": k,
                            "skip": sorted(p["block"] for p in trajectory),
                            "trajectory": trajectory})
-    short = {**doc, "settings": {**doc["settings"], "k": k}, "candidates": candidates}
-    write_json(out, short)
-    return short
+    return {**doc, "settings": {**doc["settings"], "k": k}, "candidates": candidates}

@@ -42,6 +42,7 @@ class ConvertSettings:
     coreml_precision: str = "float16"
     coreml_lengths: tuple[int, ...] = ()
     max_kl: float | None = None  # override the parity gate: mean KL <= max_kl only
+    tolerance: float | None = None  # a fidelity router's default tolerance (nats/token)
 
 
 def resolve_static(value: str | None, candidates: list[Candidate]) -> Candidate:
@@ -166,7 +167,8 @@ def write_bundle(
         candidates=candidates,
         static=static,
         router=RouterInfo(backbone=rcfg.backbone, max_length=rcfg.max_length,
-                          outputs=list(rcfg.outputs), pooling=rcfg.pooling, target=rcfg.target),
+                          outputs=list(rcfg.outputs), pooling=rcfg.pooling, target=rcfg.target,
+                          tolerance=settings.tolerance),
     )
     manifest.validate(str(candidates_path))  # indices in range before any work
     try:
@@ -266,6 +268,10 @@ def _lengths(ctx, param, value: str) -> tuple[int, ...]:
 @click.option("--max-kl", type=float, default=None,
               help="Accept a lossier MLX model: gate only on mean KL(torch||mlx) <= this "
                    "(nats) instead of the dtype's built-in bounds.")
+@click.option("--tolerance", type=float, default=None,
+              help="A fidelity router's default tolerance (predicted KL to dense, nats/token) "
+                   "for generate, chat, eval and the rest [default: none; they then need "
+                   "--tolerance].")
 @click.option("--coreml/--no-coreml", default=True, show_default=True,
               help="Also export and check router.mlpackage.")
 @click.option("--coreml-precision", type=click.Choice(["float16", "float32"]),
@@ -273,12 +279,12 @@ def _lengths(ctx, param, value: str) -> tuple[int, ...]:
 @click.option("--coreml-lengths", default="", callback=_lengths,
               help="Extra enumerated router input lengths besides max_length, e.g. 32,64.")
 def convert(source, candidates_path, router_dir, out, dtype, quantize, q_bits, q_group_size,
-            static, max_kl, coreml, coreml_precision, coreml_lengths):
+            static, max_kl, tolerance, coreml, coreml_precision, coreml_lengths):
     """Turn an HF checkpoint, candidates.json and a trained router into a PuDDing bundle."""
     settings = ConvertSettings(
         mlx=MLXSettings(dtype, quantize, int(q_bits), q_group_size),
         static=static, coreml=coreml, coreml_precision=coreml_precision,
-        coreml_lengths=coreml_lengths, max_kl=max_kl,
+        coreml_lengths=coreml_lengths, max_kl=max_kl, tolerance=tolerance,
     )
     m = write_bundle(source, candidates_path, router_dir, out, settings)
     for r in m.extra["parity"]["results"]:
