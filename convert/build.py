@@ -10,8 +10,14 @@ Work folder:
     search/candidates.json    `pudding search`
     labels/                   `pudding label`
     router/                   `pudding train-router` (router/, metrics.json)
-    steps/<step>.json         {"inputs", "state", "output", "seconds"}
+    steps/<step>.json         {"inputs", "state", "output", "seconds", "cpu_seconds"}
 The bundle itself goes to --out (`pudding convert`).
+
+The quality build (a profile with target "fidelity") runs `pudding search --losses fidelity`
+into search/fidelity.json, then a "candidates" step writes search/candidates.json: the search's
+first phases at each of `sizes` (nested sets), dense and the sets of `task_candidates`; labels
+are KL to dense on the train prompts, the router predicts them, and convert writes the default
+tolerance `router_metrics.default_tolerance` picks from the router's held-out metrics.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from pudding_mlx.files import read_json, write_json
 from .profiles import PROFILES, Profile, make_profile
 
 STEPS = ("search", "labels", "router", "convert")
+QUALITY_STEPS = ("search", "candidates", "labels", "router", "convert")
 
 
 @dataclass
@@ -136,9 +143,48 @@ def _invoke(command: click.Command, args: list) -> None:
 
 def candidates_fingerprint(path: Path) -> str:
     """The candidate sets only (names and blocks): timings in the file do not matter below."""
-    doc = json.loads(path.read_text())
-    sets = [(c["name"], sorted(c["skip"])) for c in doc["candidates"]]
+    from pudding_mlx.bundle import read_candidates
+
+    sets = [(c.name, sorted(c.skip)) for c in read_candidates(path)[0]]
     return hashlib.sha256(json.dumps(sets).encode()).hexdigest()
+
+
+def trajectory_fingerprint(path: Path) -> str:
+    """A search run by the order its blocks were removed in (what its smaller k depend on)."""
+    doc = json.loads(path.read_text())
+    if not doc.get("complete"):
+        raise PuddingError(f"{path}: the search did not finish")
+    order = [[p["block"] for p in c["trajectory"]] for c in doc["candidates"]]
+    return hashlib.sha256(json.dumps(order).encode()).hexdigest()
+
+
+def prompts_identity(prompts: str) -> dict:
+    """The chat prompts file (or the packaged set) by content."""
+    from pudding_mlx.chat_prompts import PACKAGED
+
+    return {"files": content_identity(Path(prompts) if prompts else PACKAGED)}
+
+
+def quality_candidates(search_run: Path, sizes: Iterable[int], task_candidates: str,
+                       out: Path) -> None:
+    """candidates.json of a quality build: the fidelity run's first phases at each size
+    (nested), dense, then the task candidates' sets."""
+    from pudding_mlx.bundle import read_candidates
+
+    from .search import first_phases
+
+    doc = json.loads(search_run.read_text())
+    cands = [c for n in sizes for c in first_phases(doc, n)["candidates"]]
+    cands.append({"name": "dense", "skip": []})
+    if task_candidates:
+        tasks_doc = json.loads(Path(task_candidates).read_text())
+        if isinstance(tasks_doc, dict) and tasks_doc.get("complete") is False:
+            raise PuddingError(f"{task_candidates}: its search has not finished")
+        cands += [{"name": c.name, "skip": c.skip} for c in read_candidates(task_candidates)[0]]
+    names = [c["name"] for c in cands]
+    if len(set(names)) != len(names):
+        raise PuddingError(f"{task_candidates}: its candidate names clash with {names}")
+    write_json(out, {"settings": doc["settings"], "candidates": cands})
 
 
 def make_steps(model: str, out: Path, work: Path, p: Profile, data_dir: str | None,
@@ -155,6 +201,28 @@ def make_steps(model: str, out: Path, work: Path, p: Profile, data_dir: str | No
     data_args = ["--data-dir", data_dir] if data_dir else []
     tasks, losses = ",".join(p.tasks), ",".join(p.losses)
     common = {"model": source_identity(model), "device": p.device}
+    quality = p.target == "fidelity"
+    fidelity_run = work / "search" / "fidelity.json"
+    prompt_args = ["--prompts", p.prompts] if p.prompts else []
+    if quality:
+        common["prompts"] = prompts_identity(p.prompts)
+
+    def fidelity_search_step() -> Step:
+        inputs = {**common, "losses": ["fidelity"], "k": p.k, "samples": p.samples,
+                  "seed": p.search_seed, "max_tokens": p.max_tokens, "dtype": p.torch_dtype}
+        args = ["--model", model, "--losses", "fidelity", "--k", p.k, "--samples", p.samples,
+                "--seed", p.search_seed, "--max-tokens", p.max_tokens, "--device", p.device,
+                "--dtype", p.torch_dtype, "--out", fidelity_run, *prompt_args]
+        return Step("search", inputs, fidelity_run, lambda: _invoke(search, args),
+                    lambda: trajectory_fingerprint(fidelity_run))
+
+    def candidates_step() -> Step:
+        tasks_file = p.task_candidates
+        inputs = {"search": previous("search"), "sizes": p.sizes, "task_candidates":
+                  candidates_fingerprint(Path(tasks_file)) if tasks_file else None}
+        return Step("candidates", inputs, candidates,
+                    lambda: quality_candidates(fidelity_run, p.sizes, tasks_file, candidates),
+                    lambda: candidates_fingerprint(candidates))
 
     def search_step() -> Step:
         inputs = {**common, "data": data_identity(data_dir, p.tasks), "tasks": p.tasks,
@@ -181,6 +249,17 @@ def make_steps(model: str, out: Path, work: Path, p: Profile, data_dir: str | No
         return Step("labels", inputs, labels_dir, lambda: _invoke(label, args),
                     lambda: hash_files(labels_dir.glob("*.parquet"), labels_dir))
 
+    def fidelity_labels_step() -> Step:
+        inputs = {**common, "candidates": previous("candidates"), "max_tokens": p.max_tokens,
+                  "limit": p.label_limit, "seed": p.label_seed, "dtype": p.torch_dtype}
+        limit = ["--limit", p.label_limit] if p.label_limit else []
+        args = ["--candidates", candidates, "--out", labels_dir, "--target", "fidelity",
+                "--model", model, "--split", "train", "--max-tokens", p.max_tokens, *limit,
+                "--seed", p.label_seed, "--dtype", p.torch_dtype, "--device", p.device,
+                *prompt_args]
+        return Step("labels", inputs, labels_dir, lambda: _invoke(label, args),
+                    lambda: hash_files(labels_dir.glob("*.parquet"), labels_dir))
+
     def router_step() -> Step:
         from .assets import minilm_path
 
@@ -193,20 +272,34 @@ def make_steps(model: str, out: Path, work: Path, p: Profile, data_dir: str | No
                 "--max-length", p.router_max_length, "--epochs", p.epochs,
                 "--batch-size", p.batch_size, "--lr", p.lr, "--warmup-steps", p.warmup_steps,
                 "--device", p.device]
+        if quality:
+            inputs["target"] = "fidelity"
+            args += ["--target", "fidelity"]
         weights = router_out / "router"
         return Step("router", inputs, router_out, lambda: _invoke(train_router, args),
                     lambda: hash_files((f for f in weights.rglob("*") if f.is_file()),
                                        weights))
 
     def convert_step() -> Step:
-        inputs = {"model": common["model"], "candidates": previous("search"),
+        inputs = {"model": common["model"],
+                  "candidates": previous("candidates" if quality else "search"),
                   "router": previous("router"), "dtype": p.dtype, "coreml": p.coreml}
         args = ["--model", model, "--candidates", candidates, "--router", router_out / "router",
                 "--out", out, "--dtype", p.dtype, "--coreml" if p.coreml else "--no-coreml"]
+        if quality:
+            from .router_metrics import default_tolerance
+
+            metrics = read_json(router_out / "metrics.json")
+            tolerance = default_tolerance(metrics, p.kl_target)
+            inputs.update(kl_target=p.kl_target, tolerance=tolerance)
+            args += ["--tolerance", tolerance]
         manifest = out / "pudding.json"
         return Step("convert", inputs, manifest, lambda: _invoke(convert, args),
                     lambda: hash_files([manifest], out), keep_stale=True)
 
+    if quality:
+        return [fidelity_search_step, candidates_step, fidelity_labels_step, router_step,
+                convert_step]
     return [search_step, labels_step, router_step, convert_step]
 
 
@@ -237,6 +330,13 @@ def _tasks(ctx, param, value):
     return [t.strip() for t in value.split(",") if t.strip()] or None
 
 
+def _ints(ctx, param, value):
+    try:
+        return None if value is None else [int(v) for v in _tasks(ctx, param, value) or []]
+    except ValueError:
+        raise click.BadParameter("comma-separated integers, e.g. 2,4,6,8") from None
+
+
 @click.command("build")
 @click.option("--model", default=None,
               help="HF hub id, HF folder or GGUF file [default: SmolLM2-135M-Instruct GGUF].")
@@ -245,7 +345,9 @@ def _tasks(ctx, param, value):
 @click.option("--work", required=True, type=click.Path(file_okay=False),
               help="Folder for the steps' outputs (kept, reused by reruns).")
 @click.option("--profile", "profile_name", type=click.Choice(list(PROFILES)), default="quick",
-              show_default=True, help="quick: a small demo build; paper: the paper's settings.")
+              show_default=True, help="quick: a small demo build; paper: the paper's settings; "
+              "quality: a fidelity router over nested chat sets and dense, with a default "
+              "tolerance.")
 @click.option("--tasks", callback=_tasks, help="Comma-separated calibration/label tasks.")
 @click.option("--losses", callback=_tasks, help="Search losses: likelihood,margin.")
 @click.option("-k", "--k", "k", type=int, help="Blocks skipped per candidate set.")
@@ -268,18 +370,38 @@ def _tasks(ctx, param, value):
 @click.option("--coreml/--no-coreml", default=None, help="Export router.mlpackage.")
 @click.option("--data-dir", type=click.Path(file_okay=False),
               help="Folder laid out like <task>/<split>.arrow [default: the packaged data].")
-def build(model, out, work, profile_name, data_dir, max_examples_per_task, **overrides):
+@click.option("--sizes", callback=_ints,
+              help="quality: comma-separated candidate sizes cut from the k search [2,4,6,8].")
+@click.option("--prompts", type=click.Path(exists=True, dir_okay=False),
+              help="quality: chat prompts JSONL (train rows are used) [default: packaged].")
+@click.option("--max-tokens", type=int, help="quality: dense continuation length [64].")
+@click.option("--label-limit", type=int, help="quality: train prompts labelled (0: all).")
+@click.option("--kl-target", type=float,
+              help="quality: the default tolerance is the largest whose held-out routed mean "
+                   "KL to dense is at most this (nats/token) [0.25].")
+@click.option("--task-candidates", type=click.Path(exists=True, dir_okay=False),
+              help="quality: a candidates file (e.g. a paper build's) whose sets join the "
+                   "bundle.")
+@click.option("--threads", type=int,
+              help="Torch CPU threads [default: torch's]; 1 is fastest on a busy machine.")
+def build(model, out, work, profile_name, data_dir, max_examples_per_task, threads,
+          **overrides):
     """Search, label, train the router and convert: a bundle from a checkpoint in one command.
 
     Each step's output stays in --work; a rerun reuses the steps whose inputs did not change
     and continues an interrupted one."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     profile = make_profile(profile_name, max_examples_per_task=max_examples_per_task,
                            **overrides)
     click.echo(f"profile {profile_name}: " + ", ".join(
-        f"{k}={','.join(v) if isinstance(v, tuple) else v}" for k, v in asdict(profile).items()))
+        f"{k}={','.join(map(str, v)) if isinstance(v, tuple) else v}"
+        for k, v in asdict(profile).items()))
     start = time.perf_counter()
     results = run_build(model, out, work, profile, data_dir)
-    click.echo("step       time")
+    click.echo("step        time")
     for r in results:
-        click.echo(f"{r.name:<10} {'reused' if r.reused else f'{r.seconds:.1f} s'}")
+        click.echo(f"{r.name:<11} {'reused' if r.reused else f'{r.seconds:.1f} s'}")
     click.echo(f"bundle {out} ({time.perf_counter() - start:.1f} s in all)")

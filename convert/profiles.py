@@ -1,4 +1,5 @@
-"""The settings of a whole `pudding build`: the quick demo profile and the paper's profile."""
+"""The settings of a whole `pudding build`: the quick demo profile, the paper's profile and the
+quality profile (a fidelity router over nested chat candidates and dense)."""
 
 from __future__ import annotations
 
@@ -35,6 +36,16 @@ class Profile:
     warmup_steps: int = 500
     dtype: str = DEFAULT_DTYPE  # MLX weights in the bundle
     coreml: bool = True  # export router.mlpackage
+    # target "fidelity" (the quality build): a fidelity search to k on chat prompts, its first
+    # `sizes` phases as nested candidates, dense and the `task_candidates` file's sets, labelled
+    # by KL to dense on the train prompts; the bundle's default tolerance follows `kl_target`.
+    target: str = "likelihood"
+    sizes: tuple[int, ...] = ()
+    prompts: str = ""  # chat prompts file; "": the packaged set
+    max_tokens: int = 64  # dense continuation length (search and labels)
+    label_limit: int | None = None  # train prompts labelled (None: all)
+    kl_target: float = 0.25  # nats/token; see router_metrics.default_tolerance
+    task_candidates: str = ""  # a candidates file whose sets join the bundle ("": none)
 
 
 PROFILES = {
@@ -60,12 +71,31 @@ PROFILES = {
         warmup_steps=10,
         coreml=False,
     ),
+    # Quality-aware routing (issue 12): nested sets of 2, 4, 6 and 8 blocks from one greedy
+    # fidelity search on 128 train prompts, plus dense; labels on all 185 packaged train
+    # prompts in float32 (bf16 changed dense's continuation, see fidelity-labels-check); the
+    # router sees ~150 prompts, so more epochs, a larger step and a short warm-up than the
+    # paper's 500 steps. kl_target 0.25 nats/token: skipping SmolLM2's cheapest single block
+    # already costs 0.27 (issue 12), so this keeps the default near one block's damage.
+    "quality": Profile(
+        target="fidelity",
+        tasks=(),
+        losses=("fidelity",),
+        k=8,
+        sizes=(2, 4, 6, 8),
+        samples=128,
+        torch_dtype="float32",
+        epochs=20,
+        batch_size=16,
+        lr=5e-5,
+        warmup_steps=20,
+    ),
 }
 
 
 def make_profile(name: str, **overrides) -> Profile:
     """A named profile with the non-None overrides applied (tuple fields take lists too;
-    max_examples_per_task=0 means all)."""
+    max_examples_per_task=0 and label_limit=0 mean all)."""
     if name not in PROFILES:
         raise PuddingError(f"--profile: unknown {name!r}; expected {', '.join(PROFILES)}")
     known = {f.name for f in fields(Profile)}
@@ -73,6 +103,11 @@ def make_profile(name: str, **overrides) -> Profile:
         raise PuddingError(f"unknown profile settings {bad}")
     changes = {k: tuple(v) if isinstance(v, list) else v
                for k, v in overrides.items() if v is not None}
-    if changes.get("max_examples_per_task") == 0:
-        changes["max_examples_per_task"] = None
-    return replace(PROFILES[name], **changes)
+    for key in ("max_examples_per_task", "label_limit"):
+        if changes.get(key) == 0:
+            changes[key] = None
+    profile = replace(PROFILES[name], **changes)
+    if profile.target == "fidelity" and not all(1 <= n <= profile.k for n in profile.sizes):
+        raise PuddingError(f"--sizes {list(profile.sizes)}: each must be between 1 and -k "
+                           f"{profile.k}")
+    return profile
