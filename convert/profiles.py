@@ -48,6 +48,11 @@ class Profile:
     task_candidates: str = ""  # a candidates file whose sets join the bundle ("": none)
 
 
+# settings that only one kind of build reads
+LIKELIHOOD_ONLY = ("tasks", "losses", "max_examples_per_task", "label_tasks", "label_limits")
+FIDELITY_ONLY = ("sizes", "prompts", "max_tokens", "label_limit", "kl_target",
+                 "task_candidates")
+
 PROFILES = {
     # The paper (PuDDing, ICML 2025): 5 tasks x 2 losses, 128 calibration samples, 10 epochs of
     # MSE at lr 1e-5, batch 32. Labels: every train question of ARC-C, ARC-E and OpenBookQA
@@ -107,6 +112,10 @@ def make_profile(name: str, **overrides) -> Profile:
         if changes.get(key) == 0:
             changes[key] = None
     profile = replace(PROFILES[name], **changes)
+    wrong = LIKELIHOOD_ONLY if profile.target == "fidelity" else FIDELITY_ONLY
+    if given := [k for k in wrong if k in changes]:
+        raise PuddingError(f"{', '.join(given)}: not a setting of the {name} profile "
+                           f"(target {profile.target})")
     if profile.target == "fidelity" and not all(1 <= n <= profile.k for n in profile.sizes):
         raise PuddingError(f"--sizes {list(profile.sizes)}: each must be between 1 and -k "
                            f"{profile.k}")

@@ -18,6 +18,7 @@ from test_build import tiny_backbone
 
 import pudding_mlx
 from convert.build import quality_candidates
+from convert.profiles import PROFILES, make_profile
 from convert.router_metrics import default_tolerance
 from convert.router_model import Router
 from pudding_mlx.cli import cli
@@ -131,6 +132,19 @@ def test_quality_build_routes_with_the_tolerance_its_metrics_choose(setup, first
         # any set is within an infinite tolerance: the only 4-block set
         assert pm.route(prompt, tolerance=math.inf).name == "chat-fidelity-k4"
     assert len(chosen) >= 2  # the check sees different choices
+
+
+def test_quality_profile_settings():
+    q = make_profile("quality", sizes=[3], label_limit=0)
+    assert (q.target, q.k, q.sizes, q.label_limit, q.torch_dtype) == (
+        "fidelity", 8, (3,), None, "float32")
+    assert PROFILES["quality"].sizes == (2, 4, 6, 8)
+    with pytest.raises(PuddingError, match="between 1 and"):
+        make_profile("quality", sizes=[2, 9])
+    with pytest.raises(PuddingError, match="tasks: not a setting"):
+        make_profile("quality", tasks=["piqa"])
+    with pytest.raises(PuddingError, match="kl_target: not a setting"):
+        make_profile("quick", kl_target=0.1)
 
 
 def test_default_tolerance_by_hand():
