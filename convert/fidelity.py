@@ -11,7 +11,7 @@ skipped and `scoring.kl_to_reference` compares its log-probs with dense's.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from pudding_mlx.chat_prompts import ChatPrompt, encode_chat
 from pudding_mlx.errors import PuddingError
@@ -56,15 +56,24 @@ def greedy_continuation(model, ids: Sequence[int], max_tokens: int, eos: set[int
 
 
 def chat_requests(model, tokenizer, prompts: Sequence[ChatPrompt], max_tokens: int,
-                  system_prompt: str | None = None, bar=None) -> list[TokenRequest]:
-    """(prompt ids, dense continuation) per prompt; `bar` (tqdm) advances per prompt."""
+                  system_prompt: str | None = None, bar=None,
+                  known: dict[str, list[int]] | None = None,
+                  on_new: Callable[[str, list[int]], None] | None = None) -> list[TokenRequest]:
+    """(prompt ids, dense continuation) per prompt; `bar` (tqdm) advances per prompt.
+    Continuations in `known` (by prompt id) are reused; `on_new` sees each one generated."""
     if max_tokens < 1:
         raise PuddingError(f"--max-tokens {max_tokens}: need at least one token")
     eos = eos_token_ids(model, tokenizer)
+    known = known or {}
     out = []
     for p in prompts:
         ids = encode_chat(tokenizer, p.text, True, system_prompt)
-        out.append((ids, greedy_continuation(model, ids, max_tokens, eos)))
+        continuation = known.get(p.id)
+        if continuation is None:
+            continuation = greedy_continuation(model, ids, max_tokens, eos)
+            if on_new is not None:
+                on_new(p.id, continuation)
+        out.append((ids, continuation))
         if bar is not None:
             bar.update(1)
     return out

@@ -118,10 +118,12 @@ def tokenize_examples(tokenizer, examples: Sequence[Example]) -> list[TokenExamp
 
 
 def chat_examples(model, tokenizer, prompts: Sequence[ChatPrompt], max_tokens: int,
-                  dist: Dist | None = None, progress: bool = False) -> list[TokenExample]:
+                  dist: Dist | None = None, progress: bool = False,
+                  known: dict[str, list[int]] | None = None,
+                  on_new: Callable[[str, list[int]], None] | None = None) -> list[TokenExample]:
     """One example per prompt: the request (chat ids, dense's greedy continuation). Each rank
     generates the continuations of the prompts it will score (SetScorer's shard) and the
-    ranks exchange them."""
+    ranks exchange them; `known` and `on_new` as in `fidelity.chat_requests`."""
     from tqdm.auto import tqdm
 
     from .fidelity import chat_requests
@@ -130,11 +132,14 @@ def chat_examples(model, tokenizer, prompts: Sequence[ChatPrompt], max_tokens: i
     ids = list(range(dist.rank, len(prompts), dist.world))
     with tqdm(total=len(ids), desc="dense continuations", unit="prompt",
               disable=not progress or dist.rank != 0) as bar:
-        mine = chat_requests(model, tokenizer, [prompts[i] for i in ids], max_tokens, bar=bar)
+        mine = chat_requests(model, tokenizer, [prompts[i] for i in ids], max_tokens, bar=bar,
+                             known=known, on_new=on_new)
     out: list = [None] * len(prompts)
     for part_ids, part in dist.gather((ids, mine)):
         for i, request in zip(part_ids, part, strict=True):
             out[i] = TokenExample([request], 0)
+            if known is not None:  # the other ranks' too, written with the next phase
+                known[prompts[i].id] = request[1]
     return out
 
 
@@ -329,7 +334,8 @@ def run_search(model, tokenizer, examples: dict[str, list[Example]], settings: d
         if not chat:
             raise PuddingError("the fidelity loss needs chat prompts")
         groups.append((CHAT, ["fidelity"], lambda: chat_examples(
-            model, tokenizer, chat, max_tokens, dist, progress), True))
+            model, tokenizer, chat, max_tokens, dist, progress, doc["continuations"],
+            keep_continuation), True))
     doc = None
     if dist.rank == 0 and Path(out).exists() and not restart:
         doc = read_run(out, settings)
@@ -341,6 +347,14 @@ def run_search(model, tokenizer, examples: dict[str, list[Example]], settings: d
         doc = {"settings": settings, "complete": False, "candidates": [],
                "calibration": calibration, "setup_seconds": {}}
     done = {c["name"]: GreedyRun.from_json(c, str(out)) for c in doc["candidates"]}
+    # dense's continuations are kept in `out` as they are made: a resumed search (every new
+    # session of a long one) does not decode them again
+    doc.setdefault("continuations", {})
+
+    def keep_continuation(prompt_id: str, tokens: list[int]) -> None:
+        doc["continuations"][prompt_id] = tokens
+        if dist.rank == 0:
+            write_json(out, doc)
 
     def save(run: GreedyRun) -> None:
         done[run.name] = run

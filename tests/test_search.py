@@ -396,12 +396,25 @@ def test_fidelity_search_cli_from_run_and_resume(tiny, tmp_path, monkeypatch, ca
     assert cut["settings"] == small["settings"]
     assert [c["skip"] for c in cut["candidates"]] == [c["skip"] for c in small["candidates"]]
     assert phases(cut) == phases(small)
-    # killed after one phase, then resumed: the same trajectory
+    # killed after one phase, then resumed: the same trajectory, dense not decoded again
+    from convert import fidelity
+
+    decoded, decode = [], fidelity.greedy_continuation
+    monkeypatch.setattr(fidelity, "greedy_continuation",
+                        lambda *a, **kw: decoded.append(1) or decode(*a, **kw))
+    assert len(big["continuations"]) == 4
     doc = {**big, "complete": False}
     doc["candidates"] = [{**big["candidates"][0], "trajectory": big["candidates"][0][
         "trajectory"][:1]}]
     (tmp_path / "part.json").write_text(json.dumps(doc))
     assert phases(run("-k", "3", "--out", str(tmp_path / "part.json"))) == phases(big)
+    assert decoded == []
+    # killed while decoding: the two continuations kept are not decoded again
+    doc = {**big, "complete": False, "candidates": [],
+           "continuations": dict(list(big["continuations"].items())[:2])}
+    (tmp_path / "early.json").write_text(json.dumps(doc))
+    assert phases(run("-k", "3", "--out", str(tmp_path / "early.json"))) == phases(big)
+    assert len(decoded) == 2
     code, _, err = run_cli([*base, "--max-tokens", "3", "-k", "3",
                             "--out", str(tmp_path / "k3.json")], monkeypatch, capsys)
     assert code != 0 and "other settings (chat)" in err
