@@ -26,6 +26,33 @@ PROMPTS = (
 )
 
 
+def sliding_window(config) -> int | None:
+    """The window of a model whose `config.layer_types` has sliding-window blocks (Gemma 3)."""
+    if "sliding_attention" in (getattr(config, "layer_types", None) or ()):
+        return config.sliding_window
+    return None
+
+
+def long_prompt(tokenizer, tokens: int) -> str:
+    """The packaged chat prompts joined, in file order, into a text of at least `tokens`
+    tokens: the parity gate's prompt longer than a sliding window, so the windowed masks (and
+    the rotating caches' wrap-around) are compared too."""
+    from pudding_mlx.chat_prompts import read_prompts
+
+    parts: list[str] = []
+    for p in read_prompts():
+        parts.append(p.text)
+        if len(tokenizer.encode("\n\n".join(parts))) >= tokens:
+            return "\n\n".join(parts)
+    raise PuddingError(f"the packaged prompts are shorter than {tokens} tokens")
+
+
+def parity_prompts(torch_model, tokenizer) -> tuple[str, ...]:
+    """PROMPTS, plus one 64 tokens longer than the model's sliding window if it has one."""
+    window = sliding_window(torch_model.config)
+    return PROMPTS if window is None else (*PROMPTS, long_prompt(tokenizer, window + 64))
+
+
 @dataclass
 class MLXSettings:
     dtype: str = "float16"

@@ -260,18 +260,24 @@ def run_cli(args, monkeypatch, capsys, stdin: bytes | None = None):
 
 def torch_logits(model, ids, skip=()):
     """Logits of one plain HF torch forward (no cache) with the blocks in `skip` removed from
-    the model's layer list: [T, V] for one sequence of token ids, [B, T, V] for a [B, T] batch."""
+    the model's layer list (and from `config.layer_types`, by which Gemma 3 picks each block's
+    mask and RoPE): [T, V] for one sequence of token ids, [B, T, V] for a [B, T] batch."""
     import torch
 
     ids = torch.as_tensor(ids)
     batch = ids if ids.dim() == 2 else ids[None]
-    layers = model.model.layers
+    layers, config = model.model.layers, model.model.config
+    types = getattr(config, "layer_types", None)
     model.model.layers = torch.nn.ModuleList(b for i, b in enumerate(layers) if i not in skip)
+    if types is not None:
+        config.layer_types = [t for i, t in enumerate(types) if i not in skip]
     try:
         with torch.no_grad():
             logits = model(batch, use_cache=False).logits
     finally:
         model.model.layers = layers
+        if types is not None:
+            config.layer_types = types
     return logits if ids.dim() == 2 else logits[0]
 
 

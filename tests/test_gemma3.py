@@ -203,6 +203,7 @@ def test_convert_and_load_a_gemma3_bundle(pair, ids, tmp_path):
     full-attention block, no block is protected, and routed logits are torch's."""
     import pudding_mlx
     from convert.to_bundle import ConvertSettings, MLXSettings, write_bundle
+    from convert.to_mlx import PROMPTS, parity_prompts
 
     hf, tok, _ = pair
     hf.save_pretrained(tmp_path / "hf")
@@ -213,6 +214,10 @@ def test_convert_and_load_a_gemma3_bundle(pair, ids, tmp_path):
                      out, ConvertSettings(MLXSettings("float32"), coreml=False))
     assert m.protected == []
     results = m.extra["parity"]["results"]
+    # The gate adds a prompt longer than the window to the four short ones.
+    prompts = parity_prompts(hf, tok)
+    assert len(prompts) == 5 and len(tok.encode(prompts[-1])) >= WINDOW + 64
+    assert parity_prompts(tiny_llama(tmp_path / "llama")[0], tok) == PROMPTS
     assert [r["skip"] for r in results] == [[], [2]]
     assert all(r["max_abs_logprob"] <= 1e-3 for r in results)
     pm = pudding_mlx.load(out, router_backend="mlx")
