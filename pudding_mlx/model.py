@@ -89,6 +89,11 @@ class PuddingModel:
         return Route(index, c.name, sorted(c.skip), scores, seconds, enc.truncated[0])
 
     @property
+    def has_chat_template(self) -> bool:
+        """False for a base model's tokenizer: prompts are then fed as plain text."""
+        return bool(getattr(self.tokenizer, "has_chat_template", False))
+
+    @property
     def candidates(self) -> list[Candidate]:
         """Candidate sets in the order of the router's outputs."""
         return self.manifest.ordered_candidates()
@@ -105,10 +110,11 @@ class PuddingModel:
 
     def encode(self, prompt: str, chat_template: bool = True,
                system_prompt: str | None = None) -> list[int]:
-        """Prompt token ids, with the chat template applied like mlx_lm.generate does."""
+        """Prompt token ids, with the chat template applied like mlx_lm.generate does; without
+        one (a base model) the plain text, as `mlx_lm.generate --ignore-chat-template` would."""
         tok, prompt = self.tokenizer, clean_text(prompt)
         system_prompt = clean_text(system_prompt) if system_prompt else system_prompt
-        if chat_template and getattr(tok, "has_chat_template", False):
+        if chat_template and self.has_chat_template:
             messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
             messages.append({"role": "user", "content": prompt})
             text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
