@@ -261,3 +261,24 @@ def test_rope_bases_come_from_rope_parameters(ids, tmp_path):
         assert np.abs(out - reference(hf, ids, skip)).max() <= 1e-3
     unfixed, _ = lm_load(str(tmp_path))
     assert np.abs(np.array(unfixed(mx.array([ids])))[0] - reference(hf, ids, [])).max() > 1e-2
+
+
+def test_parity_gate_follows_mlx_lm_s_rounded_embedding_scale(ids, tmp_path):
+    """Hidden size 40: mlx-lm scales the embeddings by sqrt(40) rounded to bf16 (6.3125, not
+    6.3246). The gate's torch reference rounds it the same way (and says so), and passes the
+    float32 bounds; the unrounded reference would fail them, and the model is left as it was."""
+    from convert.to_mlx import check_parity, embed_scale_as_mlx_lm, torch_logits
+
+    hf, tok = tiny_gemma3(tmp_path, window=WINDOW, hidden=40)
+    model, mlx_tok, _ = load_lm(tmp_path)
+    report = check_parity(hf, tok, model, mlx_tok, [[], [2], [0, 4]], "float32")
+    assert report.passed, report.failures
+    assert report.reference == ("HF torch float32, embedding scale rounded to bfloat16 as "
+                                "mlx-lm does (6.32456 -> 6.3125)")
+    for skip in ([], [2]):
+        with embed_scale_as_mlx_lm(hf):
+            rounded = torch_logits(hf, ids, skip)
+        plain = torch_logits(hf, ids, skip)
+        out = np.array(skip_view(model, skip)(mx.array([ids])))[0]
+        assert np.abs(out - rounded).max() <= 1e-3 < np.abs(out - plain).max()
+    assert float(hf.model.embed_tokens.embed_scale) == pytest.approx(40**0.5)

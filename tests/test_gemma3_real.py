@@ -26,7 +26,7 @@ pytestmark = [
 ]
 
 GLOBAL = [5, 11, 17]
-SKIPS = [[], [5], [0, 7], [3, 11, 14, 17], [1, 2, 5, 9, 13, 16]]
+SKIPS = [[], [5], [0, 7], [1, 2, 5, 9, 13, 16]]
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +53,8 @@ def test_layout(real):
 
 def test_parity_gate_dense_and_skipped(real):
     """The gate's float32 bounds hold for every set, over the four short prompts and one of
-    576 tokens (the windowed masks and rotating caches matter there)."""
+    576 tokens (the windowed masks and rotating caches matter there), against torch with the
+    embedding scale rounded to bf16 as mlx-lm does it."""
     from convert.to_mlx import check_parity, parity_prompts
 
     _, torch_model, tok, mlx_model, mlx_tok = real
@@ -63,6 +64,21 @@ def test_parity_gate_dense_and_skipped(real):
     print(json.dumps(report.to_dict(), indent=1))
     assert report.passed, report.failures
     assert [r.skip for r in report.results] == SKIPS
+    assert "25.2982 -> 25.25" in report.reference
+
+
+def test_unrounded_reference_differs(real):
+    """What the rounding alone does: against HF's float32 scale (25.298), MLX's dense logits
+    on the long prompt are outside the float32 bounds (measured: max |dlogprob| 0.2, mean KL
+    7e-6, the same top-1 token at every confident position)."""
+    from convert.to_mlx import TOLERANCES, compare_logits, long_prompt, mlx_logits, torch_logits
+
+    _, torch_model, tok, mlx_model, _ = real
+    ids = tok.encode(long_prompt(tok, 576))
+    r = compare_logits([], torch_logits(torch_model, ids, []), mlx_logits(mlx_model, ids, []))
+    print(r)
+    assert r.max_abs_logprob > TOLERANCES["float32"].max_abs_logprob
+    assert r.top1_confident == 1.0
 
 
 def test_skipped_sets_differ_from_dense(real):
