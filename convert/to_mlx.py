@@ -7,6 +7,7 @@ files) are first saved as a plain HF folder from the dequantised torch model.
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -24,6 +25,33 @@ PROMPTS = (
     "The capital of France is Paris. The capital of Italy is",
     "Hi! How was your weekend? Mine was great, we went hiking in the mountains and",
 )
+
+
+def sliding_window(config) -> int | None:
+    """The window of a model whose `config.layer_types` has sliding-window blocks (Gemma 3)."""
+    if "sliding_attention" in (getattr(config, "layer_types", None) or ()):
+        return config.sliding_window
+    return None
+
+
+def long_prompt(tokenizer, tokens: int) -> str:
+    """The packaged chat prompts joined, in file order, into a text of at least `tokens`
+    tokens: the parity gate's prompt longer than a sliding window, so the windowed masks (and
+    the rotating caches' wrap-around) are compared too."""
+    from pudding_mlx.chat_prompts import read_prompts
+
+    parts: list[str] = []
+    for p in read_prompts():
+        parts.append(p.text)
+        if len(tokenizer.encode("\n\n".join(parts))) >= tokens:
+            return "\n\n".join(parts)
+    raise PuddingError(f"the packaged prompts are shorter than {tokens} tokens")
+
+
+def parity_prompts(torch_model, tokenizer) -> tuple[str, ...]:
+    """PROMPTS, plus one 64 tokens longer than the model's sliding window if it has one."""
+    window = sliding_window(torch_model.config)
+    return PROMPTS if window is None else (*PROMPTS, long_prompt(tokenizer, window + 64))
 
 
 @dataclass
@@ -106,6 +134,7 @@ class ParityReport:
     tolerance: Tolerance
     results: list[ParityResult] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
+    reference: str = "HF torch float32"
 
     @property
     def passed(self) -> bool:
@@ -113,7 +142,8 @@ class ParityReport:
 
     def to_dict(self) -> dict:
         return {"kind": self.kind, "passed": self.passed, "tolerance": asdict(self.tolerance),
-                "results": [asdict(r) for r in self.results], "failures": self.failures}
+                "reference": self.reference, "results": [asdict(r) for r in self.results],
+                "failures": self.failures}
 
 
 def needs_hf_folder(source: str | Path) -> bool:
@@ -202,6 +232,29 @@ def compare_logits(skip: list[int], ref: np.ndarray, got: np.ndarray) -> ParityR
     )
 
 
+@contextmanager
+def embed_scale_as_mlx_lm(torch_model):
+    """Gemma 3 scales its embeddings by sqrt(hidden_size); mlx-lm always rounds that factor to
+    bfloat16 (as Gemma's own code does in bf16), HF torch in float32 does not (270M: 25.25 vs
+    25.298). Within this context the torch model rounds it too, so that the parity gate
+    measures the conversion rather than this choice of mlx-lm's. Yields what it did, or None."""
+    import torch
+
+    embed = getattr(getattr(torch_model, "model", None), "embed_tokens", None)
+    scale = getattr(embed, "embed_scale", None)
+    if torch_model.config.model_type != "gemma3_text" or not isinstance(scale, torch.Tensor):
+        yield None
+        return
+    saved = scale.clone()
+    rounded = scale.to(torch.bfloat16).to(scale.dtype)
+    scale.copy_(rounded)
+    try:
+        yield (f"embedding scale rounded to bfloat16 as mlx-lm does ({saved.item():.6g} -> "
+               f"{rounded.item():.6g})" if rounded != saved else None)
+    finally:
+        scale.copy_(saved)
+
+
 def torch_logits(model, ids: list[int], skip: list[int]) -> np.ndarray:
     import torch
 
@@ -238,7 +291,10 @@ def check_parity(
     if [list(mlx_tokenizer.encode(p)) for p in prompts] != encoded:
         report.failures.append("the MLX tokenizer encodes the prompts differently from torch's")
     for skip in skip_sets:
-        ref = np.concatenate([torch_logits(torch_model, ids, skip) for ids in encoded])
+        with embed_scale_as_mlx_lm(torch_model) as note:
+            ref = np.concatenate([torch_logits(torch_model, ids, skip) for ids in encoded])
+        if note:
+            report.reference = f"HF torch float32, {note}"
         got = np.concatenate([mlx_logits(mlx_model, ids, skip) for ids in encoded])
         if ref.shape != got.shape:
             raise PuddingError(f"MLX logits have shape {got.shape}, torch {ref.shape}")

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 import click
 
 from .errors import PuddingError
-from .generate_cli import describe_route, route_options
-from .model import PuddingModel, Route
+from .generate_cli import NO_TEMPLATE, describe_route, route_options
+from .model import PuddingModel, Route, clean_text
 
 HELP = "Commands: 'q' quits, 'r' starts a new conversation, 'h' shows this help."
 
@@ -42,11 +42,16 @@ class Conversation:
         """Stream the answer to one user turn (mlx-lm GenerationResponse objects).
 
         Like mlx_lm.chat, each turn's chat template is applied to that turn alone and appended
-        to the cache.
+        to the cache. Without a template (a base model) the turns are plain text: the first as
+        `encode` gives it, each later one on a new line after the reply, with no BOS.
         """
         if not query.strip():
             raise PuddingError("empty message")
-        new = self.pm.encode(query, system_prompt=self.system_prompt)
+        if self.tokens and not self.pm.has_chat_template:
+            new = list(self.pm.tokenizer.encode("\n" + clean_text(query),
+                                                add_special_tokens=False))
+        else:
+            new = self.pm.encode(query, system_prompt=self.system_prompt)
         self.reprefilled = 0
         if self.route is None or self.route_each_turn:
             route = self.pm.route(query, self.mode, self.skip, self.tolerance)
@@ -108,6 +113,9 @@ def chat(bundle, max_tokens, temp, top_p, seed, system_prompt, max_kv_size, rout
     sampler = make_sampler(temp, top_p)
     click.echo(f"[pudding chat: {pm.manifest.base_model}, {pm.manifest.num_blocks} blocks, "
                f"router on {pm.router.backend}] {HELP}")
+    if not pm.has_chat_template:
+        click.echo(f"[{NO_TEMPLATE}turns are fed as plain text, each on a new line"
+                   + (", without --system-prompt" if system_prompt else "") + "]")
     while True:
         click.echo(">> ", nl=False)
         line = read_line(sys.stdin)

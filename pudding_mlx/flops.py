@@ -13,7 +13,10 @@ from dataclasses import dataclass
 
 from .errors import PuddingError
 
-GATED_MLP = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "olmo2")
+GATED_MLP = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3",
+             "olmo2")
+# Norms around both sublayers (four per block), plus RMS norms of q and k per head.
+SANDWICH_NORMS = ("gemma3_text",)
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,7 @@ class Shape:
     o_bias: bool = False
     mlp_bias: bool = False
     gated: bool = True  # gate, up and down projections (SwiGLU) instead of up and down
+    sandwich_norms: bool = False  # Gemma 3: four norms per block and q/k norms
 
     @classmethod
     def from_config(cls, config: dict, where: str = "config.json") -> Shape:
@@ -53,6 +57,7 @@ class Shape:
                 o_bias=attention_bias and kind != "qwen2",
                 mlp_bias=bool(config.get("mlp_bias", False)),
                 gated=kind in GATED_MLP,
+                sandwich_norms=kind in SANDWICH_NORMS,
             )
         except KeyError as e:
             raise PuddingError(f"{where}: missing {e.args[0]!r} (needed for FLOPs)") from None
@@ -71,8 +76,9 @@ class Shape:
         return n * self.hidden * self.intermediate + bias
 
     def block_params(self) -> int:
-        """One decoder block: attention, MLP and its two norm weights."""
-        return self.attention_params() + self.mlp_params() + 2 * self.hidden
+        """One decoder block: attention, MLP and its norm weights."""
+        norms = 4 * self.hidden + 2 * self.head_dim if self.sandwich_norms else 2 * self.hidden
+        return self.attention_params() + self.mlp_params() + norms
 
     def embedding_params(self) -> int:
         return self.vocab * self.hidden

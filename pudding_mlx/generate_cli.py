@@ -10,6 +10,8 @@ import click
 from .errors import PuddingError
 from .tolerance import check_tolerance
 
+NO_TEMPLATE = "note: the tokenizer has no chat template (a base model); "
+
 
 def parse_skip(text: str) -> list[int]:
     """'3,7,9' -> [3, 7, 9]; '' -> [] (dense)."""
@@ -115,6 +117,9 @@ def generate(bundle, prompt, max_tokens, temp, top_p, seed, system_prompt,
         mx.random.seed(seed)
     prompt = read_prompt(prompt)
     pm = load(bundle, router_backend=router_backend, verify=not no_verify)
+    if not ignore_chat_template and not pm.has_chat_template:
+        click.echo(NO_TEMPLATE + "the prompt is fed as plain text"
+                   + (", without --system-prompt" if system_prompt else ""), err=True)
     tokens = pm.encode(prompt, not ignore_chat_template, system_prompt)
     if not tokens:
         raise PuddingError("the prompt is empty (and no chat template is applied)")

@@ -115,6 +115,11 @@ class PuddingModel:
         return choose(scores, self.sizes, r.target, policy or Policy(), r.tolerance)
 
     @property
+    def has_chat_template(self) -> bool:
+        """False for a base model's tokenizer: prompts are then fed as plain text."""
+        return bool(getattr(self.tokenizer, "has_chat_template", False))
+
+    @property
     def candidates(self) -> list[Candidate]:
         """Candidate sets in the order of the router's outputs."""
         return self.manifest.ordered_candidates()
@@ -136,7 +141,8 @@ class PuddingModel:
 
     def encode(self, prompt: str, chat_template: bool = True,
                system_prompt: str | None = None) -> list[int]:
-        """Prompt token ids, with the chat template applied like mlx_lm.generate does."""
+        """Prompt token ids, with the chat template applied like mlx_lm.generate does; without
+        one (a base model) the plain text, as `mlx_lm.generate --ignore-chat-template` would."""
         return encode_chat(self.tokenizer, prompt, chat_template, system_prompt)
 
     # --- generation ----------------------------------------------------------------------------

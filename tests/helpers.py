@@ -100,13 +100,14 @@ def tiny_llama(
 
 
 def tiny_gemma3(path: str | Path, num_layers: int = 6, window: int = 4, pattern: int = 3,
-                seed: int = 0, rope_thetas: tuple[float, float] | None = None):
+                seed: int = 0, rope_thetas: tuple[float, float] | None = None,
+                hidden: int = 64):
     """Save a random tiny HF Gemma 3 text model (`Gemma3ForCausalLM`) with its tokenizer.
 
     Every `pattern`-th block has full attention, the others a sliding window of `window` tokens.
     `rope_thetas` (full, sliding) replaces Gemma 3's default RoPE bases (1e6, 1e4). Hidden
     size 64: mlx-lm rounds the embedding scale sqrt(hidden) to bf16, HF in fp32 does not, and
-    sqrt(64) is exact in both (sqrt(40) would put fp32 logits 1e-2 apart).
+    sqrt(64) is exact in both (sqrt(40) would put fp32 logits 1e-2 apart; `hidden` changes it).
     Returns (torch model in fp32 eval mode, tokenizer).
     """
     import torch
@@ -116,7 +117,7 @@ def tiny_gemma3(path: str | Path, num_layers: int = 6, window: int = 4, pattern:
     torch.manual_seed(seed)
     config = Gemma3TextConfig(
         vocab_size=len(tok),
-        hidden_size=64,
+        hidden_size=hidden,
         intermediate_size=128,
         num_hidden_layers=num_layers,
         num_attention_heads=4,
@@ -260,18 +261,24 @@ def run_cli(args, monkeypatch, capsys, stdin: bytes | None = None):
 
 def torch_logits(model, ids, skip=()):
     """Logits of one plain HF torch forward (no cache) with the blocks in `skip` removed from
-    the model's layer list: [T, V] for one sequence of token ids, [B, T, V] for a [B, T] batch."""
+    the model's layer list (and from `config.layer_types`, by which Gemma 3 picks each block's
+    mask and RoPE): [T, V] for one sequence of token ids, [B, T, V] for a [B, T] batch."""
     import torch
 
     ids = torch.as_tensor(ids)
     batch = ids if ids.dim() == 2 else ids[None]
-    layers = model.model.layers
+    layers, config = model.model.layers, model.model.config
+    types = getattr(config, "layer_types", None)
     model.model.layers = torch.nn.ModuleList(b for i, b in enumerate(layers) if i not in skip)
+    if types is not None:
+        config.layer_types = [t for i, t in enumerate(types) if i not in skip]
     try:
         with torch.no_grad():
             logits = model(batch, use_cache=False).logits
     finally:
         model.model.layers = layers
+        if types is not None:
+            config.layer_types = types
     return logits if ids.dim() == 2 else logits[0]
 
 

@@ -22,6 +22,11 @@ SMOLLM2 = {"model_type": "llama", "hidden_size": 576, "num_hidden_layers": 30,
            "intermediate_size": 1536, "vocab_size": 49152, "tie_word_embeddings": True,
            "rms_norm_eps": 1e-5, "rope_theta": 100000.0}
 
+GEMMA3_270M = {"model_type": "gemma3_text", "hidden_size": 640, "num_hidden_layers": 18,
+               "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 256,
+               "intermediate_size": 2048, "vocab_size": 262144, "sliding_window": 512,
+               "query_pre_attn_scalar": 256, "rms_norm_eps": 1e-6, "tie_word_embeddings": True}
+
 
 def test_hand_count_tiny():
     s = Shape.from_config(TINY)
@@ -67,11 +72,14 @@ def _count(model) -> tuple[list[int], int, int]:
     {**TINY, "attention_bias": True, "mlp_bias": True, "tie_word_embeddings": False},
     {**TINY, "model_type": "qwen2", "rms_norm_eps": 1e-6},
     {**TINY, "model_type": "mistral", "tie_word_embeddings": False},
-], ids=["smollm2", "llama-bias-untied", "qwen2", "mistral"])
+    GEMMA3_270M,
+], ids=["smollm2", "llama-bias-untied", "qwen2", "mistral", "gemma3-270m"])
 def test_params_match_mlx_lm(config):
     config = {"rms_norm_eps": 1e-5, **config}
     model_class, args_class = _get_classes(config)
     model = model_class(args_class.from_dict(config))  # lazily initialised: nothing allocated
+    if config["model_type"] == "gemma3_text":
+        model.sanitize({})  # ties the LM head, as loading weights without one does
     s = Shape.from_config(config)
     blocks, embed, rest = _count(model)
     assert blocks == [s.block_params()] * s.layers

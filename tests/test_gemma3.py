@@ -203,6 +203,7 @@ def test_convert_and_load_a_gemma3_bundle(pair, ids, tmp_path):
     full-attention block, no block is protected, and routed logits are torch's."""
     import pudding_mlx
     from convert.to_bundle import ConvertSettings, MLXSettings, write_bundle
+    from convert.to_mlx import PROMPTS, parity_prompts
 
     hf, tok, _ = pair
     hf.save_pretrained(tmp_path / "hf")
@@ -213,6 +214,10 @@ def test_convert_and_load_a_gemma3_bundle(pair, ids, tmp_path):
                      out, ConvertSettings(MLXSettings("float32"), coreml=False))
     assert m.protected == []
     results = m.extra["parity"]["results"]
+    # The gate adds a prompt longer than the window to the four short ones.
+    prompts = parity_prompts(hf, tok)
+    assert len(prompts) == 5 and len(tok.encode(prompts[-1])) >= WINDOW + 64
+    assert parity_prompts(tiny_llama(tmp_path / "llama")[0], tok) == PROMPTS
     assert [r["skip"] for r in results] == [[], [2]]
     assert all(r["max_abs_logprob"] <= 1e-3 for r in results)
     pm = pudding_mlx.load(out, router_backend="mlx")
@@ -256,3 +261,24 @@ def test_rope_bases_come_from_rope_parameters(ids, tmp_path):
         assert np.abs(out - reference(hf, ids, skip)).max() <= 1e-3
     unfixed, _ = lm_load(str(tmp_path))
     assert np.abs(np.array(unfixed(mx.array([ids])))[0] - reference(hf, ids, [])).max() > 1e-2
+
+
+def test_parity_gate_follows_mlx_lm_s_rounded_embedding_scale(ids, tmp_path):
+    """Hidden size 40: mlx-lm scales the embeddings by sqrt(40) rounded to bf16 (6.3125, not
+    6.3246). The gate's torch reference rounds it the same way (and says so), and passes the
+    float32 bounds; the unrounded reference would fail them, and the model is left as it was."""
+    from convert.to_mlx import check_parity, embed_scale_as_mlx_lm, torch_logits
+
+    hf, tok = tiny_gemma3(tmp_path, window=WINDOW, hidden=40)
+    model, mlx_tok, _ = load_lm(tmp_path)
+    report = check_parity(hf, tok, model, mlx_tok, [[], [2], [0, 4]], "float32")
+    assert report.passed, report.failures
+    assert report.reference == ("HF torch float32, embedding scale rounded to bfloat16 as "
+                                "mlx-lm does (6.32456 -> 6.3125)")
+    for skip in ([], [2]):
+        with embed_scale_as_mlx_lm(hf):
+            rounded = torch_logits(hf, ids, skip)
+        plain = torch_logits(hf, ids, skip)
+        out = np.array(skip_view(model, skip)(mx.array([ids])))[0]
+        assert np.abs(out - rounded).max() <= 1e-3 < np.abs(out - plain).max()
+    assert float(hf.model.embed_tokens.embed_scale) == pytest.approx(40**0.5)

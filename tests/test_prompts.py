@@ -5,12 +5,15 @@ max_length tokens (checked against the torch router), and the CLI says so once."
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from helpers import chat_ids, torch_greedy, torch_route
 from helpers import run_cli as run
 
 import pudding_mlx
+from pudding_mlx.chat import Conversation
 
 CONTROL = "be\x00ep\x07 \x1b[31mred\x1b[0m\r\x08\x7f\x0c tab\tend\u200b\u202e"
 INVALID_UTF8 = b"\xff\xfe caf\xc3 \xe2\x82 ok \xed\xa0\x80 \xf0\x9f\x98\x80 \xc3\xa9t\xc3\xa9"
@@ -138,3 +141,50 @@ def test_api_odd_prompts(pm, tiny):
         text = pm.generate(prompt, max_tokens=2, route=route)
         assert isinstance(text, str)
     assert pm.route("").reason == pm.route(" \t").reason == "empty prompt"
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A tiny bundle whose tokenizer has no chat template, like a base model's."""
+    from helpers import tiny_bundle
+
+    from pudding_mlx.bundle import write_manifest
+    from pudding_mlx.files import read_json
+
+    built = tiny_bundle(tmp_path_factory.mktemp("base") / "bundle")
+    folder = built.path / "model"
+    (folder / "chat_template.jinja").unlink(missing_ok=True)
+    config = read_json(folder / "tokenizer_config.json")
+    config.pop("chat_template", None)
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    write_manifest(built.path, built.manifest)
+    assert not pudding_mlx.load(built.path).has_chat_template
+    return built
+
+
+def test_generate_without_chat_template_says_so_once(base, monkeypatch, capsys):
+    prompt = "The capital of France is"
+    code, out, err = generate(base, prompt, monkeypatch, capsys, "--dense")
+    assert code == 0, err
+    assert err.count("no chat template") == 1 and "plain text" in err
+    ids = base.tokenizer.encode(prompt)
+    assert prompt_tokens(out) == len(ids)  # the plain text, with the special tokens HF adds
+    code, out, err = generate(base, prompt, monkeypatch, capsys, "--ignore-chat-template")
+    assert code == 0 and "chat template" not in err
+
+
+def test_chat_without_chat_template_feeds_plain_text(base, monkeypatch, capsys):
+    code, out, err = run(["chat", "-b", str(base.path), "-m", "2", "--dense"], monkeypatch,
+                         capsys, stdin=b"hello there\nhow are you?\nq\n")
+    assert code == 0, err
+    assert out.count("no chat template") == 1 and out.count("[Route: ") == 2
+    # The second turn follows the first reply on a new line, without a BOS; torch agrees.
+    conv = Conversation(pudding_mlx.load(base.path), mode="dense")
+    tok, eos = base.tokenizer, base.tokenizer.eos_token_id
+    first = [r.token for r in conv.ask("hello there", max_tokens=3)]
+    second = [r.token for r in conv.ask("how are you?", max_tokens=3)]
+    history = tok.encode("hello there") + first
+    turn = tok.encode("\nhow are you?", add_special_tokens=False)
+    assert first == torch_greedy(base.model, tok.encode("hello there"), [], 3, eos)
+    assert conv.tokens == history + turn + second
+    assert second == torch_greedy(base.model, history + turn, [], 3, eos)

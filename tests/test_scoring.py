@@ -9,6 +9,7 @@ from helpers import tiny_gemma3, tiny_llama, torch_logits
 from convert.scoring import BlockRunner, answer_logprobs, dtype_check
 from convert.skip import skipped
 from pudding_mlx.errors import PuddingError
+from pudding_mlx.tasks import encode_requests
 
 REQUESTS = [
     ("Question: Which gas do plants absorb from the air?\nAnswer:", " carbon dioxide"),
@@ -46,14 +47,50 @@ def test_answer_logprobs_match_hand_computed(tiny, skip):
     assert total == pytest.approx([r[1] for r in ref], abs=1e-4)
 
 
-def test_unsupported_architectures_are_refused(tiny, tmp_path):
-    """Scores that BlockRunner's LLaMA-style forward would get wrong are refused in one line:
-    Gemma 3 (RoPE and mask per layer type), sliding-window layers, and (Mistral) rows longer
-    than the window."""
-    gemma, tok = tiny_gemma3(tmp_path / "gemma3")
-    with pytest.raises(PuddingError, match=r"Gemma3ForCausalLM \(model_type 'gemma3_text'\)"):
-        answer_logprobs(gemma, tok, REQUESTS[:1])
+@pytest.fixture(scope="module")
+def gemma(tmp_path_factory):
+    """Sliding window 3 (every context is longer), full attention in blocks 2 and 5."""
+    return tiny_gemma3(tmp_path_factory.mktemp("gemma3"), window=3, pattern=3)
+
+
+@pytest.mark.parametrize("skip", [(), (2,), (0, 4), (1, 5)], ids=str)
+def test_gemma3_answer_logprobs_match_hand_computed(gemma, skip):
+    """Each block keeps its own mask and RoPE, also when the context is packed once for
+    several continuations (the window is counted in positions, not packed columns)."""
+    model, tok = gemma
+    assert all(len(tok.encode(c, add_special_tokens=False)) > 3 for c, _ in REQUESTS)
+    ref = [reference(model, tok, c, a, skip) for c, a in REQUESTS]
+    for batch_size in (1, 3):
+        total = answer_logprobs(model, tok, REQUESTS, skip=skip, batch_size=batch_size,
+                                reduce="sum")
+        assert total == pytest.approx([r[1] for r in ref], abs=1e-4)
+    if skip:  # the comparison can tell sets apart
+        dense = answer_logprobs(model, tok, REQUESTS, reduce="sum")
+        assert max(abs(a - b) for a, b in zip(dense, total, strict=True)) > 1e-2
+
+
+def test_gemma3_one_mask_for_every_block_would_be_wrong(gemma):
+    """The test above can tell a runner that ignores the sliding window apart."""
+    model, tok = gemma
+    runner = BlockRunner(model)
+    runner.sliding_window = None
+    runner.types = ["full_attention"] * runner.num_blocks
+    ref = [reference(model, tok, c, a)[1] for c, a in REQUESTS]
+    batch = runner.prepare(encode_requests(tok, REQUESTS))[0]
+    with torch.no_grad():
+        got = runner.head(runner.run(runner.embed(batch), batch, range(6)), batch)
+    assert max(abs(got[j] - ref[i]) for j, i in enumerate(batch.requests)) > 1e-2
+
+
+def test_unsupported_architectures_are_refused(tiny, monkeypatch):
+    """Scores that BlockRunner's forward would get wrong are refused in one line: other model
+    types, sliding-window layers (outside Gemma 3), and (Mistral) rows longer than the
+    window."""
     model, tok = tiny
+    with monkeypatch.context() as m:
+        m.setattr(model.config, "model_type", "gemma2")
+        with pytest.raises(PuddingError, match=r"\(model_type 'gemma2'\): block-by-block"):
+            answer_logprobs(model, tok, REQUESTS[:1])
     config = model.config
     if config.model_type == "qwen2":
         saved = list(config.layer_types)

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import run_cli, tiny_llama, torch_logits
+from helpers import run_cli, tiny_gemma3, tiny_llama, torch_logits
 
 from convert.scoring import BlockRunner
 from convert.search import GreedyRun, SetScorer, greedy_search, run_search, tokenize_examples
@@ -86,6 +86,17 @@ def test_search_matches_brute_force(tiny, loss):
     # state reuse replays the very same block computations: losses are bit-identical
     assert [p.loss for p in got.trajectory] == [p.loss for p in mid.trajectory]
     assert fast.runner.evals <= prefix.runner.evals < naive.runner.evals < ref_evals
+
+
+def test_gemma3_search_matches_brute_force(tmp_path):
+    """Gemma 3 (window 3, shorter than every question; full attention in blocks 2 and 5):
+    the search, with prefix and state reuse over packed rows, picks the brute force's blocks."""
+    model, tok = tiny_gemma3(tmp_path, num_layers=8, window=3, pattern=3)
+    exs = examples()
+    ref, _ = brute_force(model, tok, exs, 2, "margin")
+    got = greedy_search(SetScorer(model, tokenize_examples(tok, exs), batch_size=3),
+                        GreedyRun.new("c", "arc_easy", "margin", 2))
+    assert [p.block for p in got.trajectory] == ref
 
 
 def test_state_reuse_replays_the_same_computation(tiny):
