@@ -46,8 +46,8 @@ class MLXSettings:
         return f"q{self.q_bits}" if self.quantize else self.dtype
 
     def bytes_per_param(self) -> float:
-        if self.quantize:  # packed weights plus an fp16 scale and bias per group
-            return self.q_bits / 8 + 4 / self.q_group_size
+        if self.quantize:  # packed weights plus a scale and a bias (in `dtype`) per group
+            return self.q_bits / 8 + 2 * BYTES[self.dtype] / self.q_group_size
         return BYTES[self.dtype]
 
 

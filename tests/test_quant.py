@@ -12,6 +12,8 @@ from click.testing import CliRunner
 from helpers import (
     CORPUS,
     dequantised_torch,
+    run_cli,
+    tiny_bundle,
     tiny_llama,
     tiny_router,
     torch_greedy,
@@ -173,3 +175,64 @@ def test_bench_ideal_uses_the_quantised_bytes(quant, tmp_path, monkeypatch):
     b, o, kv = want.blocks[0], want.outside, want.kv_per_position * context
     assert row["ideal_decode"] == pytest.approx((6 * (b + kv) + o) / (4 * (b + kv) + o))
     assert row["ideal_decode"] == pytest.approx(decode_ideal(want, context, SETS["early"]))
+
+
+def test_eval_dequantized_scores_the_same_model(quant, tmp_path):
+    """`pudding eval --dequantize` gives every answer the log-likelihood the quantised model
+    gives it (to float rounding), under a cache fingerprint of its own."""
+    from test_evaluate import write_data
+
+    from pudding_mlx.evaluate import EvalSettings, run_eval
+
+    out = quant[1]
+    data = write_data(tmp_path / "data", n=6)
+    for dequantize in (False, True):
+        run_eval(EvalSettings(bundle=str(out), output=str(tmp_path / str(dequantize)),
+                              tasks=("arc_easy", "piqa"), methods="dense,static",
+                              data_dir=str(data), resamples=50, dequantize=dequantize))
+    files = sorted((tmp_path / "False" / "cache").rglob("*.json"))
+    assert len(files) == 4  # two tasks x (dense, the static set)
+    for f in files:
+        a = json.loads(f.read_text())
+        b = json.loads((tmp_path / "True" / f.relative_to(tmp_path / "False")).read_text())
+        assert b["fingerprint"] == {**a["fingerprint"], "dequantized": True}
+        assert a["values"].keys() == b["values"].keys()
+        for qid, (logprobs, counts) in a["values"].items():
+            assert b["values"][qid][1] == counts
+            assert np.abs(np.subtract(b["values"][qid][0], logprobs)).max() <= 1e-3
+    res = json.loads((tmp_path / "True" / "results.json").read_text())
+    assert res["backend"] == "mlx, quantised weights dequantised to float at load"
+
+
+def test_dequantize_refuses_a_float_bundle(tmp_path, monkeypatch, capsys):
+    tb = tiny_bundle(tmp_path / "b")
+    code, _, err = run_cli(["eval", str(tb.path), "-o", str(tmp_path / "e"), "--dequantize"],
+                           monkeypatch, capsys)
+    assert code == 2 and "--dequantize:" in err and "is not quantised" in err
+
+
+@pytest.mark.slow
+def test_smollm2_q8_passes_and_q4_is_refused(tmp_path):
+    """The real SmolLM2 (shipped as Q4_1): 8 bits pass the gate, 4 bits again are refused by it
+    (mean KL about 0.64 nats against the float model) unless --max-kl accepts them."""
+    from convert.assets import smollm2_gguf
+    from convert.to_bundle import ConvertSettings, MLXSettings, write_bundle
+    from pudding_mlx.errors import PuddingError
+
+    gguf = smollm2_gguf()
+    tiny_router(tmp_path / "router", ["a"], max_length=32)
+    (tmp_path / "candidates.json").write_text(json.dumps({"candidates": [
+        {"name": "a", "skip": [6, 18, 19, 25], "task": "arc_easy", "loss": "likelihood",
+         "k": 4}]}))
+    args = (str(gguf), tmp_path / "candidates.json", tmp_path / "router")
+    m = write_bundle(*args, tmp_path / "q8",
+                     ConvertSettings(MLXSettings("float32", True, 8), coreml=False))
+    assert [r["skip"] for r in m.extra["parity"]["results"]] == [[], [6, 18, 19, 25]]
+    assert all(r["mean_kl"] < 0.01 for r in m.extra["parity"]["results"])
+    q4 = ConvertSettings(MLXSettings("float32", True, 4), coreml=False)
+    with pytest.raises(PuddingError, match="mean KL 0.6"):
+        write_bundle(*args, tmp_path / "q4", q4)
+    assert not (tmp_path / "q4").exists()
+    q4.max_kl = 1.0
+    m = write_bundle(*args, tmp_path / "q4", q4)
+    assert all(0.3 < r["mean_kl"] < 1.0 for r in m.extra["parity"]["results"])
