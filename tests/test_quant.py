@@ -14,6 +14,7 @@ from helpers import (
     dequantised_torch,
     run_cli,
     tiny_bundle,
+    tiny_gemma3,
     tiny_llama,
     tiny_router,
     torch_greedy,
@@ -24,9 +25,12 @@ from mlx.utils import tree_flatten
 from mlx_lm.models.cache import make_prompt_cache
 
 import pudding_mlx
+from convert.to_mlx import MLXSettings, convert_llm_to_mlx
 from pudding_mlx.bench_summary import model_facts
 from pudding_mlx.cli import cli
 from pudding_mlx.flops import DecodeBytes, decode_ideal
+from pudding_mlx.masking import skip_view
+from pudding_mlx.model import load_lm
 
 SETS = {"early": [1, 2], "middle": [3], "late": [2, 4, 5]}
 SKIPS = [[], [3], [2, 4], [1, 3, 5], [1, 2, 3, 4]]
@@ -202,6 +206,32 @@ def test_eval_dequantized_scores_the_same_model(quant, tmp_path):
             assert np.abs(np.subtract(b["values"][qid][0], logprobs)).max() <= 1e-3
     res = json.loads((tmp_path / "True" / "results.json").read_text())
     assert res["backend"] == "mlx, quantised weights dequantised to float at load"
+
+
+@pytest.fixture(scope="module")
+def gemma_q8(tmp_path_factory):
+    """A tiny Gemma 3 (sliding window 4, every third block global) converted to 8 bits, and HF
+    torch on its dequantised weights."""
+    root = tmp_path_factory.mktemp("gemma-q8")
+    hf, tok = tiny_gemma3(root / "hf", window=4, pattern=3)
+    convert_llm_to_mlx(root / "hf", root / "q8", MLXSettings("float32", True, 8))
+    model, _, _ = load_lm(root / "q8")
+    return model, tok, dequantised_torch(root / "hf", model), hf
+
+
+@pytest.mark.parametrize("skip", [[2], [1, 5], [0, 2, 4], [0, 1, 3, 4]], ids=str)
+def test_quantised_gemma3_skips_keep_block_types(gemma_q8, skip):
+    """Global and sliding blocks removed from a quantised Gemma 3 = HF torch built from the kept
+    blocks (their dequantised weights and their own attention types), prompt > 4 windows."""
+    from test_gemma3 import reference
+
+    model, tok, ref_model, float_model = gemma_q8
+    ids = tok(CORPUS[0] + " " + CORPUS[3])["input_ids"]
+    assert len(ids) > 16
+    got = np.array(skip_view(model, skip)(mx.array([ids]))[0])
+    assert isinstance(model.layers[0].self_attn.q_proj, nn.QuantizedLinear)
+    assert np.abs(got - reference(ref_model, ids, skip)).max() <= 1e-3
+    assert np.abs(got - reference(float_model, ids, skip)).max() > 1e-2
 
 
 def test_dequantize_refuses_a_float_bundle(tmp_path, monkeypatch, capsys):
