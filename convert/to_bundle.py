@@ -291,7 +291,8 @@ def convert(source, candidates_path, router_dir, out, dtype, quantize, q_bits, q
     for r in m.extra["parity"]["results"]:
         where = f"skip {r['skip']}" if r["skip"] else "dense"
         click.echo(f"parity {where}: max |logit diff| {r['max_abs_logit']:.3g}, "
-                   f"mean KL {r['mean_kl']:.3g}, top-1 {r['top1']:.3f}")
+                   f"mean KL {r['mean_kl']:.3g}, top-1 {r['top1']:.3f} (where torch leads by "
+                   f"> 1 nat: {r['top1_confident']:.3f})")
     if "coreml" in m.extra["router"]:
         c = m.extra["router"]["coreml"]
         click.echo(f"router.mlpackage: max |diff| {c['max_abs_diff']:.3g} "

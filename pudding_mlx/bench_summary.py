@@ -8,26 +8,61 @@ from dataclasses import asdict
 from typing import TYPE_CHECKING
 
 from .bench_timing import Trial
-from .flops import Shape, combined_ideal, decode_ideal, prefill_ideal
+from .errors import PuddingError
+from .flops import DecodeBytes, Shape, combined_ideal, decode_ideal, prefill_ideal
 
 if TYPE_CHECKING:
     from .model import PuddingModel
 
 
-def model_facts(pm: PuddingModel) -> dict:
-    """Dtype, shape and the bytes per parameter a block actually holds (quantization aware)."""
+def _nbytes(module) -> int:
+    from mlx.utils import tree_flatten
+
+    return sum(v.nbytes for _, v in tree_flatten(module.parameters()))
+
+
+def decode_bytes(model, shape: Shape) -> DecodeBytes:
+    """The bytes one decoded token reads, from the loaded arrays: each block's (quantised
+    weights with their scales and biases), the final norm and LM head (the embedding matrix
+    when tied), one embedding row, and the KV cache at the activations' dtype."""
+    from .masking import layer_owner
+
+    owner = layer_owner(model)
+    blocks = tuple(_nbytes(b) for b in owner.layers)
+    embed = getattr(owner, "embed_tokens", None)
+    if embed is None:
+        raise PuddingError(f"{type(model).__name__}: no `embed_tokens` module; cannot count "
+                           "the bytes a decoded token reads")
+    embedding = _nbytes(embed)
+    rest = _nbytes(model) - sum(blocks) - embedding  # final norm, and lm_head when untied
+    tied = "lm_head" not in model
+    kv_bytes = _activation_dtype(owner.layers[0]).size
+    return DecodeBytes(blocks, rest + embedding / shape.vocab + tied * embedding,
+                       shape.kv_values() * kv_bytes)
+
+
+def _activation_dtype(block):
+    """The float dtype of a block's smallest array (a norm weight, or quantisation scales)."""
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
-    shape = Shape.from_config(pm.config, str(pm.path / "model" / "config.json"))
-    arrays = [v for _, v in tree_flatten(pm.model.layers[0].parameters())]
+    arrays = [v for _, v in tree_flatten(block.parameters())]
     floats = [v for v in arrays if v.dtype in (mx.float32, mx.float16, mx.bfloat16)]
-    dtype = min(floats, key=lambda v: v.size).dtype if floats else arrays[0].dtype
+    return min(floats, key=lambda v: v.size).dtype if floats else arrays[0].dtype
+
+
+def model_facts(pm: PuddingModel) -> dict:
+    """Dtype, quantisation, shape, and the bytes a decoded token reads (measured)."""
+    shape = Shape.from_config(pm.config, str(pm.path / "model" / "config.json"))
+    weights = decode_bytes(pm.model, shape)
+    dtype = _activation_dtype(pm.model.layers[0])
     return {
         "dtype": str(dtype).removeprefix("mlx.core."),
         "quantization": pm.config.get("quantization"),
         "shape": asdict(shape),
-        "bytes_per_param": sum(v.nbytes for v in arrays) / shape.block_params(),
+        "decode_bytes": asdict(weights),
+        # the blocks' mean bytes per parameter, scales and biases included
+        "bytes_per_param": sum(weights.blocks) / (shape.block_params() * shape.layers),
         "kv_bytes": dtype.size,
         "num_blocks": shape.layers,
     }
@@ -45,9 +80,13 @@ def _kind_stats(trials: list[Trial]) -> dict:
     return out
 
 
-def summarise(trials: list[Trial], facts: dict, skipped: int) -> dict:
-    """Medians per kind and measurement point, measured speedups, ideals and their ratio."""
+def summarise(trials: list[Trial], facts: dict, skip: list[int]) -> dict:
+    """Medians per kind and measurement point, measured speedups, ideals and their ratio, for
+    the routed requests skipping the blocks `skip`."""
     shape = Shape(**facts["shape"])
+    weights = DecodeBytes(**{**facts["decode_bytes"],
+                             "blocks": tuple(facts["decode_bytes"]["blocks"])})
+    skipped = len(skip)
     groups: dict[tuple[int, int], dict[str, list[Trial]]] = {}
     for t in trials:
         groups.setdefault((t.prompt_tokens, t.gen_tokens), {}).setdefault(t.kind, []).append(t)
@@ -67,8 +106,7 @@ def summarise(trials: list[Trial], facts: dict, skipped: int) -> dict:
             ttft.append(row)
         else:
             context = p + g // 2
-            d_ideal = decode_ideal(shape, context, skipped, facts["bytes_per_param"],
-                                   facts["kv_bytes"])
+            d_ideal = decode_ideal(weights, context, skip)
             t_pre = d["ttft_s"]["median"]
             t_dec = d["total_s"]["median"] - t_pre
             total_ideal = combined_ideal([t_pre, t_dec], [p_ideal, d_ideal])

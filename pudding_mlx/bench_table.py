@@ -12,7 +12,9 @@ def _spread(s: dict) -> str:
 def format_table(result: Result) -> str:
     """Time to first token, generation, memory, mlx-lm comparison and router options."""
     s, m = result.summary, result.model
-    lines = [f"dtype {m['dtype']}, {s['skipped']} of {m['num_blocks']} blocks skipped "
+    q = m.get("quantization")
+    weights = f", {q['bits']}-bit weights (groups of {q['group_size']})" if q else ""
+    lines = [f"dtype {m['dtype']}{weights}, {s['skipped']} of {m['num_blocks']} blocks skipped "
              f"({result.route['name']}: {result.route['skip']}), median of "
              f"{result.settings.trials} trials, ±: half the min-max range; best: from the "
              "fastest trials; cpu: from process CPU time (both less sensitive to other load)"]

@@ -25,6 +25,7 @@ COMMANDS = {
     "info": "pudding_mlx.info:info",
     "bench": "pudding_mlx.bench:bench",
     "eval": "pudding_mlx.evaluate:evaluate",
+    "eval-compare": "pudding_mlx.eval_compare:eval_compare",
     "serve": "pudding_mlx.serve:serve",
     "fidelity": "pudding_mlx.fidelity_cli:fidelity",
 }

@@ -65,6 +65,7 @@ class EvalSettings:
     methods: str = DEFAULT_METHODS
     limit: int | None = None  # per task: a seeded random subset, kept in data order
     backend: str = "mlx"
+    dequantize: bool = False  # mlx backend: score a quantised model's dequantised weights
     torch_model: str | None = None  # torch backend: HF source [default: the bundle's model/]
     device: str = "auto"
     dtype: str = "auto"
@@ -257,6 +258,8 @@ def run_eval(settings: EvalSettings) -> dict:
     out = Path(settings.output)
     tasks = [get_task(t) for t in settings.tasks]
     backends = plugins(EVAL_BACKENDS)
+    if settings.dequantize and settings.backend != "mlx":
+        raise PuddingError("--dequantize applies to the mlx backend only")
     if settings.backend != "mlx" and settings.backend not in backends:
         raise PuddingError(f"--backend {settings.backend}: expected one of "
                            f"{', '.join(['mlx', *backends])}")
@@ -278,7 +281,8 @@ def run_eval(settings: EvalSettings) -> dict:
         baseline = None if settings.baseline is None else _bad_baseline(settings.baseline, labels)
 
     if settings.backend == "mlx":
-        scorer, backend = MLXScorer(pm), "mlx"
+        scorer = MLXScorer(pm, settings.dequantize)
+        backend = scorer.description
     else:
         try:
             backend_class = backends[settings.backend].load()
@@ -451,6 +455,10 @@ def _averages(per_task: dict, methods: list[str], eval_tasks: Sequence[str],
                    "--tolerance) [default: the bundle's]. routed@X methods set their own.")
 @click.option("--backend", type=click.Choice(["mlx", *plugins(EVAL_BACKENDS)]), default="mlx",
               show_default=True)
+@click.option("--dequantize", is_flag=True,
+              help="mlx backend, quantised bundle: score with the weights dequantised to float "
+                   "once at load (the same model up to float rounding; much faster on CPUs, "
+                   "whose quantised matmul is slow).")
 @click.option("--torch-model", default=None,
               help="torch backend: HF id/folder/GGUF [default: the bundle's model/ folder].")
 @click.option("--device", default="auto", show_default=True, help="torch backend device.")
@@ -469,9 +477,9 @@ def _averages(per_task: dict, methods: list[str], eval_tasks: Sequence[str],
 @click.option("--resamples", type=int, default=2000, show_default=True,
               help="Bootstrap resamples for the confidence intervals.")
 @click.option("--no-verify", is_flag=True, help="Skip the bundle's sha256 checks.")
-def evaluate(bundle, output, tasks, methods, limit, tolerance, backend, torch_model, device,
-             dtype, batch_size, extra_set, sets_file, baseline, best_slice, data_dir, seed,
-             resamples, no_verify):
+def evaluate(bundle, output, tasks, methods, limit, tolerance, backend, dequantize, torch_model,
+             device, dtype, batch_size, extra_set, sets_file, baseline, best_slice, data_dir,
+             seed, resamples, no_verify):
     """Zero-shot accuracy of dense, static, routed, oracle and random skip sets, side by side."""
     extra = read_sets_file(sets_file) if sets_file else {}
     for value in extra_set:
@@ -481,9 +489,9 @@ def evaluate(bundle, output, tasks, methods, limit, tolerance, backend, torch_mo
         raise PuddingError("--limit must be positive")
     settings = EvalSettings(
         bundle=bundle, output=output, tasks=tuple(t.strip() for t in tasks.split(",") if t),
-        methods=methods, limit=limit, backend=backend, torch_model=torch_model, device=device,
-        dtype=dtype, batch_size=batch_size, tolerance=tolerance, extra_sets=extra,
-        baseline=baseline,
+        methods=methods, limit=limit, backend=backend, dequantize=dequantize,
+        torch_model=torch_model, device=device, dtype=dtype, batch_size=batch_size,
+        tolerance=tolerance, extra_sets=extra, baseline=baseline,
         best_slice=best_slice, data_dir=data_dir, seed=seed, resamples=resamples,
         verify=not no_verify, command="pudding " + shlex.join(sys.argv[1:]))
     results = run_eval(settings)

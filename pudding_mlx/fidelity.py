@@ -71,11 +71,17 @@ def forced_logprobs(pm, skip: Sequence[int], prompt: Sequence[int],
     return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
 
 
+def kl_agreement(ref: mx.array, logprobs: mx.array) -> tuple[mx.array, mx.array]:
+    """Per position of two [T, V] log-prob arrays: KL(ref || logprobs) and whether both put
+    the same token first (also the parity gate of `pudding convert`)."""
+    kl = mx.sum(mx.exp(ref) * (ref - logprobs), axis=-1)
+    return kl, mx.argmax(logprobs, axis=-1) == mx.argmax(ref, axis=-1)
+
+
 def compare(ref: mx.array, logprobs: mx.array, targets: Sequence[int]
             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per token: KL(ref || logprobs), top-1 agreement (0/1), NLL of `targets` under logprobs."""
-    kl = mx.sum(mx.exp(ref) * (ref - logprobs), axis=-1)
-    agree = mx.argmax(logprobs, axis=-1) == mx.argmax(ref, axis=-1)
+    kl, agree = kl_agreement(ref, logprobs)
     nll = -mx.take_along_axis(logprobs, mx.array(list(targets))[:, None], axis=-1)[:, 0]
     mx.eval(kl, agree, nll)
     return np.array(kl), np.array(agree).astype(np.int64), np.array(nll)

@@ -4,11 +4,15 @@ Counts the matrix multiplies of a decoder-only transformer (2 FLOPs per multiply
 attention projections, attention scores/values over the context, the MLP and the LM head.
 Embedding lookups, norms, RoPE and activations are element-wise and left out (well under 1%
 of the work here). Decoding is bandwidth-bound, so its ideal comes from the bytes read per
-token: every weight of the kept blocks and the LM head, one embedding row, and the KV cache.
+token (`DecodeBytes`): every weight of the kept blocks and the LM head, one embedding row, and
+the KV cache. `pudding bench` measures those bytes on the loaded arrays (quantised weights
+with their scales and biases, bench_summary.decode_bytes); `DecodeBytes.from_shape` is the
+config-only estimate.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .errors import PuddingError
@@ -84,7 +88,7 @@ class Shape:
         return self.vocab * self.hidden
 
     def head_params(self) -> int:
-        """The final norm (the LM head matrix is counted in `decode_bytes`, tied or not)."""
+        """The final norm (the LM head matrix is counted in `DecodeBytes`, tied or not)."""
         return self.hidden
 
     # --- FLOPs per token ------------------------------------------------------------------------
@@ -107,16 +111,33 @@ class Shape:
     def decode_flops(self, context: int, skipped: int = 0) -> float:
         return (self.layers - skipped) * self.block_flops(context) + self.head_flops()
 
-    # --- bytes read per decoded token -----------------------------------------------------------
+    def kv_values(self) -> int:
+        """Keys and values one block caches per position."""
+        return 2 * self.kv_heads * self.head_dim
 
-    def decode_bytes(self, context: int, bytes_per_param: float, kv_bytes: float,
-                     skipped: int = 0) -> float:
-        """Weights of the kept blocks and the LM head, one embedding row, and the KV cache of
-        `context` positions in each kept block (`kv_bytes` per cached value)."""
-        kv = 2 * self.kv_heads * self.head_dim * context * kv_bytes
-        per_block = self.block_params() * bytes_per_param + kv
-        outside = (self.hidden + self.head_params() + self.vocab * self.hidden) * bytes_per_param
-        return (self.layers - skipped) * per_block + outside
+
+@dataclass(frozen=True)
+class DecodeBytes:
+    """What decoding one token reads: each block's weights, the weights outside the blocks
+    (final norm, LM head matrix, one embedding row) and, per block, the KV cache's bytes per
+    cached position."""
+
+    blocks: tuple[float, ...]
+    outside: float
+    kv_per_position: float
+
+    @classmethod
+    def from_shape(cls, shape: Shape, bytes_per_param: float, kv_bytes: float) -> DecodeBytes:
+        """Every weight at `bytes_per_param`, `kv_bytes` per cached value."""
+        outside = shape.hidden + shape.head_params() + shape.vocab * shape.hidden
+        return cls((shape.block_params() * bytes_per_param,) * shape.layers,
+                   outside * bytes_per_param, shape.kv_values() * kv_bytes)
+
+    def total(self, context: int, skip: Sequence[int] = ()) -> float:
+        """Bytes read per token at `context` cached positions with the blocks `skip` skipped."""
+        skipped = set(skip)
+        kept = [b for i, b in enumerate(self.blocks) if i not in skipped]
+        return sum(kept) + len(kept) * self.kv_per_position * context + self.outside
 
 
 def prefill_ideal(shape: Shape, prompt: int, skipped: int) -> float:
@@ -124,12 +145,9 @@ def prefill_ideal(shape: Shape, prompt: int, skipped: int) -> float:
     return shape.prefill_flops(prompt) / shape.prefill_flops(prompt, skipped)
 
 
-def decode_ideal(shape: Shape, context: int, skipped: int, bytes_per_param: float,
-                 kv_bytes: float | None = None) -> float:
+def decode_ideal(weights: DecodeBytes, context: int, skip: Sequence[int]) -> float:
     """Ideal decoding speedup at `context` cached positions, from the bytes read per token."""
-    kv = bytes_per_param if kv_bytes is None else kv_bytes
-    return (shape.decode_bytes(context, bytes_per_param, kv)
-            / shape.decode_bytes(context, bytes_per_param, kv, skipped))
+    return weights.total(context) / weights.total(context, skip)
 
 
 def decode_flops_ideal(shape: Shape, context: int, skipped: int) -> float:

@@ -306,6 +306,29 @@ def mlx_logits(model, ids, skip=()):
         inner.layers = layers
 
 
+def dequantised_torch(hf_folder, mlx_model):
+    """The HF torch model saved in `hf_folder` (fp32) carrying the weights of the quantised
+    mlx-lm model `mlx_model`: every QuantizedLinear / QuantizedEmbedding weight dequantised
+    by `mx.dequantize` and loaded under its own name (mlx-lm keeps HF's parameter names)."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(hf_folder, dtype=torch.float32).eval()
+    state = {}
+    for name, m in mlx_model.named_modules():
+        if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+            w = mx.dequantize(m.weight, m.scales, m.get("biases"), m.group_size, m.bits,
+                              mode=m.mode)
+            state[f"{name}.weight"] = torch.from_numpy(np.array(w.astype(mx.float32)))
+    assert state, "the MLX model has no quantised layer"
+    result = model.load_state_dict(state, strict=False)
+    assert not result.unexpected_keys, result.unexpected_keys
+    return model
+
+
 class TorchRoute(NamedTuple):
     index: int  # into the router's outputs
     name: str

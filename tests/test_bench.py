@@ -21,7 +21,7 @@ from pudding_mlx.bench_summary import summarise
 from pudding_mlx.bench_timing import Trial, make_prompt, measure, run_request, wrapper_overhead
 from pudding_mlx.cli import main
 from pudding_mlx.errors import PuddingError
-from pudding_mlx.flops import Shape, combined_ideal, decode_ideal, prefill_ideal
+from pudding_mlx.flops import DecodeBytes, Shape, combined_ideal, decode_ideal, prefill_ideal
 from pudding_mlx.masking import layer_owner
 from pudding_mlx.model import load
 from pudding_mlx.residency import Residency
@@ -50,7 +50,8 @@ def _trial(kind, p, g, ttft, total, router=0.0):
 
 def test_summary_by_hand():
     shape = Shape(hidden=8, layers=4, heads=2, kv_heads=1, head_dim=4, intermediate=16, vocab=10)
-    facts = {"shape": shape.__dict__, "bytes_per_param": 4.0, "kv_bytes": 4}
+    weights = DecodeBytes.from_shape(shape, 4.0, 4)
+    facts = {"shape": shape.__dict__, "decode_bytes": weights.__dict__}
     trials = [
         # time to first token at 64 tokens: dense medians 2.0 s, routed 1.6 s (router 0.1 s)
         *[_trial("dense", 64, 1, t, t) for t in (2.0, 2.2, 1.9)],
@@ -60,7 +61,7 @@ def test_summary_by_hand():
         *[_trial("routed", 32, 9, 0.8, 2.8, 0.1)] * 3,
         *[_trial("mlx-lm", 32, 9, 1.0, 4.0)] * 3,
     ]
-    s = summarise(trials, facts, skipped=1)
+    s = summarise(trials, facts, skip=[1])
     (t,), (g,) = s["ttft"], s["generation"]
     assert t["ttft_speedup"] == pytest.approx(2.0 / 1.6)
     assert t["ttft_speedup_best"] == pytest.approx(1.9 / 1.5)
@@ -72,7 +73,7 @@ def test_summary_by_hand():
     assert g["decode_speedup"] == pytest.approx((8 / 2.0) / (8 / 4.0))
     assert g["total_speedup"] == pytest.approx(5.0 / 2.8)
     assert g["total_speedup_cpu"] == pytest.approx(5.0 / 2.8)
-    d_ideal = decode_ideal(shape, 32 + 4, 1, 4.0, 4)
+    d_ideal = decode_ideal(weights, 32 + 4, [1])
     assert g["ideal_decode"] == pytest.approx(d_ideal)
     assert g["ideal_total"] == pytest.approx(
         combined_ideal([1.0, 4.0], [prefill_ideal(shape, 32, 1), d_ideal]))
@@ -276,6 +277,8 @@ def test_cli_end_to_end(bundle, tmp_path, capsys, monkeypatch):
     assert [r["prompt_tokens"] for r in s["ttft"]] == [16, 24]
     assert res["machine"]["mlx"] and m["dtype"] == "float32"
     assert m["bytes_per_param"] == pytest.approx(4.0) and m["kv_bytes"] == 4
+    weights = DecodeBytes.from_shape(Shape(**m["shape"]), 4, 4)  # fp32: the config's count
+    assert m["decode_bytes"] == {**weights.__dict__, "blocks": list(weights.blocks)}
     assert set(res["overhead"]) == {"dense_request_s", "routed_view_s", "switch_per_forward_s"}
     # Every figure from the recorded trials by hand, every ideal from the FLOP/byte model.
     med, shape = _medians(trials), Shape(**m["shape"])
@@ -292,7 +295,7 @@ def test_cli_end_to_end(bundle, tmp_path, capsys, monkeypatch):
         med("dense", 8, 6, "total_s") / med("routed", 8, 6, "total_s"))
     assert g["decode_speedup"] == pytest.approx(
         med("routed", 8, 6, "decode_tps") / med("dense", 8, 6, "decode_tps"))
-    d_ideal = decode_ideal(shape, 8 + 6 // 2, 2, 4.0, 4)
+    d_ideal = decode_ideal(weights, 8 + 6 // 2, res["route"]["skip"])
     assert g["ideal_decode"] == pytest.approx(d_ideal)
     prefill, total = med("dense", 8, 6, "ttft_s"), med("dense", 8, 6, "total_s")
     assert g["ideal_total"] == pytest.approx(

@@ -6,6 +6,7 @@ from mlx_lm.utils import _get_classes
 
 from pudding_mlx.errors import PuddingError
 from pudding_mlx.flops import (
+    DecodeBytes,
     Shape,
     combined_ideal,
     decode_flops_ideal,
@@ -42,8 +43,10 @@ def test_hand_count_tiny():
     assert prefill_ideal(s, 4, 1) == pytest.approx((3 * 4928 + 160) / (2 * 4928 + 160))
     # fp32 weights, fp16 KV at context 5: block 592 x 4 + 2 x (1 x 4) x 5 x 2 = 2448 bytes;
     # outside the blocks: embedding row 8 + final norm 8 + head 10 x 8 = 96 params x 4.
-    assert s.decode_bytes(5, 4, 2) == 3 * 2448 + 384
-    assert decode_ideal(s, 5, 1, 4, 2) == pytest.approx((3 * 2448 + 384) / (2 * 2448 + 384))
+    weights = DecodeBytes.from_shape(s, 4, 2)
+    assert weights.total(5) == 3 * 2448 + 384
+    assert weights.total(5, [1]) == 2 * 2448 + 384
+    assert decode_ideal(weights, 5, [1]) == pytest.approx((3 * 2448 + 384) / (2 * 2448 + 384))
     assert decode_flops_ideal(s, 5, 1) == pytest.approx((3 * 1312 + 160) / (2 * 1312 + 160))
 
 
@@ -51,7 +54,8 @@ def test_ideal_limits():
     s = Shape.from_config(SMOLLM2)
     assert prefill_ideal(s, 512, 0) == 1.0
     # The LM head and the embeddings are not skipped: the ideal stays below 30 / 24.
-    for ideal in (prefill_ideal(s, 128, 6), decode_ideal(s, 200, 6, 4)):
+    weights = DecodeBytes.from_shape(s, 4, 4)
+    for ideal in (prefill_ideal(s, 128, 6), decode_ideal(weights, 200, range(6))):
         assert 1.1 < ideal < 30 / 24
     # Longer prompts: the blocks' share grows (attention is quadratic), so the ideal grows.
     assert prefill_ideal(s, 128, 6) < prefill_ideal(s, 512, 6) < 30 / 24
