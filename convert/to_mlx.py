@@ -97,9 +97,11 @@ class Tolerance:
 # every matmul, so they get distribution-level bounds. Measured on SmolLM2-135M (dense / 5 of
 # 30 blocks skipped): fp32 max |dlogprob| 7e-5 / 2e-4; mean KL fp16 3e-5 / 5e-4, bf16
 # 1.4e-3 / 1.4e-2, q8 2e-3 / 5e-3, q4 0.64 / 1.19 (SmolLM2 ships as Q4_1 already; 4-bit again
-# breaks it, and the q4 bound refuses that).
+# breaks it, and the q4 bound refuses that). Gemma 3 270M's larger activations amplify the
+# summation-order noise when blocks are removed: fp32 max |dlogprob| 1.3e-4 dense, 1.3e-3 with
+# 6 of 18 skipped (mean KL <= 2e-9), hence 5e-3; a wrong embedding scale gave 0.2-2.7.
 TOLERANCES = {
-    "float32": Tolerance(1e-3, 1e-5, 0.99),
+    "float32": Tolerance(5e-3, 1e-5, 0.99),
     "float16": Tolerance(None, 5e-3, 0.95),
     "bfloat16": Tolerance(None, 5e-2, 0.90),
     "q8": Tolerance(None, 5e-2, 0.90),
