@@ -102,8 +102,11 @@ class Tolerance:
 # searched and routed on the float model stop describing the model that runs: q4 may cost up to
 # about one block (0.1), q8 (near-lossless, 2e-3) 5x less. SmolLM2 ships as Q4_1, and 4 bits
 # again cost as much as its whole 4-block static set (0.66): refused unless --max-kl.
+# Gemma 3 270M's larger activations amplify fp32 summation-order noise when blocks are removed:
+# max |dlogprob| 1.3e-4 dense, 1.3e-3 with 6 of 18 skipped (mean KL <= 2e-9), hence 5e-3; a
+# wrong embedding scale gave 0.2-2.7.
 TOLERANCES = {
-    "float32": Tolerance(1e-3, 1e-5, 0.99),
+    "float32": Tolerance(5e-3, 1e-5, 0.99),
     "float16": Tolerance(None, 5e-3, 0.95),
     "bfloat16": Tolerance(None, 5e-2, 0.90),
     "q8": Tolerance(None, 0.02, 0.95),
