@@ -9,6 +9,7 @@ batch (mlx_lm.evaluate runs them one by one, each on a deep copy of the cache).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 
 import mlx.core as mx
@@ -50,10 +51,15 @@ def continuation_logprobs(model: nn.Module, make_cache: Callable[[], list],
     Greedy: every token of the continuation is the model's argmax (lm-eval's is_greedy). The
     continuations run as one right-padded batch on copies of the context's cache (padding
     comes after every real token, so the causal mask keeps it out), or one by one with the
-    cache trimmed back after each when the cache cannot be copied.
+    cache trimmed back after each (or on a deep copy) when it cannot be batched.
     """
     cache = make_cache()
-    last = model(mx.array(context)[None], cache=cache)[0, -1:]
+    if len(context) > 1:
+        # Fill the cache without evaluating the logits (MLX is lazy), as mlx-lm's prefill does:
+        # the LM head then runs at one context position, not all (Gemma's is 262k wide).
+        model(mx.array(context[:-1])[None], cache=cache)
+        mx.eval([c.state for c in cache])
+    last = model(mx.array(context[-1:])[None], cache=cache)[0]
     scores = [_score(last, [c[0]]) for c in continuations]
     rest = [i for i, c in enumerate(continuations) if len(c) > 1]
     batch = _batched(cache, len(rest)) if len(rest) > 1 else None
@@ -66,15 +72,17 @@ def continuation_logprobs(model: nn.Module, make_cache: Callable[[], list],
             s, g = _score(logits[b, :len(cont) - 1], cont[1:])
             scores[i] = (scores[i][0] + s, scores[i][1] & g)
     else:
-        if not can_trim_prompt_cache(cache):
-            raise PuddingError("this model's cache can neither be copied nor trimmed; cannot "
-                               "share the context between continuations")
+        # A rotating cache past its window cannot be trimmed back: each continuation then
+        # runs on its own deep copy (as mlx_lm.evaluate does for every request).
+        trim = can_trim_prompt_cache(cache)
         for i in rest:
             cont = continuations[i]
-            s, g = _score(model(mx.array(cont[:-1])[None], cache=cache)[0], cont[1:])
+            c = cache if trim else copy.deepcopy(cache)
+            s, g = _score(model(mx.array(cont[:-1])[None], cache=c)[0], cont[1:])
             scores[i] = (scores[i][0] + s, scores[i][1] & g)
             mx.eval(scores[i])
-            trim_prompt_cache(cache, len(cont) - 1)
+            if trim:
+                trim_prompt_cache(cache, len(cont) - 1)
     return [(s.item(), g.item()) for s, g in scores]
 
 
