@@ -28,6 +28,7 @@ COMMANDS = {
     "eval-compare": "pudding_mlx.eval_compare:eval_compare",
     "serve": "pudding_mlx.serve:serve",
     "fidelity": "pudding_mlx.fidelity_cli:fidelity",
+    "pareto": "pudding_mlx.pareto:pareto_command",
 }
 # the extra that brings a command's packages, where it is not train/coreml
 EXTRAS = {"serve": "serve"}

@@ -119,7 +119,7 @@ def test_the_scan_catches_what_it_should(tmp_path):
 MODEL_SOURCES = {
     "generate": ["--bundle"], "chat": ["--bundle"], "info": ["bundle"], "bench": ["--bundle"],
     "serve": ["--bundle"], "fidelity": ["bundle", "--prompts"],
-    "eval": ["bundle", "--torch-model"], "eval-compare": [], "demo": ["--bundle"],
+    "eval": ["bundle", "--torch-model"], "eval-compare": [], "pareto": [], "demo": ["--bundle"],
     "search": ["--model"], "sleb": ["--model"], "label": ["--model"],
     "train-router": ["--backbone"],
     "convert": ["--model", "--router"], "build": ["--model", "--backbone"],
