@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import click
-
-from .files import write_atomic, write_json
+from .files import write_report
 
 LABELS = {"arc_challenge": "ARC-C", "arc_easy": "ARC-E", "boolq": "BoolQ",
           "hellaswag": "HellaSwag", "piqa": "PIQA", "winogrande": "WinoGrande",
@@ -14,16 +12,9 @@ LABELS = {"arc_challenge": "ARC-C", "arc_easy": "ARC-E", "boolq": "BoolQ",
 
 
 def write_all(folder: str | Path, results: dict) -> None:
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    write_json(folder / "results.json", results)
-    write_atomic(folder / "results.md", markdown(results))
-    if any(t["skip_frequency"] for t in results["tasks"].values()):
-        try:
-            skip_heatmap(folder / "skip_heatmap.png", results)
-        except ImportError:
-            click.echo("matplotlib is not installed: no skip_heatmap.png "
-                       "(pip install 'pudding-mlx[plots]')", err=True)
+    heatmap = any(t["skip_frequency"] for t in results["tasks"].values())
+    write_report(folder, "results", results, markdown(results),
+                 {"skip_heatmap.png": lambda p: skip_heatmap(p, results)} if heatmap else None)
 
 
 def _row_label(m: str, results: dict) -> str:

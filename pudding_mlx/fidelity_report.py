@@ -4,21 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import click
-
-from .files import write_atomic, write_json
+from .files import write_report
 
 
 def write_all(folder: str | Path, results: dict) -> None:
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    write_json(folder / "results.json", results)
-    write_atomic(folder / "results.md", markdown(results))
-    try:
-        plot(folder / "fidelity.png", results)
-    except ImportError:
-        click.echo("matplotlib is not installed: no fidelity.png (pip install "
-                   "'pudding-mlx[plots]')", err=True)
+    write_report(folder, "results", results, markdown(results),
+                 {"fidelity.png": lambda p: plot(p, results)})
 
 
 def _label(row: str, results: dict) -> str:

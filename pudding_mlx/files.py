@@ -62,6 +62,25 @@ def write_json(path: str | Path, doc: Any, indent: int | None = 1) -> Path:
     return write_atomic(path, json.dumps(doc, indent=indent) + "\n")
 
 
+def write_report(folder: str | Path, stem: str, doc: Any, markdown: str,
+                 plots: dict[str, Callable[[Path], None]] | None = None) -> Path:
+    """`stem`.json and `stem`.md in `folder` (made if missing), then each plot file by its
+    drawing function; without matplotlib a plot is left out with one line on stderr."""
+    import click
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json(folder / f"{stem}.json", doc)
+    write_atomic(folder / f"{stem}.md", markdown)
+    for name, draw in (plots or {}).items():
+        try:
+            draw(folder / name)
+        except ImportError:
+            click.echo(f"matplotlib is not installed: no {name} (pip install "
+                       "'pudding-mlx[plots]')", err=True)
+    return folder
+
+
 def remove_stale_temps(folder: Path) -> list[Path]:
     """Delete the `write_atomic` temporary files of writers that no longer run (killed)."""
     removed = []

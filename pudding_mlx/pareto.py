@@ -23,7 +23,7 @@ import numpy as np
 
 from .errors import PuddingError
 from .eval_stats import paired_bootstrap
-from .files import read_json, write_atomic, write_json
+from .files import read_json, write_report
 
 SERIES = ("static", "fixed-k", "tolerance", "default")
 
@@ -311,13 +311,6 @@ def pareto_command(fidelity_dir, eval_dir, bench_dirs, output, resamples, seed):
         runs.append(read_json(path) if path else None)
     bench = dict(read_bench(b) for b in bench_dirs)
     result = pareto(*runs, bench, resamples, seed)
-    out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "pareto.json", result)
-    write_atomic(out / "pareto.md", markdown(result))
-    try:
-        plot(out / "pareto.png", result)
-    except ImportError:
-        click.echo("matplotlib is not installed: no pareto.png (pip install "
-                   "'pudding-mlx[plots]')", err=True)
+    write_report(output, "pareto", result, markdown(result),
+                 {"pareto.png": lambda p: plot(p, result)})
     click.echo(markdown(result))

@@ -135,3 +135,18 @@ def test_cli_writes_json_markdown_and_plot(tmp_path, monkeypatch, capsys):
     assert set(p["a2"]["metrics"]) == {"kl", "accuracy"}
     assert "routed@0.5" in (out / "pareto.md").read_text()
     assert (out / "pareto.png").stat().st_size > 0
+
+
+def test_report_without_matplotlib_keeps_json_and_markdown(tmp_path, capsys):
+    from pudding_mlx.files import write_report
+
+    def no_matplotlib(path):
+        raise ImportError("No module named 'matplotlib'")
+
+    drawn = []
+    write_report(tmp_path / "r", "pareto", {"a": 1}, "# md\n",
+                 {"x.png": no_matplotlib, "y.png": drawn.append})
+    assert json.loads((tmp_path / "r" / "pareto.json").read_text()) == {"a": 1}
+    assert (tmp_path / "r" / "pareto.md").read_text() == "# md\n"
+    assert drawn == [tmp_path / "r" / "y.png"]  # one missing plot does not stop the others
+    assert "matplotlib is not installed: no x.png" in capsys.readouterr().err
