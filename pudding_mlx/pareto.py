@@ -277,7 +277,7 @@ def plot(path: str | Path, result: dict) -> None:
             ax.errorbar(x, y, yerr=err, fmt=marker, color=color, label=series, capsize=2)
             if series != "static":
                 for (row, _), xi, yi in zip(pts, x, y, strict=True):
-                    ax.annotate(row.replace("routed", ""), (xi, yi), fontsize=7,
+                    ax.annotate(row.removeprefix("routed") or "default", (xi, yi), fontsize=7,
                                 xytext=(3, 3), textcoords="offset points")
         ax.set_xlabel(f"mean fraction of blocks skipped (of {result['num_blocks']})")
         ax.set_ylabel("mean KL to dense (nats/token)" if metric == "kl"
