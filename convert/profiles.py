@@ -76,24 +76,44 @@ PROFILES = {
         warmup_steps=10,
         coreml=False,
     ),
-    # Quality-aware routing (issue 12): nested sets of 2, 4, 6 and 8 blocks from one greedy
-    # fidelity search on 128 train prompts, plus dense; labels on all 185 packaged train
-    # prompts in float32 (bf16 changed dense's continuation, see fidelity-labels-check); the
-    # router sees ~150 prompts, so more epochs, a larger step and a short warm-up than the
-    # paper's 500 steps. kl_target 0.25 nats/token: skipping SmolLM2's cheapest single block
-    # already costs 0.27 (issue 12), so this keeps the default near one block's damage.
+    # Quality-aware routing (issue 12): nested sets of 1, 2, 3, 4, 6 and 8 blocks from one
+    # greedy fidelity search on 128 train prompts, plus dense (steps of one block at the low
+    # end: on SmolLM2 one block already costs 0.18 nats/token, two 0.34); labels on all 185
+    # packaged train prompts in float32 (bf16 changed dense's continuation, see
+    # fidelity-labels-check); the router sees ~150 prompts, so more epochs, a larger step and
+    # a short warm-up than the paper's 500 steps. kl_target 0.25 nats/token: skipping
+    # SmolLM2's cheapest single block already costs 0.27 on 16 prompts (issue 12), so this
+    # keeps the default near one block's damage.
     "quality": Profile(
         target="fidelity",
         tasks=(),
         losses=("fidelity",),
         k=8,
-        sizes=(2, 4, 6, 8),
+        sizes=(1, 2, 3, 4, 6, 8),
         samples=128,
         torch_dtype="float32",
         epochs=20,
         batch_size=16,
         lr=5e-5,
         warmup_steps=20,
+    ),
+    # `pudding demo`'s bundle: the quality build cut to a quarter hour on two CPU cores
+    # (k = 4 in steps of one, 32 search prompts, 32-token continuations, 10 epochs), so the
+    # demo's routed answers stay near dense's by the same default tolerance rule.
+    "demo": Profile(
+        target="fidelity",
+        tasks=(),
+        losses=("fidelity",),
+        k=4,
+        sizes=(1, 2, 3, 4),
+        samples=32,
+        max_tokens=32,
+        torch_dtype="float32",
+        epochs=10,
+        batch_size=16,
+        lr=5e-5,
+        warmup_steps=10,
+        coreml=False,
     ),
 }
 

@@ -138,7 +138,7 @@ def test_quality_profile_settings():
     q = make_profile("quality", sizes=[3], label_limit=0)
     assert (q.target, q.k, q.sizes, q.label_limit, q.torch_dtype) == (
         "fidelity", 8, (3,), None, "float32")
-    assert PROFILES["quality"].sizes == (2, 4, 6, 8)
+    assert PROFILES["quality"].sizes == (1, 2, 3, 4, 6, 8)
     with pytest.raises(PuddingError, match="between 1 and"):
         make_profile("quality", sizes=[2, 9])
     with pytest.raises(PuddingError, match="tasks: not a setting"):
