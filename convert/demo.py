@@ -1,4 +1,4 @@
-"""`pudding demo`: build the quick SmolLM2 bundle once (cached), then route a few prompts.
+"""`pudding demo`: build the demo SmolLM2 bundle once (cached), then route a few prompts.
 
 For each prompt it shows the omission set the router chose, the router's time, the dense and
 the routed answer side by side, how far the routed set is from dense on the dense answer
@@ -39,25 +39,36 @@ def cache_folder() -> Path:
 
 
 def demo_bundle(rebuild: bool) -> Path:
-    """The cached quick bundle, built (or rebuilt, or a crashed build continued) if needed."""
+    """The cached demo bundle, built (or rebuilt, or a crashed build continued) if needed.
+
+    It is the `demo` profile's quality-aware bundle: a fidelity router over nested sets of 1-4
+    blocks and dense, routed by its default tolerance, so the answers stay near dense's. A
+    bundle cached by an older pudding (a likelihood router) is built again.
+    """
+    from pudding_mlx.bundle import read_manifest
+
     from .build import run_build
     from .profiles import PROFILES
 
     root = cache_folder() / "demo"
     bundle, work = root / "bundle", root / "work"
+    cached = (bundle / "pudding.json").is_file()
+    if cached and not rebuild and read_manifest(bundle).router.target != "fidelity":
+        click.echo(f"{bundle} was built by an older pudding (no fidelity router); building the "
+                   "demo bundle again")
+        rebuild = True
     if rebuild:
         for path in (bundle, work):
             shutil.rmtree(path, ignore_errors=True)
-    if (bundle / "pudding.json").is_file():
+    elif cached:
         click.echo(f"Using the cached bundle {bundle} (--rebuild builds it again)")
         return bundle
-    click.echo(f"Building the quick SmolLM2-135M bundle in {root} (first run only; "
+    click.echo(f"Building the demo SmolLM2-135M bundle in {root} (first run only; "
                "about a quarter hour on two CPU cores)")
-    # The demo is built from packaged assets only: no hub look-ups, and tasks without a local
-    # train split calibrate on a held-out part of validation (pudding_mlx.data.uses_holdout).
+    # The demo is built from packaged assets only: no hub look-ups.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     start = time.perf_counter()
-    run_build(None, bundle, work, PROFILES["quick"])
+    run_build(None, bundle, work, PROFILES["demo"])
     click.echo(f"Built {bundle} in {time.perf_counter() - start:.0f} s")
     return bundle
 
@@ -106,8 +117,8 @@ def run_prompt(pm, prompt: str, max_tokens: int, tolerance: float | None = None)
 
 @click.command("demo")
 @click.option("--bundle", "-b", type=click.Path(exists=True, file_okay=False), default=None,
-              help="Use this bundle instead of building the quick one.")
-@click.option("--rebuild", is_flag=True, help="Build the cached quick bundle again from scratch.")
+              help="Use this bundle instead of building the demo one.")
+@click.option("--rebuild", is_flag=True, help="Build the cached demo bundle again from scratch.")
 @click.option("--max-tokens", "-m", type=int, default=48, show_default=True,
               help="Tokens per answer.")
 @click.option("--tolerance", type=float, default=None, metavar="X", help=TOLERANCE_HELP)
@@ -115,8 +126,9 @@ def demo(bundle, rebuild, max_tokens, tolerance):
     """Route a handful of prompts of different kinds; compare the routed answers with dense
     ones (KL to dense) and routed vs dense speed.
 
-    With no --bundle, the quick bundle (SmolLM2-135M-Instruct, MiniLM router, packaged data) is
-    built on the first run and cached under $PUDDING_CACHE or ~/.cache/pudding-mlx/demo."""
+    With no --bundle, the demo bundle (SmolLM2-135M-Instruct, a MiniLM router of KL to dense,
+    packaged prompts) is built on the first run and cached under $PUDDING_CACHE or
+    ~/.cache/pudding-mlx/demo."""
     from pudding_mlx.model import load
     from pudding_mlx.tolerance import Policy
 

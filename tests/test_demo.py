@@ -3,6 +3,7 @@ under that route, router time and both speeds for every prompt."""
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -64,3 +65,35 @@ def test_rebuild_and_bundle_exclude_each_other(built):
     result = CliRunner().invoke(cli, ["demo", "--bundle", str(built.path), "--rebuild"])
     assert result.exit_code != 0
     assert "--rebuild" in str(result.exception)
+
+
+def test_a_cached_likelihood_bundle_is_built_again_with_the_demo_profile(built, monkeypatch,
+                                                                         tmp_path):
+    """A demo bundle cached by an older pudding (likelihood router) is replaced by a build of
+    the demo profile; a cached fidelity bundle is used as it is."""
+    import shutil
+
+    from convert import build, demo
+    from convert.profiles import PROFILES
+
+    monkeypatch.setenv("PUDDING_CACHE", str(tmp_path))
+    shutil.copytree(built.path, tmp_path / "demo" / "bundle")
+    (tmp_path / "demo" / "work").mkdir()
+    calls = []
+
+    def fake_build(model, bundle, work, profile):
+        calls.append(profile)
+        assert not (tmp_path / "demo" / "bundle").exists()  # the old one was removed first
+        assert not work.exists()
+
+    monkeypatch.setattr(build, "run_build", fake_build)
+    assert demo.demo_bundle(rebuild=False) == tmp_path / "demo" / "bundle"
+    assert calls == [PROFILES["demo"]] and PROFILES["demo"].target == "fidelity"
+
+    manifest = tmp_path / "demo" / "bundle" / "pudding.json"
+    shutil.copytree(built.path, manifest.parent)
+    doc = json.loads(manifest.read_text())
+    doc["router"]["target"] = "fidelity"
+    manifest.write_text(json.dumps(doc))
+    assert demo.demo_bundle(rebuild=False) == manifest.parent
+    assert len(calls) == 1
