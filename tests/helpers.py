@@ -352,3 +352,20 @@ def chat_ids(tokenizer, text: str) -> list[int]:
     """The ids the LLM sees for a user message: the HF chat template, generation prompt added."""
     return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=True,
                                          add_generation_prompt=True, return_dict=False)
+
+
+def check_incremental_decoding(view, ids: list[int], prefill: int = 7, atol: float = 1e-4):
+    """Prefill `prefill` tokens into the view's caches, then feed one token at a time: every
+    step's last logits equal one full forward's, and every cache ends at len(ids)."""
+    import mlx.core as mx
+    import numpy as np
+    from mlx_lm.models.cache import make_prompt_cache
+
+    full = np.array(view(mx.array([ids])))[0]
+    cache = make_prompt_cache(view)
+    steps = [np.array(view(mx.array([ids[:prefill]]), cache=cache))[0, -1]]
+    for t in ids[prefill:]:
+        steps.append(np.array(view(mx.array([[t]]), cache=cache))[0, -1])
+    assert np.abs(np.stack(steps) - full[prefill - 1:]).max() <= atol
+    assert all(c.offset == len(ids) for c in cache)
+    return cache
