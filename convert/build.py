@@ -275,6 +275,9 @@ def make_steps(model: str, out: Path, work: Path, p: Profile, data_dir: str | No
         if quality:
             inputs["target"] = "fidelity"
             args += ["--target", "fidelity"]
+        else:  # the text it routes on (issue 11); the released code trained on rows
+            inputs["inputs"] = "context"
+            args += ["--inputs", "context"]
         weights = router_out / "router"
         return Step("router", inputs, router_out, lambda: _invoke(train_router, args),
                     lambda: hash_files((f for f in weights.rglob("*") if f.is_file()),

@@ -75,7 +75,9 @@ class TrainConfig:
     eval_fraction: float = 0.2
     head_init: str = "mean"  # "mean": bias = mean train target, weight = 0; "random"
     group_by_length: bool = True  # batches of similar length (less padding), as HF Trainer's
-    inputs: str = "rows"  # "rows": question + each choice (the paper); "context": question once
+    # "context": the question once, as it is routed; "rows": question + each choice (the
+    # released code's training text, which the router never sees when it routes a prompt)
+    inputs: str = "context"
     select: str = "best"  # keep the epoch with the lowest held-out MSE ("best") or the "last"
 
 
@@ -136,6 +138,7 @@ def predict(router, ids: list[list[int]], pad_id: int, device: str, batch_size: 
 
 
 BEST = "best.model.safetensors"  # the weights of the epoch with the lowest held-out MSE so far
+LAST = "router-last"  # beside router/, when the kept epoch is not the last one
 
 
 def _save_checkpoint(ckpt: Path, epoch: int, router, opt, sched, settings: dict,
@@ -221,7 +224,7 @@ def train(labels_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, device:
     settings = _settings(cfg, labels_dir)
     ckpt = out_dir / "checkpoint"
     if overwrite and out_dir.exists():
-        for p in (out_dir / "router", ckpt, out_dir / "metrics.json"):
+        for p in (out_dir / "router", out_dir / LAST, ckpt, out_dir / "metrics.json"):
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
     done = out_dir / "metrics.json"
     if done.is_file():
@@ -303,6 +306,8 @@ def train(labels_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, device:
     if selected != cfg.epochs:
         from safetensors.torch import load_file
 
+        # the last epoch's router too, so one run gives both sides of a best-vs-last comparison
+        router.save(out_dir / LAST, tokenizer)
         router.load_state_dict(load_file(str(ckpt / BEST)))
     click.echo(f"keeping epoch {selected} ({cfg.select}; held-out MSE "
                f"{history[selected - 1]['eval_mse']:.4f})")
@@ -489,9 +494,10 @@ def format_metrics(m: dict) -> str:
               help="Share of each task's questions held out for eval (split by question).")
 @click.option("--head-init", type=click.Choice(["mean", "random"]), default="mean",
               show_default=True, help="mean: head bias = mean train target, weights 0.")
-@click.option("--inputs", type=click.Choice(["rows", "context"]), default="rows",
-              show_default=True, help="Train on every label row (question + one choice, the "
-              "paper) or on each question's context once (what deployment routes on).")
+@click.option("--inputs", type=click.Choice(["rows", "context"]), default="context",
+              show_default=True, help="Train on each question's context once (what the router "
+              "reads when it routes) or on every label row (question + one choice, as the "
+              "paper's released code does).")
 @click.option("--group-by-length/--no-group-by-length", default=True, show_default=True,
               help="Shuffle, then batch rows of similar token length (less padding).")
 @click.option("--select", type=click.Choice(["best", "last"]), default="best", show_default=True,

@@ -78,6 +78,7 @@ class EvalSettings:
     seed: int = 0
     resamples: int = 2000
     verify: bool = True
+    cache: str | None = None  # per-set scores [default: <output>/cache]
     command: str = ""
 
 
@@ -293,7 +294,7 @@ def run_eval(settings: EvalSettings) -> dict:
         click.echo(f"Loading {source} for the {settings.backend} backend", err=True)
         scorer = backend_class(source, settings.device, settings.dtype, settings.batch_size)
         backend = scorer.description
-    cache = ScoreCache(out / "cache", scorer.fingerprint)
+    cache = ScoreCache(settings.cache or out / "cache", scorer.fingerprint)
 
     best = None
     if any(m.kind in ("best", "task-best") for m in methods):
@@ -477,9 +478,12 @@ def _averages(per_task: dict, methods: list[str], eval_tasks: Sequence[str],
 @click.option("--resamples", type=int, default=2000, show_default=True,
               help="Bootstrap resamples for the confidence intervals.")
 @click.option("--no-verify", is_flag=True, help="Skip the bundle's sha256 checks.")
+@click.option("--cache", type=click.Path(file_okay=False), default=None,
+              help="Folder of scores kept per skip set [default: OUTPUT/cache]; runs of bundles "
+                   "with the same model can share one (each file records what made it).")
 def evaluate(bundle, output, tasks, methods, limit, tolerance, backend, dequantize, torch_model,
              device, dtype, batch_size, extra_set, sets_file, baseline, best_slice, data_dir,
-             seed, resamples, no_verify):
+             seed, resamples, no_verify, cache):
     """Zero-shot accuracy of dense, static, routed, oracle and random skip sets, side by side."""
     extra = read_sets_file(sets_file) if sets_file else {}
     for value in extra_set:
@@ -493,7 +497,7 @@ def evaluate(bundle, output, tasks, methods, limit, tolerance, backend, dequanti
         torch_model=torch_model, device=device, dtype=dtype, batch_size=batch_size,
         tolerance=tolerance, extra_sets=extra, baseline=baseline,
         best_slice=best_slice, data_dir=data_dir, seed=seed, resamples=resamples,
-        verify=not no_verify, command="pudding " + shlex.join(sys.argv[1:]))
+        verify=not no_verify, cache=cache, command="pudding " + shlex.join(sys.argv[1:]))
     results = run_eval(settings)
     from .eval_report import markdown
 

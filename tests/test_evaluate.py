@@ -235,6 +235,12 @@ def test_rerun_reuses_cache_and_writes_outputs(setup, tmp_path, monkeypatch):
         assert again["tasks"][task]["n"] == 3
     freq = np.array(first["tasks"]["piqa"]["skip_frequency"])
     assert freq.sum() == pytest.approx(2.0)  # every candidate skips two blocks
+    # another output folder reading the same --cache: nothing scored again, same answers
+    shared = run(tb, data, tmp_path / "other", methods="dense,static:early,pudding",
+                 cache=str(out / "cache"))
+    assert not (tmp_path / "other" / "cache").exists()
+    for task in TASKS:
+        assert shared["tasks"][task]["questions"] == first["tasks"][task]["questions"]
 
 
 def test_hellaswag_evaluation_excludes_holdout(setup):

@@ -190,7 +190,7 @@ def test_best_epoch_is_kept(tmp_path, tiny_encoder, monkeypatch):
     t = read_labels(labels)
     q = group_questions(t.task, t.qid, t.choice, t.gold, t.loglik, t.context)
     is_eval = split_questions(q.keys, 0.2, 42)
-    y_eval = q.targets("likelihood")[q.row_question][is_eval[q.row_question]]
+    y_eval = q.targets("likelihood")[is_eval]  # one item per question (--inputs context)
     real = tr.predict
 
     def run(out, stop=None, **kw):
@@ -218,6 +218,11 @@ def test_best_epoch_is_kept(tmp_path, tiny_encoder, monkeypatch):
     last = run(tmp_path / "last", select="last")
     assert last["selected_epoch"] == 4
     assert not np.array_equal(_weights(tmp_path / "last")["head.weight"], kept["head.weight"])
+    # the best run also leaves its last epoch's router (same seed: the --select last router)
+    beside = load_file(str(tmp_path / "best" / tr.LAST / "model.safetensors"))
+    for k, v in _weights(tmp_path / "last").items():
+        np.testing.assert_array_equal(beside[k], v, err_msg=k)
+    assert not (tmp_path / "last" / tr.LAST).exists()
 
 
 def test_untrained_router_predicts_train_mean(tmp_path, tiny_encoder):
