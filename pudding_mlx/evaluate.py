@@ -164,8 +164,10 @@ def router_scores(pm, cache, task: str, examples, batch: int = 32
         return out
 
     router_files = sorted((k, v) for k, v in pm.manifest.files.items() if k.startswith("router/"))
-    extra = {"router": digest([router_files, names]), "text": "router_text-v1"}
-    return cache.fill(task, "router-scores", qids, compute, chunk=512,
+    router = digest([router_files, names])
+    extra = {"router": router, "text": "router_text-v1"}
+    # one file per router, so bundles sharing a --cache do not evict each other's
+    return cache.fill(task, f"router-scores-{router[:12]}", qids, compute, chunk=512,
                       desc=f"{task} routing", extra=extra)
 
 

@@ -1,0 +1,193 @@
+"""Which ingredient moves routed-minus-best-static (issue 11): one router per row, each row one
+change against a baseline, every row scored on the same questions in the same dtype.
+
+Rows (`ROWS`): the baseline is session 2's recipe (candidates from 32 calibration questions per
+task, 300 labelled questions per task, the last epoch kept, WinoGrande's router text cut before
+the blank at training); each other row changes one of those; `all` changes all four. Routers
+share one recipe (`RECIPE`: MiniLM-L6 on the question text, lr 1e-4, 30 warm-up steps, 10
+epochs) so that only the row's change differs. A row that keeps the best epoch and one that
+keeps the last come from the same training run (train-router leaves both).
+
+    python benchmarks/router_ablation.py \\
+        --old-candidates examples/results/smollm2/candidates.json \\
+        --old-labels examples/results/smollm2/labels-paper \\
+        --new-candidates examples/results/smollm2-paper/build/search/candidates.json \\
+        --new-labels examples/results/smollm2-paper/build/labels \\
+        --out examples/results/eval/paper/ablation --limit 500
+
+Every step is reused when done (derived labels, routers, bundles, per-set scores in one shared
+eval cache), so an interrupted run continues; `--rows` runs some rows only. Writes
+`<out>/<row>/` (a `pudding eval` folder per row), `<out>/routers/<key>/metrics.json` (learning
+curves) and `<out>/ablation.md` / `ablation.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import shutil
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from convert.build import _invoke
+from convert.label_store import META, read_labels, read_meta, write_shard
+from convert.router_metrics import question_context
+from convert.to_bundle import convert
+from convert.train_router import LAST, TrainConfig, train
+from pudding_mlx.evaluate import EvalSettings, run_eval
+from pudding_mlx.files import read_json, write_json, write_report
+from pudding_mlx.tasks import EVAL_TASKS
+
+
+@dataclass(frozen=True)
+class Row:
+    change: str  # what the row changes against the baseline
+    candidates: str  # "old" (32 calibration questions per task) or "new" (128)
+    per_task: int | None  # labelled questions per task the router trains on (None: all)
+    wino: str  # WinoGrande router text at training: "before-blank" (old) or "sentence"
+    select: str  # "last" or "best" epoch
+
+    @property
+    def router_key(self) -> str:
+        return f"{self.candidates}-{self.per_task or 'all'}-{self.wino}"
+
+
+ROWS = {
+    "baseline": Row("none (session 2's recipe)", "old", 300, "before-blank", "last"),
+    "calib-128": Row("32 -> 128 calibration questions", "new", 300, "before-blank", "last"),
+    "all-labels": Row("300 -> all labels", "old", None, "before-blank", "last"),
+    "best-epoch": Row("last -> best epoch", "old", 300, "before-blank", "best"),
+    "wino-fix": Row("WinoGrande input fix", "old", 300, "sentence", "last"),
+    "all": Row("all four", "new", None, "sentence", "best"),
+}
+RECIPE = TrainConfig(inputs="context", lr=1e-4, warmup_steps=30, epochs=10, batch_size=32,
+                     select="best", target="likelihood")
+SEED = 42
+
+
+def derive_labels(source: Path, out: Path, per_task: int | None, wino: str) -> Path:
+    """A copy of a label folder with a seeded sample of `per_task` questions per task and, for
+    wino == "before-blank", WinoGrande's router text as the pre-fix labels wrote it (the common
+    prefix of its rows' prompts: the sentence before the blank)."""
+    spec = {"source": read_meta(source).get("settings"), "per_task": per_task, "wino": wino,
+            "seed": SEED}
+    if (out / META).is_file() and read_meta(out).get("derived") == spec:
+        return out
+    t = read_labels(source)
+    keep = set()
+    for task in sorted(set(t.task)):
+        qids = sorted({q for k, q in zip(t.task, t.qid, strict=True) if k == task})
+        n = len(qids) if per_task is None else min(per_task, len(qids))
+        keep |= {(task, q) for q in random.Random(SEED).sample(qids, n)}
+    rows = [i for i, k in enumerate(zip(t.task, t.qid, strict=True)) if k in keep]
+    context = list(t.context)
+    if wino == "before-blank":
+        texts: dict[str, list[str]] = {}
+        for i in rows:
+            if t.task[i] == "winogrande":
+                texts.setdefault(t.qid[i], []).append(t.text[i])
+        for i in rows:
+            if t.task[i] == "winogrande":
+                context[i] = question_context(texts[t.qid[i]])
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    write_shard(out, 0, {
+        "task": [t.task[i] for i in rows], "qid": [t.qid[i] for i in rows],
+        "choice": [int(t.choice[i]) for i in rows], "gold": [int(t.gold[i]) for i in rows],
+        "text": [t.text[i] for i in rows], "context": [context[i] for i in rows],
+        "loglik": t.loglik[rows].tolist()})
+    write_json(out / META, {**t.meta, "num_shards": 1, "complete": True, "derived": spec,
+                            "questions": len(keep), "rows": len(rows)})
+    return out
+
+
+def router_dir(trained: Path, select: str) -> Path:
+    """The kept epoch's router, or the last epoch's (the same folder when they coincide)."""
+    last = trained / LAST
+    return last if select == "last" and last.is_dir() else trained / "router"
+
+
+def run_row(name: str, row: Row, args) -> dict:
+    cands = args.old_candidates if row.candidates == "old" else args.new_candidates
+    labels = args.old_labels if row.candidates == "old" else args.new_labels
+    work = Path(args.work)
+    derived = derive_labels(Path(labels), work / "labels" / row.router_key, row.per_task,
+                            row.wino)
+    trained = Path(args.out) / "routers" / row.router_key
+    train(derived, trained, replace(RECIPE), device=args.device)  # train() fills in a copy
+    bundle = work / "bundles" / f"{row.router_key}-{row.select}"
+    router = router_dir(trained, row.select)
+    source = {"candidates": str(cands), "router": str(router),
+              "router_metrics": read_json(trained / "metrics.json")["settings"]}
+    made = bundle.with_name(bundle.name + ".json")  # beside it: a bundle lists all its files
+    if not (bundle / "pudding.json").is_file() or not made.is_file() or read_json(made) != source:
+        shutil.rmtree(bundle, ignore_errors=True)
+        _invoke(convert, ["--model", args.model, "--candidates", cands, "--router", router,
+                          "--out", bundle, "--dtype", "float32", "--no-coreml"])
+        write_json(made, source)
+    out = Path(args.out) / name
+    return run_eval(EvalSettings(
+        bundle=str(bundle), output=str(out), tasks=EVAL_TASKS, limit=args.limit,
+        backend="torch", torch_model=args.model, device=args.device, dtype=args.dtype,
+        baseline="static:best", cache=str(Path(args.out) / "cache"),
+        command=f"python benchmarks/router_ablation.py --rows {name} (see ../README.md)"))
+
+
+def table(results: dict[str, dict], metrics: dict[str, dict]) -> tuple[str, dict]:
+    def cell(p: dict) -> str:
+        return f"{100 * p['diff']:+.2f} [{100 * p['low']:+.2f}, {100 * p['high']:+.2f}]"
+
+    lines = ["| row | change | routed | static:best | static:task-best | oracle:task "
+             "| routed - static:best | routed - static:task-best | epoch kept |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    summary = {}
+    for avg in ("six", "above_chance"):
+        lines.append(f"| **{avg.replace('_', ' ')}** | | | | | | | | |")
+        for name, r in results.items():
+            a = r["averages"][avg]
+            s, p = a["results"], a["pairs"]
+            m = metrics[name]
+            epoch = m["selected_epoch"] if ROWS[name].select == "best" else len(m["history"])
+            lines.append(
+                f"| {name} | {ROWS[name].change} | {100 * s['pudding']:.2f} "
+                f"| {100 * s['static:best']:.2f} | {100 * s['static:task-best']:.2f} "
+                f"| {100 * s['oracle:task']:.2f} | {cell(p['static:best'])} "
+                f"| {cell(p['static:task-best'])} | {epoch} of {len(m['history'])} |")
+            summary.setdefault(name, {"row": asdict(ROWS[name])})[avg] = {
+                "results": s, "minus_static_best": p["static:best"],
+                "minus_static_task_best": p["static:task-best"], "epoch": epoch}
+    return "\n".join(lines) + "\n", summary
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--old-candidates", required=True)
+    ap.add_argument("--old-labels", required=True)
+    ap.add_argument("--new-candidates", required=True)
+    ap.add_argument("--new-labels", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--work", default=str(Path.home() / ".cache/pudding-mlx/ablation"),
+                    help="derived labels and bundles (large, regenerable)")
+    ap.add_argument("--model", default=None, help="[default: the packaged SmolLM2 GGUF]")
+    ap.add_argument("--rows", default=",".join(ROWS))
+    ap.add_argument("--limit", type=int, default=500, help="questions per task")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default="bfloat16", help="torch scoring dtype, every row")
+    args = ap.parse_args()
+    if args.model is None:
+        from convert.assets import default_model
+
+        args.model = str(default_model())
+    names = [r.strip() for r in args.rows.split(",") if r.strip()]
+    if bad := [n for n in names if n not in ROWS]:
+        ap.error(f"unknown rows {bad}; expected {', '.join(ROWS)}")
+    results = {n: run_row(n, ROWS[n], args) for n in names}
+    metrics = {n: read_json(Path(args.out) / "routers" / ROWS[n].router_key / "metrics.json")
+               for n in names}
+    md, summary = table(results, metrics)
+    write_report(Path(args.out), "ablation", summary, md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
