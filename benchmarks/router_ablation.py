@@ -6,7 +6,8 @@ task, 300 labelled questions per task, the last epoch kept, WinoGrande's router 
 the blank at training); each other row changes one of those; `all` changes all four. Routers
 share one recipe (`RECIPE`: MiniLM-L6 on the question text, lr 1e-4, 30 warm-up steps, 10
 epochs) so that only the row's change differs. A row that keeps the best epoch and one that
-keeps the last come from the same training run (train-router leaves both).
+keeps the last come from the same training run (train-router leaves both). Two more rows try
+item 6 of the issue on top of `all` (`choices`, `margin`; pass them in --rows).
 
     python benchmarks/router_ablation.py \\
         --old-candidates examples/results/smollm2/candidates.json \\
@@ -46,10 +47,14 @@ class Row:
     per_task: int | None  # labelled questions per task the router trains on (None: all)
     wino: str  # WinoGrande router text at training: "before-blank" (old) or "sentence"
     select: str  # "last" or "best" epoch
+    inputs: str = "context"  # the router reads the question, or it and its choices
+    target: str = "likelihood"
 
     @property
     def router_key(self) -> str:
-        return f"{self.candidates}-{self.per_task or 'all'}-{self.wino}"
+        extra = "".join(f"-{v}" for v, d in ((self.inputs, "context"),
+                                             (self.target, "likelihood")) if v != d)
+        return f"{self.candidates}-{self.per_task or 'all'}-{self.wino}{extra}"
 
 
 ROWS = {
@@ -59,9 +64,16 @@ ROWS = {
     "best-epoch": Row("last -> best epoch", "old", 300, "before-blank", "best"),
     "wino-fix": Row("WinoGrande input fix", "old", 300, "sentence", "last"),
     "all": Row("all four", "new", None, "sentence", "best"),
+    # issue 11 item 6, tried on top of `all`: the router also reads the answer choices (which
+    # set ranks the gold answer first depends on its competitors), or regresses the margin
+    # (gold minus the distractors, closer to accuracy; it overfit 1,200 questions in session 2)
+    "choices": Row("all four + router reads the choices", "new", None, "sentence", "best",
+                   inputs="choices"),
+    "margin": Row("all four + margin target", "new", None, "sentence", "best",
+                  target="margin"),
 }
-RECIPE = TrainConfig(inputs="context", lr=1e-4, warmup_steps=30, epochs=10, batch_size=32,
-                     select="best", target="likelihood")
+DEFAULT_ROWS = ("baseline", "calib-128", "all-labels", "best-epoch", "wino-fix", "all")
+RECIPE = TrainConfig(lr=1e-4, warmup_steps=30, epochs=10, batch_size=32, select="best")
 SEED = 42
 
 
@@ -114,7 +126,8 @@ def run_row(name: str, row: Row, args) -> dict:
     derived = derive_labels(Path(labels), work / "labels" / row.router_key, row.per_task,
                             row.wino)
     trained = Path(args.out) / "routers" / row.router_key
-    train(derived, trained, replace(RECIPE), device=args.device)  # train() fills in a copy
+    train(derived, trained, replace(RECIPE, inputs=row.inputs, target=row.target),
+          device=args.device)  # a copy: train() fills in its config
     bundle = work / "bundles" / f"{row.router_key}-{row.select}"
     router = router_dir(trained, row.select)
     source = {"candidates": str(cands), "router": str(router),
@@ -169,7 +182,7 @@ def main() -> None:
     ap.add_argument("--work", default=str(Path.home() / ".cache/pudding-mlx/ablation"),
                     help="derived labels and bundles (large, regenerable)")
     ap.add_argument("--model", default=None, help="[default: the packaged SmolLM2 GGUF]")
-    ap.add_argument("--rows", default=",".join(ROWS))
+    ap.add_argument("--rows", default=",".join(DEFAULT_ROWS), help=f"of {', '.join(ROWS)}")
     ap.add_argument("--limit", type=int, default=500, help="questions per task")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="bfloat16", help="torch scoring dtype, every row")

@@ -33,6 +33,7 @@ import numpy as np
 
 from pudding_mlx.errors import PuddingError
 from pudding_mlx.files import write_atomic, write_json
+from pudding_mlx.tasks import ROUTER_INPUTS, with_choices
 
 from .assets import minilm_path
 from .device import resolve_device
@@ -75,8 +76,9 @@ class TrainConfig:
     eval_fraction: float = 0.2
     head_init: str = "mean"  # "mean": bias = mean train target, weight = 0; "random"
     group_by_length: bool = True  # batches of similar length (less padding), as HF Trainer's
-    # "context": the question once, as it is routed; "rows": question + each choice (the
-    # released code's training text, which the router never sees when it routes a prompt)
+    # "context": the question once, as it is routed; "choices": the question and its choices
+    # (tasks.with_choices; eval gives such a router the same); "rows": question + one choice
+    # per item (the released code's training text, which the router never sees when routing)
     inputs: str = "context"
     select: str = "best"  # keep the epoch with the lowest held-out MSE ("best") or the "last"
 
@@ -215,8 +217,8 @@ def train(labels_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, device:
     if (cfg.target == "fidelity") != (kind == "fidelity"):
         raise PuddingError(f"--target {cfg.target}: {labels_dir} holds {kind} labels "
                            f"(fidelity routers need `pudding label --target fidelity`)")
-    if cfg.inputs not in ("rows", "context"):
-        raise PuddingError(f"--inputs must be rows or context, got {cfg.inputs!r}")
+    if cfg.inputs not in ("rows", *ROUTER_INPUTS):
+        raise PuddingError(f"--inputs must be rows, context or choices, got {cfg.inputs!r}")
     if cfg.select not in ("best", "last"):
         raise PuddingError(f"--select must be best or last, got {cfg.select!r}")
     cfg.backbone = cfg.backbone or str(minilm_path())
@@ -245,7 +247,8 @@ def train(labels_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, device:
     torch.manual_seed(cfg.seed)
     tokenizer = AutoTokenizer.from_pretrained(cfg.backbone, trust_remote_code=False)
     rcfg = RouterConfig(backbone=cfg.backbone, num_outputs=len(names), max_length=cfg.max_length,
-                        pooling=cfg.pooling, outputs=names, target=cfg.target)
+                        pooling=cfg.pooling, outputs=names, target=cfg.target,
+                        inputs="choices" if cfg.inputs == "choices" else "context")
     router = Router.from_backbone(cfg.backbone, rcfg)
     if cfg.num_layers:
         keep_first_layers(router.encoder, cfg.num_layers)
@@ -344,13 +347,27 @@ def _likelihood_data(labels_dir: Path, cfg: TrainConfig) -> TrainData:
     q = group_questions(table.task, table.qid, table.choice, table.gold, table.loglik,
                         table.context, where=str(labels_dir))
     is_eval = split_questions(q.keys, cfg.eval_fraction, cfg.seed)
+    questions = question_inputs(q, table, cfg.inputs)
     texts, item_q = ((table.text, q.row_question) if cfg.inputs == "rows"
-                     else (q.contexts, np.arange(len(q.keys))))
+                     else (questions, np.arange(len(q.keys))))
     return TrainData(
         table.candidate_names, texts, q.targets(cfg.target)[item_q].astype(np.float32),
         np.flatnonzero(~is_eval[item_q]), np.flatnonzero(is_eval[item_q]), "questions",
         len(q.keys),
-        lambda router, tok, device: evaluate(router, tok, q, table, is_eval, cfg, device))
+        lambda router, tok, device: evaluate(router, tok, q, table, is_eval, cfg, device,
+                                             questions))
+
+
+def question_inputs(q: Questions, table: LabelTable, inputs: str) -> list[str]:
+    """What the router reads once per question: its context, or with "choices" the context and
+    each choice (`tasks.with_choices` over the question's label rows in choice order, as
+    `Example.router_input` builds it from the same texts at evaluation)."""
+    if inputs != "choices":
+        return q.contexts
+    texts: list[list[str]] = [[] for _ in q.keys]
+    for r in np.lexsort((table.choice, q.row_question)):
+        texts[q.row_question[r]].append(table.text[r])
+    return [with_choices(c, t) for c, t in zip(q.contexts, texts, strict=True)]
 
 
 def _fidelity_data(labels_dir: Path, cfg: TrainConfig) -> TrainData:
@@ -386,18 +403,18 @@ def evaluate_fidelity(router, tokenizer, table: FidelityTable, is_eval: np.ndarr
 
 
 def evaluate(router, tokenizer, q: Questions, table: LabelTable, is_eval: np.ndarray,
-             cfg: TrainConfig, device: str) -> dict:
+             cfg: TrainConfig, device: str, questions: list[str]) -> dict:
     """Metrics on the eval questions. Two ways to route: "rows" feeds the router each label row
-    (question + one choice, as in training; each row is one decision, a question's decisions
-    averaged) and "context" feeds it the question once (the common prefix of the rows'
-    prompts, see router_metrics.question_context), as deployment does."""
+    (question + one choice, as the released code trains; each row is one decision, a
+    question's decisions averaged) and "context" feeds it each question's text once
+    (`questions`: its context, or context and choices), as deployment does."""
     names = table.candidate_names
     evals = np.flatnonzero(is_eval)
     eval_rows = np.flatnonzero(is_eval[q.row_question])
     pad_id = tokenizer.pad_token_id or 0
     ids = _tokenize(tokenizer, [table.text[r] for r in eval_rows], cfg.max_length)
     pred_rows = predict(router, ids, pad_id, device, desc="eval rows")
-    ctx_ids = _tokenize(tokenizer, [q.contexts[i] for i in evals], cfg.max_length)
+    ctx_ids = _tokenize(tokenizer, [questions[i] for i in evals], cfg.max_length)
     pred_ctx = predict(router, ctx_ids, pad_id, device, desc="eval contexts")
     t = q.targets(cfg.target)
     rows_q = q.row_question[eval_rows]
@@ -494,10 +511,11 @@ def format_metrics(m: dict) -> str:
               help="Share of each task's questions held out for eval (split by question).")
 @click.option("--head-init", type=click.Choice(["mean", "random"]), default="mean",
               show_default=True, help="mean: head bias = mean train target, weights 0.")
-@click.option("--inputs", type=click.Choice(["rows", "context"]), default="context",
+@click.option("--inputs", type=click.Choice(["context", "choices", "rows"]), default="context",
               show_default=True, help="Train on each question's context once (what the router "
-              "reads when it routes) or on every label row (question + one choice, as the "
-              "paper's released code does).")
+              "reads when it routes), on the context and its answer choices (for multiple-choice "
+              "evaluation: `pudding eval` then routes on the same), or on every label row "
+              "(question + one choice, as the paper's released code does).")
 @click.option("--group-by-length/--no-group-by-length", default=True, show_default=True,
               help="Shuffle, then batch rows of similar token length (less padding).")
 @click.option("--select", type=click.Choice(["best", "last"]), default="best", show_default=True,

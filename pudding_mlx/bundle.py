@@ -118,6 +118,7 @@ class RouterConfig:
     pooling: str = "mean"  # "mean" over real tokens, or "cls" (first token)
     outputs: list[str] = field(default_factory=list)  # candidate names, output order
     target: str = "likelihood"
+    inputs: str = "context"  # per question: the question, or it and its choices (tasks.py)
 
     def __post_init__(self):
         self.backbone = str(self.backbone)

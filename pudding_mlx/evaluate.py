@@ -152,8 +152,10 @@ def router_scores(pm, cache, task: str, examples, batch: int = 32
     names = [c.name for c in pm.candidates]
     qids = [e.qid for e in examples]
 
+    inputs = pm.router.inputs
+
     def compute(idx: list[int]) -> list[list[float] | None]:
-        texts = [examples[i].router_text for i in idx]
+        texts = [examples[i].router_input(inputs) for i in idx]
         out: list[list[float] | None] = [None] * len(texts)
         live = [j for j, t in enumerate(texts) if t.strip()]
         for s in range(0, len(live), batch):
@@ -165,7 +167,7 @@ def router_scores(pm, cache, task: str, examples, batch: int = 32
 
     router_files = sorted((k, v) for k, v in pm.manifest.files.items() if k.startswith("router/"))
     router = digest([router_files, names])
-    extra = {"router": router, "text": "router_text-v1"}
+    extra = {"router": router, "text": f"router_input-{inputs}-v1"}
     # one file per router, so bundles sharing a --cache do not evict each other's
     return cache.fill(task, f"router-scores-{router[:12]}", qids, compute, chunk=512,
                       desc=f"{task} routing", extra=extra)

@@ -19,6 +19,7 @@ import numpy as np
 from .bundle import ROUTER_CONFIG, RouterConfig, check_safetensors
 from .errors import BundleError, PuddingError
 from .files import read_json
+from .tasks import ROUTER_INPUTS
 
 BACKENDS = ("auto", "mlx", "coreml")
 MLPACKAGE = "router.mlpackage"
@@ -188,6 +189,7 @@ class Router:
     """Tokenizes prompts for the router; subclasses run the network."""
 
     backend = ""
+    inputs = "context"  # what it was trained to read per question (RouterConfig.inputs)
 
     def __init__(self, folder: Path, outputs: list[str], max_length: int, pooling: str):
         self.folder = Path(folder)
@@ -334,19 +336,22 @@ def load_router(bundle: str | Path, outputs: list[str], max_length: int, pooling
     if backend not in BACKENDS:
         raise PuddingError(f"router backend must be one of {BACKENDS}, got {backend!r}")
     folder = bundle / "router"
-    _check_router_config(folder, outputs, max_length, pooling, target)
+    rc = _check_router_config(folder, outputs, max_length, pooling, target)
     package = bundle / MLPACKAGE
     if backend == "auto":
         backend = "coreml" if sys.platform == "darwin" and package.exists() and _has_ct() else "mlx"
     if backend == "coreml":
         if not package.exists():
             raise BundleError(f"{package}: missing (needed by --router-backend coreml)")
-        return CoreMLRouter(package, folder, outputs, max_length, pooling)
-    return MLXRouter(folder, outputs, max_length, pooling)
+        router: Router = CoreMLRouter(package, folder, outputs, max_length, pooling)
+    else:
+        router = MLXRouter(folder, outputs, max_length, pooling)
+    router.inputs = rc.inputs
+    return router
 
 
 def _check_router_config(folder: Path, outputs: list[str], max_length: int, pooling: str,
-                         target: str | None) -> None:
+                         target: str | None) -> RouterConfig:
     path = folder / ROUTER_CONFIG
     rc = RouterConfig.from_dict(read_json(path, error=BundleError), str(path))
     if rc.outputs != outputs or rc.num_outputs != len(outputs):
@@ -360,6 +365,10 @@ def _check_router_config(folder: Path, outputs: list[str], max_length: int, pool
         if getattr(rc, key) != want:
             raise BundleError(f"{path}: {key} {getattr(rc, key)!r} differs from the manifest's "
                               f"{want!r}")
+    if rc.inputs not in ROUTER_INPUTS:
+        raise BundleError(f"{path}: inputs {rc.inputs!r} unknown; expected one of "
+                          f"{ROUTER_INPUTS}")
+    return rc
 
 
 def _has_ct() -> bool:

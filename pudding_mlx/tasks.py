@@ -10,13 +10,16 @@ answer choice:
 WinoGrande has no "Answer:" to score after, so both formats use lm-eval's partial scoring: each
 option fills the blank in its own context and only the shared rest of the sentence is scored.
 `router_text` is what the router reads for the question, when labels are made and when it is
-evaluated alike: the question without any answer (WinoGrande: the sentence with its blank).
+evaluated alike: the question without any answer (WinoGrande: the sentence with its blank). A
+router trained with `--inputs choices` reads the question and then each answer choice
+(`Example.router_input`, built from the same fields on both sides).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -25,6 +28,18 @@ from .errors import PuddingError
 
 Request = tuple[str, str]
 TokenRequest = tuple[list[int], list[int]]  # (context ids, continuation ids)
+ROUTER_INPUTS = ("context", "choices")  # what a router reads per question
+
+
+def with_choices(question: str, texts: Sequence[str]) -> str:
+    """The question, then one line per choice: what follows the question in that choice's
+    method text (WinoGrande, whose texts fill the blank: what follows their shared words)."""
+    if all(t.startswith(question) for t in texts):
+        cut = len(question)
+    else:
+        shared = os.path.commonprefix(list(texts))
+        cut = max(shared.rfind(" "), shared.rfind("\n")) + 1
+    return "\n".join([question, *(t[cut:].strip() for t in texts)])
 
 
 @dataclass(frozen=True)
@@ -39,8 +54,13 @@ class Example:
 
     @property
     def texts(self) -> list[str]:
-        """The method's full text per choice (what the router reads)."""
+        """The method's full text per choice (a label row's text)."""
         return [c + a for c, a in self.prompt]
+
+    def router_input(self, inputs: str = "context") -> str:
+        """What a router trained on `inputs` (one of ROUTER_INPUTS) reads for this question."""
+        return with_choices(self.router_text, self.texts) if inputs == "choices" \
+            else self.router_text
 
 
 @dataclass(frozen=True)

@@ -150,6 +150,23 @@ def test_router_config_without_fields(bundle, monkeypatch, capsys):
                     f"{bundle}/router/config.json: not a usable BERT config", "hidden_size")
 
 
+def test_router_inputs_come_from_its_config(bundle, monkeypatch, capsys):
+    """router_config.json says what the router reads per question (eval gives it that); an
+    unknown value is refused, an old config without the key reads the question alone."""
+    from pudding_mlx.model import load
+
+    config = bundle / "router/router_config.json"
+    edit_json(config, lambda d: d.pop("inputs", None))
+    rehash(bundle)
+    assert load(bundle, lazy=True).router.inputs == "context"
+    edit_json(config, lambda d: d.update(inputs="choices"))
+    rehash(bundle)
+    assert load(bundle, lazy=True).router.inputs == "choices"
+    edit_json(config, lambda d: d.update(inputs="answers"))
+    rehash(bundle)
+    assert_one_line(*generate(bundle, monkeypatch, capsys), f"{config}: inputs 'answers'")
+
+
 # -- model folders mlx-lm (or the mask code) cannot use ---------------------------------------
 
 

@@ -229,6 +229,8 @@ def test_untrained_router_predicts_train_mean(tmp_path, tiny_encoder):
     """lr 0 with the mean head init: every prediction is the mean train target (over rows, or
     over questions with --inputs context), so eval MSE, the router's choice and its metrics
     can be computed by hand from the table."""
+    import json
+
     from convert.label_store import read_labels
     from convert.train_router import TrainConfig, train
 
@@ -237,7 +239,8 @@ def test_untrained_router_predicts_train_mean(tmp_path, tiny_encoder):
     q = _questions([(a, b, c, d, e, f.tolist()) for a, b, c, d, e, f in zip(
         t.task, t.qid, t.choice, t.gold, t.text, t.loglik, strict=True)])
     is_eval = split_questions(q.keys, 0.2, 42)
-    for target, inputs in (("likelihood", "rows"), ("margin", "rows"), ("margin", "context")):
+    for target, inputs in (("likelihood", "rows"), ("margin", "rows"), ("margin", "context"),
+                           ("likelihood", "choices")):
         cfg = TrainConfig(backbone=tiny_encoder, epochs=1, lr=0.0, max_length=24, target=target,
                           inputs=inputs)
         m = train(labels, tmp_path / f"{target}-{inputs}", cfg, device="cpu")
@@ -257,6 +260,9 @@ def test_untrained_router_predicts_train_mean(tmp_path, tiny_encoder):
         want = decision_metrics(q, target, np.flatnonzero(is_eval), np.full(4, chosen))
         assert m["router_context"] == pytest.approx(want)
         assert m["router_rows"] == pytest.approx(want)
+        config = json.loads((tmp_path / f"{target}-{inputs}/router/router_config.json")
+                            .read_text())
+        assert config["inputs"] == ("choices" if inputs == "choices" else "context")
 
 
 def test_cli_writes_router_and_metrics(tmp_path, tiny_encoder):
