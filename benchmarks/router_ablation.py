@@ -5,9 +5,10 @@ Rows (`ROWS`): the baseline is session 2's recipe (candidates from 32 calibratio
 task, 300 labelled questions per task, the last epoch kept, WinoGrande's router text cut before
 the blank at training); each other row changes one of those; `all` changes all four. Routers
 share one recipe (`RECIPE`: MiniLM-L6 on the question text, lr 1e-4, 30 warm-up steps, 10
-epochs) so that only the row's change differs. A row that keeps the best epoch and one that
-keeps the last come from the same training run (train-router leaves both). Two more rows try
-item 6 of the issue on top of `all` (`choices`, `margin`; pass them in --rows).
+epochs, bf16 autocast where fast) so that only the row's change differs. A row that keeps the
+best epoch and one that keeps the last come from the same training run (train-router leaves
+both). Two more rows try item 6 of the issue on top of `all` (`choices`, `margin`; pass them in
+--rows).
 
     python benchmarks/router_ablation.py \\
         --old-candidates examples/results/smollm2/candidates.json \\
@@ -73,7 +74,8 @@ ROWS = {
                   target="margin"),
 }
 DEFAULT_ROWS = ("baseline", "calib-128", "all-labels", "best-epoch", "wino-fix", "all")
-RECIPE = TrainConfig(lr=1e-4, warmup_steps=30, epochs=10, batch_size=32, select="best")
+RECIPE = TrainConfig(lr=1e-4, warmup_steps=30, epochs=10, batch_size=32, select="best",
+                     dtype="auto")
 SEED = 42
 
 

