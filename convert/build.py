@@ -276,7 +276,7 @@ def make_steps(model: str, out: Path, work: Path, p: Profile, data_dir: str | No
             inputs["target"] = "fidelity"
             args += ["--target", "fidelity"]
         else:  # the text it routes on (issue 11; the released code trained on rows), and
-            # the search's dtype (bf16 autocast: 3.3x per step on CPUs with AMX)
+            # the search's dtype (bf16 autocast: 1.5-3.3x per step on CPUs with AMX)
             dtype = p.torch_dtype if p.torch_dtype in ("auto", "bfloat16") else "float32"
             inputs.update(inputs="context", dtype=dtype)
             args += ["--inputs", "context", "--dtype", dtype]
