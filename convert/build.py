@@ -345,8 +345,8 @@ def _ints(ctx, param, value):
 @click.command("build")
 @click.option("--model", default=None,
               help="HF hub id, HF folder or GGUF file [default: SmolLM2-135M-Instruct GGUF].")
-@click.option("--out", "-o", required=True, type=click.Path(file_okay=False),
-              help="Bundle folder to write.")
+@click.option("--out", "-o", type=click.Path(file_okay=False),
+              help="Bundle folder to write (required unless --status).")
 @click.option("--work", required=True, type=click.Path(file_okay=False),
               help="Folder for the steps' outputs (kept, reused by reruns).")
 @click.option("--profile", "profile_name", type=click.Choice(list(PROFILES)), default="quick",
@@ -390,12 +390,24 @@ def _ints(ctx, param, value):
                    "bundle.")
 @click.option("--threads", type=int,
               help="Torch CPU threads [default: torch's]; 1 is fastest on a busy machine.")
-def build(model, out, work, profile_name, data_dir, max_examples_per_task, threads,
+@click.option("--status", is_flag=True,
+              help="Print where the --work folder stands (steps, search phases, label shards, "
+                   "router epochs, with times) and exit.")
+def build(model, out, work, profile_name, data_dir, max_examples_per_task, threads, status,
           **overrides):
     """Search, label, train the router and convert: a bundle from a checkpoint in one command.
 
     Each step's output stays in --work; a rerun reuses the steps whose inputs did not change
     and continues an interrupted one."""
+    if status:
+        from .build_status import build_status
+
+        if not Path(work).is_dir():
+            raise PuddingError(f"--work {work}: no such folder")
+        click.echo(build_status(work), nl=False)
+        return
+    if out is None:
+        raise click.UsageError("Missing option '--out' / '-o'.")
     if threads:
         import torch
 

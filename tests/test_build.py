@@ -224,3 +224,43 @@ def test_profiles():
     assert make_profile("quick", epochs=None).epochs == PROFILES["quick"].epochs
     with pytest.raises(PuddingError, match="unknown"):
         make_profile("huge")
+
+
+def test_status_of_a_work_folder(tmp_path):
+    """`pudding build --status`: step states and times, the search's phases summed per
+    candidate, label shards on disk, the router's epochs; nothing is run."""
+    from convert.build import build
+
+    work = tmp_path / "work"
+    (work / "steps").mkdir(parents=True)
+    (work / "steps/search.json").write_text(json.dumps(
+        {"state": "done", "seconds": 12.4, "cpu_seconds": 10.2}))
+    (work / "steps/labels.json").write_text(json.dumps({"state": "running"}))
+    (work / "search").mkdir()
+    phase = {"loss": 1.0, "seconds": 100.0, "block_evals": 1000, "cpu_seconds": 90.0}
+    (work / "search/candidates.json").write_text(json.dumps({
+        "settings": {"samples": 128}, "complete": False, "candidates": [
+            {"name": "a-k2", "k": 2, "trajectory": [{**phase, "block": 5},
+                                                    {**phase, "block": 3, "seconds": 50.5}]},
+            {"name": "b-k2", "k": 2, "trajectory": [{**phase, "block": 7}]}]}))
+    (work / "labels").mkdir()
+    (work / "labels/meta.json").write_text(json.dumps(
+        {"num_shards": 3, "num_questions": 150, "complete": False}))
+    for i in (0, 1):
+        (work / f"labels/shard-{i:05d}.parquet").write_bytes(b"")
+    (work / "router/checkpoint").mkdir(parents=True)
+    (work / "router/checkpoint/state.json").write_text(json.dumps(
+        {"epoch": 4, "settings": {"epochs": 10}}))
+
+    r = CliRunner().invoke(build, ["--work", str(work), "--status"])
+    assert r.exit_code == 0, r.output
+    assert "| search | done | 12 | 10 |" in r.output
+    assert "| labels | running | - | - |" in r.output
+    assert "| a-k2 | 5, 3 | 2 of 2 | 150 | 180 | 2,000 |" in r.output
+    assert "| b-k2 | 7 | 1 of 2 | 100 | 90 | 1,000 |" in r.output
+    assert "| total | | | 250 | 270 | 3,000 |" in r.output
+    assert "Labels: 2 of 3 shards (150 items in all, in progress)." in r.output
+    assert "Router: 4 epochs done of 10." in r.output
+    assert not (tmp_path / "out").exists()
+    missing = CliRunner().invoke(build, ["--work", str(work)])
+    assert missing.exit_code == 2 and "--out" in missing.output
