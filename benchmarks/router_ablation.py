@@ -144,7 +144,7 @@ def run_row(name: str, row: Row, args) -> dict:
     return run_eval(EvalSettings(
         bundle=str(bundle), output=str(out), tasks=EVAL_TASKS, limit=args.limit,
         backend="torch", torch_model=args.model, device=args.device, dtype=args.dtype,
-        baseline="static:best", cache=str(Path(args.out) / "cache"),
+        baseline="static:best", best_slice=128, cache=str(Path(args.out) / "cache"),
         command=f"python benchmarks/router_ablation.py --rows {name} (see ../README.md)"))
 
 
