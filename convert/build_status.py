@@ -4,7 +4,6 @@ written, the router's epochs."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from pudding_mlx.files import read_json
@@ -63,7 +62,7 @@ def _router(folder: Path) -> list[str]:
                 f"{_seconds(m.get('train_seconds'))} s of training."]
     state = folder / "checkpoint" / STATE
     if state.is_file():
-        s = json.loads(state.read_text())
+        s = read_json(state)
         return [f"Router: {s['epoch']} epochs done of {s['settings']['epochs']}."]
     return []
 

@@ -151,7 +151,6 @@ def router_scores(pm, cache, task: str, examples, batch: int = 32
     empty text (which PuddingModel.route sends to the static set unasked)."""
     names = [c.name for c in pm.candidates]
     qids = [e.qid for e in examples]
-
     inputs = pm.router.inputs
 
     def compute(idx: list[int]) -> list[list[float] | None]:
