@@ -4,17 +4,24 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
+
 from pudding_mlx.eval_scoring import QuestionScores, source_id
 from pudding_mlx.tasks import Request, encode_requests
 
 from .assets import load_causal_lm
 from .device import choose_dtype, resolve_device
-from .scoring import answer_logprobs
+from .labels import walk_candidates
+from .scoring import BlockRunner, answer_logprobs
 
 
 class TorchScorer:
     """Scores with an HF torch model (`scoring.answer_logprobs`), e.g. on a CUDA machine; the
-    `pudding eval --backend torch` plugin, with the interface of eval_scoring.MLXScorer."""
+    `pudding eval --backend torch` plugin, with the interface of eval_scoring.MLXScorer.
+
+    `plan(skips)` names the sets a task is about to score one after another on the same
+    question chunks: the first `score` of a chunk then runs all of them at once, each shared
+    block prefix once (the labels' candidate trie), and the other sets take their share."""
 
     chunk = 512  # questions per answer_logprobs call (packed and batched inside it)
 
@@ -27,12 +34,44 @@ class TorchScorer:
         self.description = f"torch {dev} {str(torch_dtype).removeprefix('torch.')}"
         self.fingerprint = {"backend": "torch", "source": source_id(source),
                             "dtype": str(torch_dtype)}
+        self.planned: list[tuple[int, ...]] = []
+        self.ready: dict[tuple, list[QuestionScores]] = {}  # (chunk, set) -> its scores
+
+    def plan(self, skips: Sequence[Sequence[int]]) -> None:
+        self.planned = [tuple(sorted(s)) for s in skips]
+        self.ready.clear()
 
     def score(self, questions: Sequence[Sequence[Request]],
               skip: Sequence[int]) -> list[QuestionScores]:
         flat = [r for q in questions for r in q]
-        sums = answer_logprobs(self.model, self.tokenizer, flat, skip=skip,
-                               batch_size=self.batch_size, reduce="sum")
+        key = tuple(sorted(skip))
+        if len(self.planned) < 2 or key not in self.planned:
+            sums = answer_logprobs(self.model, self.tokenizer, flat, skip=skip,
+                                   batch_size=self.batch_size, reduce="sum")
+            return self._per_question(questions, sums)
+        chunk = tuple(flat)
+        if (chunk, key) not in self.ready:
+            for s, sums in zip(self.planned, self._sums_of_sets(flat, self.planned),
+                               strict=True):
+                self.ready[(chunk, s)] = self._per_question(questions, sums)
+        return self.ready.pop((chunk, key))
+
+    def _sums_of_sets(self, flat: list[Request], skips: list[tuple[int, ...]]) -> np.ndarray:
+        """(sets, requests) summed answer log-probs, the sets walked together per batch."""
+        import torch
+
+        runner = BlockRunner(self.model)
+        out = np.zeros((len(skips), len(flat)))
+        with torch.inference_mode():
+            for batch in runner.prepare(encode_requests(self.tokenizer, flat), self.batch_size):
+                sums = walk_candidates(runner, batch, [list(s) for s in skips],
+                                       lambda h, _, b=batch: runner.head(h, b))
+                for c in range(len(skips)):
+                    out[c, batch.requests] = sums[c]
+        return out
+
+    def _per_question(self, questions, sums) -> list[QuestionScores]:
+        flat = [r for q in questions for r in q]
         counts = [len(c) for _, c in encode_requests(self.tokenizer, flat)]
         out, at = [], 0
         for q in questions:

@@ -187,6 +187,16 @@ def route_questions(pm, scores: dict[str, list[float] | None], policy: Policy
     return out
 
 
+def unscored(cache, task: str, examples, skips: Sequence[Sequence[int]]) -> list:
+    """The sets whose cached eval-format scores miss some of the examples."""
+    out = []
+    for skip in skips:
+        done = cache.load(task, set_key(skip), {"format": "eval"})
+        if any(e.qid not in done for e in examples):
+            out.append(skip)
+    return out
+
+
 def set_scores(scorer, cache, task: str, examples, skip: Sequence[int], fmt: str = "eval",
                gold_only: bool = False) -> dict[str, list]:
     """qid -> [summed log-probs, token counts] of a question's requests under one skip set."""
@@ -320,11 +330,16 @@ def run_eval(settings: EvalSettings) -> dict:
         fixed = {"best": best and best["name"],
                  "task-best": best and best["task_best"].get(task.name, best["name"])}
         need = needed_sets(methods, sets, candidates, fixed, routes)
+        plan = getattr(scorer, "plan", None)  # a backend that scores a task's sets together
+        if plan:
+            plan(unscored(cache, task.name, examples, need))
         scores = {}
         for si, skip in enumerate(need, 1):
             click.echo(f"[task {ti}/{len(tasks)} {task.name} ({split}, {len(examples)} q)] "
                        f"set {si}/{len(need)}: {set_key(skip)}", err=True)
             scores[set_key(skip)] = set_scores(scorer, cache, task.name, examples, skip)
+        if plan:
+            plan([])
         outcomes = task_outcomes(task, examples, methods, sets, candidates, scores, routes,
                                  fixed, settings.seed)
         per_task[task.name] = _task_summary(task, split, examples, outcomes, sets,

@@ -575,3 +575,36 @@ def test_real_lm_eval_cli_through_the_module(setup, lm_eval_tasks, tmp_path):
         np.testing.assert_allclose([float(r[0][0]) for r in s["resps"]], ll, atol=1e-4)
     assert got["acc,none"] == pytest.approx(np.mean([a for _, a, _ in hand]))
     assert got["acc_norm,none"] == pytest.approx(np.mean([an for _, _, an in hand]))
+
+
+def test_torch_backend_scores_planned_sets_together(setup, monkeypatch):
+    """The torch scorer's plan: a task's sets walked together (shared block prefixes once)
+    give the same sums as scoring each set alone, with fewer block evaluations."""
+    from convert import scoring
+    from convert.eval_torch import TorchScorer
+    from pudding_mlx.data import load_examples
+
+    tb, data, _ = setup
+    questions = [e.eval for e in load_examples("arc_easy", "validation", data)[:6]]
+    sets = [[], [3], [3, 4], [5], [1, 2]]
+    scorer = TorchScorer(str(tb.path / "model"), "cpu", "float32", batch_size=4)
+    evals = []
+    real_run = scoring.BlockRunner.run
+
+    def counting_run(self, h, batch, blocks):
+        blocks = list(blocks)
+        evals[-1] += len(blocks) * batch.rows
+        return real_run(self, h, batch, blocks)
+
+    monkeypatch.setattr(scoring.BlockRunner, "run", counting_run)
+    evals.append(0)
+    alone = [scorer.score(questions, s) for s in sets]
+    evals.append(0)
+    scorer.plan(sets)
+    together = [scorer.score(questions, s) for s in sets]
+    for a, b in zip(alone, together, strict=True):
+        for (sa, ca), (sb, cb) in zip(a, b, strict=True):
+            np.testing.assert_allclose(sa, sb, rtol=0, atol=1e-9)
+            assert ca == cb
+    assert 0 < evals[1] < evals[0]
+    assert not scorer.ready  # every planned set took its share
