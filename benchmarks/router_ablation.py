@@ -121,19 +121,20 @@ def router_dir(trained: Path, select: str) -> Path:
     return last if select == "last" and last.is_dir() else trained / "router"
 
 
-def run_row(name: str, row: Row, args) -> dict:
+def run_row(name: str, row: Row, args) -> tuple[dict, dict]:
+    """The row's eval results and its router's training metrics."""
     cands = args.old_candidates if row.candidates == "old" else args.new_candidates
     labels = args.old_labels if row.candidates == "old" else args.new_labels
     work = Path(args.work)
     derived = derive_labels(Path(labels), work / "labels" / row.router_key, row.per_task,
                             row.wino)
     trained = Path(args.out) / "routers" / row.router_key
-    train(derived, trained, replace(RECIPE, inputs=row.inputs, target=row.target),
-          device=args.device)  # a copy: train() fills in its config
+    metrics = train(derived, trained, replace(RECIPE, inputs=row.inputs, target=row.target),
+                    device=args.device)  # a copy: train() fills in its config
     bundle = work / "bundles" / f"{row.router_key}-{row.select}"
     router = router_dir(trained, row.select)
     source = {"candidates": str(cands), "router": str(router),
-              "router_metrics": read_json(trained / "metrics.json")["settings"]}
+              "router_metrics": metrics["settings"]}
     made = bundle.with_name(bundle.name + ".json")  # beside it: a bundle lists all its files
     if not (bundle / "pudding.json").is_file() or not made.is_file() or read_json(made) != source:
         shutil.rmtree(bundle, ignore_errors=True)
@@ -141,11 +142,12 @@ def run_row(name: str, row: Row, args) -> dict:
                           "--out", bundle, "--dtype", "float32", "--no-coreml"])
         write_json(made, source)
     out = Path(args.out) / name
-    return run_eval(EvalSettings(
+    results = run_eval(EvalSettings(
         bundle=str(bundle), output=str(out), tasks=EVAL_TASKS, limit=args.limit,
         backend="torch", torch_model=args.model, device=args.device, dtype=args.dtype,
         baseline="static:best", best_slice=128, cache=str(Path(args.out) / "cache"),
         command=f"python benchmarks/router_ablation.py --rows {name} (see ../README.md)"))
+    return results, metrics
 
 
 def table(results: dict[str, dict], metrics: dict[str, dict]) -> tuple[str, dict]:
@@ -196,10 +198,9 @@ def main() -> None:
     names = [r.strip() for r in args.rows.split(",") if r.strip()]
     if bad := [n for n in names if n not in ROWS]:
         ap.error(f"unknown rows {bad}; expected {', '.join(ROWS)}")
-    results = {n: run_row(n, ROWS[n], args) for n in names}
-    metrics = {n: read_json(Path(args.out) / "routers" / ROWS[n].router_key / "metrics.json")
-               for n in names}
-    md, summary = table(results, metrics)
+    runs = {n: run_row(n, ROWS[n], args) for n in names}
+    md, summary = table({n: r for n, (r, _) in runs.items()},
+                        {n: m for n, (_, m) in runs.items()})
     write_report(Path(args.out), "ablation", summary, md)
     print(md)
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from convert.label_store import read_labels
-from convert.router_metrics import group_questions
+from convert.router_metrics import group_questions, split_questions
 from pudding_mlx.eval_stats import paired_bootstrap
 from pudding_mlx.files import write_report
 
@@ -69,16 +69,6 @@ def kmeans(x: np.ndarray, k: int, seed: int = 0, iters: int = 50) -> np.ndarray:
     return assign
 
 
-def halves(tasks: np.ndarray, seed: int) -> np.ndarray:
-    """0/1 per question: a seeded half of each task's questions."""
-    rng = np.random.default_rng(seed)
-    fold = np.zeros(len(tasks), dtype=int)
-    for t in np.unique(tasks):
-        idx = rng.permutation(np.flatnonzero(tasks == t))
-        fold[idx[len(idx) // 2:]] = 1
-    return fold
-
-
 def crossfit(correct: np.ndarray, groups: np.ndarray, fold: np.ndarray) -> np.ndarray:
     """Per question: 1 if the set chosen for its group on the other half answers it. A group
     with no question in the other half takes that half's best set overall."""
@@ -106,7 +96,7 @@ def main() -> None:
     q = group_questions(t.task, t.qid, t.choice, t.gold, t.loglik, t.context, args.labels)
     tasks, names = q.tasks, t.candidate_names
     correct = q.correct.astype(float)
-    fold = halves(tasks, args.seed)
+    fold = split_questions(q.keys, 0.5, args.seed).astype(int)  # a seeded half per task
     groupings = {"one set": np.zeros(len(tasks), dtype=int),
                  "task": np.unique(tasks, return_inverse=True)[1]}
     x = embed(q.contexts)

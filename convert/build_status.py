@@ -8,6 +8,7 @@ from pathlib import Path
 
 from pudding_mlx.files import read_json
 
+from .build import QUALITY_STEPS
 from .label_store import META, shard_path
 from .train_router import STATE
 
@@ -18,7 +19,8 @@ def _seconds(value: float | None) -> str:
 
 def _steps(work: Path) -> list[str]:
     lines = ["| step | state | last run: wall s | CPU s |", "|---|---|---|---|"]
-    records = sorted((work / "steps").glob("*.json"), key=lambda p: p.stat().st_mtime)
+    records = [work / "steps" / f"{name}.json" for name in QUALITY_STEPS]  # pipeline order
+    records = [path for path in records if path.is_file()]
     for path in records:
         r = read_json(path)
         lines.append(f"| {path.stem} | {r.get('state', '?')} | {_seconds(r.get('seconds'))} "

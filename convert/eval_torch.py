@@ -48,31 +48,32 @@ class TorchScorer:
         if len(self.planned) < 2 or key not in self.planned:
             sums = answer_logprobs(self.model, self.tokenizer, flat, skip=skip,
                                    batch_size=self.batch_size, reduce="sum")
-            return self._per_question(questions, sums)
+            return self._per_question(questions, sums, encode_requests(self.tokenizer, flat))
         chunk = tuple(flat)
         if (chunk, key) not in self.ready:
-            for s, sums in zip(self.planned, self._sums_of_sets(flat, self.planned),
+            tokens = encode_requests(self.tokenizer, flat)
+            for s, sums in zip(self.planned, self._sums_of_sets(tokens, self.planned),
                                strict=True):
-                self.ready[(chunk, s)] = self._per_question(questions, sums)
+                self.ready[(chunk, s)] = self._per_question(questions, sums, tokens)
         return self.ready.pop((chunk, key))
 
-    def _sums_of_sets(self, flat: list[Request], skips: list[tuple[int, ...]]) -> np.ndarray:
+    def _sums_of_sets(self, tokens, skips: list[tuple[int, ...]]) -> np.ndarray:
         """(sets, requests) summed answer log-probs, the sets walked together per batch."""
         import torch
 
         runner = BlockRunner(self.model)
-        out = np.zeros((len(skips), len(flat)))
+        out = np.zeros((len(skips), len(tokens)))
         with torch.inference_mode():
-            for batch in runner.prepare(encode_requests(self.tokenizer, flat), self.batch_size):
+            for batch in runner.prepare(tokens, self.batch_size):
                 sums = walk_candidates(runner, batch, [list(s) for s in skips],
                                        lambda h, _, b=batch: runner.head(h, b))
                 for c in range(len(skips)):
                     out[c, batch.requests] = sums[c]
         return out
 
-    def _per_question(self, questions, sums) -> list[QuestionScores]:
-        flat = [r for q in questions for r in q]
-        counts = [len(c) for _, c in encode_requests(self.tokenizer, flat)]
+    @staticmethod
+    def _per_question(questions, sums, tokens) -> list[QuestionScores]:
+        counts = [len(c) for _, c in tokens]
         out, at = [], 0
         for q in questions:
             out.append(([float(s) for s in sums[at:at + len(q)]], counts[at:at + len(q)]))
