@@ -134,9 +134,14 @@ class LabelTable:
 
 
 def read_labels(folder: str | Path) -> LabelTable:
-    """Likelihood labels: all shards, in shard order."""
+    """Likelihood labels: all shards, in shard order. A question labelled twice keeps its first
+    rows: training splits hold exact duplicates (PIQA's), and a qid hashes the content."""
     folder = Path(folder)
     meta, t = _read_shards(folder, "likelihood")
+    keys = zip(t["task"].to_pylist(), t["qid"].to_pylist(), t["choice"].to_pylist(), strict=True)
+    first = {k: r for r, k in reversed(list(enumerate(keys)))}
+    if len(first) < len(t):
+        t = t.take(sorted(first.values()))
     return LabelTable(
         meta=meta,
         task=t["task"].to_pylist(),

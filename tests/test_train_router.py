@@ -127,6 +127,26 @@ def write_labels(folder, num_questions=30, num_candidates=3, seed=0, shard_size=
     return folder
 
 
+def test_question_labelled_twice_is_read_once(tmp_path):
+    """A training split's exact duplicate (same qid) is labelled twice; grouping needs it once."""
+    import pyarrow.parquet as pq
+
+    from convert.label_store import read_labels, shard_path
+
+    folder = write_labels(tmp_path / "labels", num_questions=12, shard_size=4)
+    clean = read_labels(folder)
+    last = shard_path(folder, 2)
+    dup = pq.read_table(shard_path(folder, 0)).slice(2, 2).to_pydict()  # question 1 again
+    dup["loglik"] = [[0.0] * 3, [0.0] * 3]  # a second run's numbers: the first rows are kept
+    rows = pq.read_table(last).to_pydict()
+    write_shard(folder, 2, {k: rows[k] + dup[k] for k in rows})
+    t = read_labels(folder)
+    assert (t.task, t.qid, t.choice.tolist()) == (clean.task, clean.qid, clean.choice.tolist())
+    np.testing.assert_array_equal(t.loglik, clean.loglik)
+    q = group_questions(t.task, t.qid, t.choice, t.gold, t.loglik, t.context)
+    assert len(q.keys) == 12
+
+
 @pytest.fixture(scope="module")
 def tiny_encoder(tmp_path_factory):
     import torch
