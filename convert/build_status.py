@@ -52,8 +52,15 @@ def _labels(folder: Path) -> list[str]:
     n = meta.get("num_shards", 0)
     done = sum(shard_path(folder, i).is_file() for i in range(n))
     what = meta.get("num_questions") or meta.get("num_prompts")
+    runs = meta.get("runs", [])
+    cost = ""
+    if runs:  # an interrupted run's record stops at its last shard ("partial")
+        wall, cpu = (sum(r.get(k) or 0.0 for r in runs) for k in ("seconds", "cpu_seconds"))
+        cost = (f" Recorded runs: {len(runs)}, {sum(r['shards_run'] for r in runs)} shards, "
+                f"{wall:,.0f} s wall, {cpu:,.0f} CPU s, "
+                f"{sum(r['block_evals'] for r in runs):,} block evaluations.")
     return [f"Labels: {done} of {n} shards ({what} items in all, "
-            f"{'complete' if meta.get('complete') else 'in progress'})."]
+            f"{'complete' if meta.get('complete') else 'in progress'}).{cost}"]
 
 
 def _router(folder: Path) -> list[str]:

@@ -72,6 +72,6 @@ class Dist:
 
             td.barrier()
 
-    def sum(self, values: list[int]) -> list[int]:
+    def sum(self, values: list[float]) -> list[float]:
         """Element-wise sum of `values` over all ranks."""
         return [sum(v) for v in zip(*self.gather(values), strict=True)]

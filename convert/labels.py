@@ -322,7 +322,7 @@ def _make_labels(out: Path, cfg: LabelConfig | FidelityLabelConfig, dev, overwri
     if overwrite and ranks.rank == 0 and out.exists():
         shutil.rmtree(out)
     ranks.barrier()
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     target, settings, items, counts = _items(cfg)
     if _check_meta(out, settings):  # every rank raises the same error on a mismatch
         return read_meta(out)
@@ -356,28 +356,35 @@ def _make_labels(out: Path, cfg: LabelConfig | FidelityLabelConfig, dev, overwri
     bar = tqdm(total=sum(len(shards[i]) for i in mine), desc=f"labels (rank {ranks.rank})"
                if ranks.world > 1 else "labels", unit=unit,
                initial=sum(len(shards[i]) for i in mine if i not in todo))
+    def run_stats(shards_run: int, evals: int, naive: int, cpu: float) -> dict:
+        # of this run; a resumed or appending run counts only the work it did
+        return {"seconds": round(time.perf_counter() - t0, 1), "cpu_seconds": round(cpu, 1),
+                "shards_run": shards_run, "candidates": len(skips), "processes": ranks.world,
+                "dtype": cfg.dtype, "device": str(dev.type), "block_evals": evals,
+                "naive_block_evals": naive, "share_prefix": share_prefix,
+                "torch_threads": torch.get_num_threads()}
+
     naive = 0  # block evaluations without prefix sharing: each candidate from the embeddings
-    for i in todo:
+    for done, i in enumerate(todo, 1):
         # candidates appended to a finished shard: keep its columns
         old = shard_path(out, i) if width[i] else None
         rows, n = label_shard(runner, tokenizer, cfg, shards[i], skips[width[i]:], old,
                               share_prefix)
         naive += n
         write_shard(out, i, rows, target)
+        if ranks.world == 1:  # an interrupted run keeps its cost (several ranks: at the end)
+            partial = run_stats(done, runner.evals, naive, time.process_time() - cpu0)
+            write_json(out / META, {**meta, "runs": [*runs, {**partial, "partial": True}]})
         bar.update(len(shards[i]))
         bar.set_postfix(block_evals=runner.evals)
     bar.close()
-    seconds = time.perf_counter() - t0
-    evals, naive, shards_run = ranks.sum([runner.evals, naive, len(todo)])
+    evals, naive, shards_run, cpu = ranks.sum([runner.evals, naive, len(todo),
+                                               time.process_time() - cpu0])
     ranks.barrier()
     missing = [i for i in range(len(shards)) if not shard_path(out, i).is_file()]
     if missing:
         raise PuddingError(f"{out}: shards {missing[:5]} were not written")
-    stats = {  # of this run; a resumed or appending run counts only the work it did
-        "seconds": round(seconds, 1), "shards_run": shards_run, "candidates": len(skips),
-        "processes": ranks.world, "dtype": cfg.dtype, "device": str(dev.type),
-        "block_evals": evals, "naive_block_evals": naive, "share_prefix": share_prefix,
-        "torch_threads": torch.get_num_threads()}
+    stats = run_stats(shards_run, evals, naive, cpu)
     meta.update(complete=True, stats=stats, runs=[*runs, stats])
     if ranks.rank == 0:
         write_json(out / META, meta)

@@ -245,7 +245,10 @@ def test_status_of_a_work_folder(tmp_path):
             {"name": "b-k2", "k": 2, "trajectory": [{**phase, "block": 7}]}]}))
     (work / "labels").mkdir()
     (work / "labels/meta.json").write_text(json.dumps(
-        {"num_shards": 3, "num_questions": 150, "complete": False}))
+        {"num_shards": 3, "num_questions": 150, "complete": False, "runs": [
+            {"seconds": 30.0, "shards_run": 1, "block_evals": 400},  # recorded before CPU time
+            {"seconds": 21.5, "cpu_seconds": 20.0, "shards_run": 1, "block_evals": 500,
+             "partial": True}]}))
     for i in (0, 1):
         (work / f"labels/shard-{i:05d}.parquet").write_bytes(b"")
     (work / "router/checkpoint").mkdir(parents=True)
@@ -259,7 +262,8 @@ def test_status_of_a_work_folder(tmp_path):
     assert "| a-k2 | 5, 3 | 2 of 2 | 150 | 180 | 2,000 |" in r.output
     assert "| b-k2 | 7 | 1 of 2 | 100 | 90 | 1,000 |" in r.output
     assert "| total | | | 250 | 270 | 3,000 |" in r.output
-    assert "Labels: 2 of 3 shards (150 items in all, in progress)." in r.output
+    assert ("Labels: 2 of 3 shards (150 items in all, in progress). Recorded runs: 2, 2 shards, "
+            "52 s wall, 20 CPU s, 900 block evaluations.") in r.output
     assert "Router: 4 epochs done of 10." in r.output
     assert not (tmp_path / "out").exists()
     missing = CliRunner().invoke(build, ["--work", str(work)])

@@ -151,6 +151,36 @@ def test_resume_rewrites_only_missing_shards(setup, tmp_path):
         make_labels(out, _config(root, seed=7), device="cpu")
 
 
+def test_interrupted_run_keeps_its_record(setup, tmp_path, monkeypatch):
+    """A run killed after its first shard leaves a partial record of that shard's cost; the
+    resumed run appends its own, and together they count every shard once."""
+    import convert.labels as labels
+    from convert.label_store import META
+
+    root, _, _ = setup
+    out = tmp_path / "out"
+    real, calls = labels.write_shard, []
+
+    def write_then_stop(*args, **kw):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(args[1])
+        real(*args, **kw)
+
+    monkeypatch.setattr(labels, "write_shard", write_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        labels.make_labels(out, _config(root), device="cpu")
+    (run,) = json.loads((out / META).read_text())["runs"]
+    assert run["partial"] and run["shards_run"] == 1 and calls == [0]
+    assert run["block_evals"] == 13 * 3  # shard 0: the three ARC questions, one row each
+    assert run["seconds"] >= 0 and run["cpu_seconds"] >= 0  # a tiny model: may round to 0
+    monkeypatch.setattr(labels, "write_shard", real)
+    meta = labels.make_labels(out, _config(root), device="cpu")
+    assert meta["complete"] and len(meta["runs"]) == 2 and meta["runs"][0] == run
+    assert meta["runs"][1] == meta["stats"] and "partial" not in meta["stats"]
+    assert meta["stats"]["shards_run"] == meta["num_shards"] - 1
+
+
 @pytest.mark.slow
 def test_smollm2_labels_match_hf_forward(tmp_path):
     """Two ARC-Easy questions on the real SmolLM2-135M (fp32), dense and a 3-block skip set."""
