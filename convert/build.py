@@ -7,7 +7,7 @@ changed starts over, and the steps below it follow because their inputs hold its
 fingerprint. An interrupted step continues where it stopped (each step is resumable itself).
 
 Work folder:
-    search/candidates.json    `pudding search`
+    search/candidates.json    `pudding search` (--from-run: a finished search's first k phases)
     labels/                   `pudding label`
     router/                   `pudding train-router` (router/, metrics.json)
     steps/<step>.json         {"inputs", "state", "output", "seconds", "cpu_seconds"}
@@ -225,6 +225,11 @@ def make_steps(model: str, out: Path, work: Path, p: Profile, data_dir: str | No
                     lambda: candidates_fingerprint(candidates))
 
     def search_step() -> Step:
+        if p.from_run:  # `pudding search --from-run`: no compute, so no model or data inputs
+            inputs = {"from_run": trajectory_fingerprint(Path(p.from_run)), "k": p.k}
+            args = ["--k", p.k, "--from-run", p.from_run, "--out", candidates]
+            return Step("search", inputs, candidates, lambda: _invoke(search, args),
+                        lambda: candidates_fingerprint(candidates))
         inputs = {**common, "data": data_identity(data_dir, p.tasks), "tasks": p.tasks,
                   "losses": p.losses, "k": p.k, "samples": p.samples, "seed": p.search_seed,
                   "dtype": p.torch_dtype}
@@ -357,6 +362,9 @@ def _ints(ctx, param, value):
 @click.option("--losses", callback=_tasks, help="Search losses: likelihood,margin.")
 @click.option("-k", "--k", "k", type=int, help="Blocks skipped per candidate set.")
 @click.option("--samples", type=int, help="Calibration examples per task (search).")
+@click.option("--from-run", type=click.Path(exists=True, dir_okay=False),
+              help="Instead of searching, take the first -k phases of this finished search "
+                   "(e.g. a k = 6 build's search/candidates.json).")
 @click.option("--max-examples-per-task", type=int,
               help="Router-label questions per task (0: all).")
 @click.option("--label-tasks", callback=_tasks, help="Comma-separated tasks to label [profile].")

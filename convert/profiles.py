@@ -22,6 +22,7 @@ class Profile:
     k: int = 6  # blocks skipped per candidate set
     samples: int = 128  # calibration examples per task (search)
     search_seed: int = 0
+    from_run: str = ""  # a finished larger-k search whose first k phases replace the search
     max_examples_per_task: int | None = None  # router-label questions per task (None: all)
     label_tasks: tuple[str, ...] = ()  # tasks whose train questions are labelled (): `tasks`
     label_limits: tuple[str, ...] = ()  # "task=N" caps over max_examples_per_task
@@ -49,7 +50,8 @@ class Profile:
 
 
 # settings that only one kind of build reads
-LIKELIHOOD_ONLY = ("tasks", "losses", "max_examples_per_task", "label_tasks", "label_limits")
+LIKELIHOOD_ONLY = ("tasks", "losses", "from_run", "max_examples_per_task", "label_tasks",
+                   "label_limits")
 FIDELITY_ONLY = ("sizes", "prompts", "max_tokens", "label_limit", "kl_target",
                  "task_candidates")
 

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from helpers import chat_ids, tiny_llama, tiny_wordpiece_tokenizer, torch_greedy, torch_route
 
 import pudding_mlx
-from convert.build import Step, run_step
+from convert.build import Step, run_build, run_step
 from convert.profiles import PROFILES, make_profile
 from convert.router_model import Router
 from pudding_mlx.cli import cli
@@ -74,11 +74,13 @@ def setup(tmp_path_factory):
     return root, write_data(root / "data"), tiny_backbone(root / "backbone"), model, tok
 
 
-def build(setup, *extra):
+def build(setup, *extra, at: Path | None = None):
+    """The build's CLI output; bundle and work folder under `at` [default: the setup's]."""
     root, data, backbone, _, _ = setup
+    at = at or root
     # float32 MLX weights (the Linux default, said here for every platform): the routed
     # answers are compared token for token with the fp32 torch model
-    args = ["build", "--model", root / "hf", "--out", root / "bundle", "--work", root / "work",
+    args = ["build", "--model", root / "hf", "--out", at / "bundle", "--work", at / "work",
             "--profile", "quick", "--tasks", "arc_easy,piqa", "--losses", "likelihood,margin",
             "--k", "2", "--samples", "4", "--max-examples-per-task", "10", "--epochs", "1",
             "--batch-size", "4", "--warmup-steps", "0", "--backbone", backbone,
@@ -156,6 +158,29 @@ def router_tokenizer(root: Path):
     return AutoTokenizer.from_pretrained(root / "work" / "router" / "router")
 
 
+def test_from_run_builds_on_the_first_phases_of_a_finished_search(setup, first, tmp_path):
+    """--from-run -k 1 replaces the search by the first block each candidate of the k = 2
+    run removed, then labels, trains and converts as usual; a rerun reuses it."""
+    root = setup[0]
+    run = json.loads((root / "work" / "search" / "candidates.json").read_text())
+    out = build(setup, "--k", "1", "--from-run", root / "work" / "search" / "candidates.json",
+                at=tmp_path)
+    assert ran(out) == {"search", "labels", "router", "convert"}
+    cands = json.loads((tmp_path / "work/search/candidates.json").read_text())["candidates"]
+    assert {c["name"]: c["skip"] for c in cands} == {
+        c["name"].replace("-k2", "-k1"): [c["trajectory"][0]["block"]] for c in run["candidates"]}
+    pm = pudding_mlx.load(tmp_path / "bundle", router_backend="mlx")
+    assert sorted(c.name for c in pm.manifest.candidates) == sorted(c["name"] for c in cands)
+    again = build(setup, "--k", "1", "--from-run", root / "work/search/candidates.json",
+                  at=tmp_path)
+    assert reused(again) == {"search", "labels", "router", "convert"}
+    unfinished = tmp_path / "unfinished.json"
+    unfinished.write_text(json.dumps({**run, "complete": False}))
+    with pytest.raises(PuddingError, match="did not finish"):
+        run_build(str(root / "hf"), tmp_path / "b2", tmp_path / "w2",
+                  make_profile("quick", k=1, from_run=str(unfinished)))
+
+
 def test_rerun_reuses_every_step_and_changes_rerun_only_the_steps_below(setup, first):
     root = setup[0]
     again = build(setup)
@@ -224,6 +249,8 @@ def test_profiles():
     assert make_profile("quick", epochs=None).epochs == PROFILES["quick"].epochs
     with pytest.raises(PuddingError, match="unknown"):
         make_profile("huge")
+    with pytest.raises(PuddingError, match="from_run: not a setting of the quality"):
+        make_profile("quality", from_run="candidates.json")
 
 
 def test_status_of_a_work_folder(tmp_path):
