@@ -55,9 +55,11 @@ def _labels(folder: Path) -> list[str]:
     runs = meta.get("runs", [])
     cost = ""
     if runs:  # an interrupted run's record stops at its last shard ("partial")
-        wall, cpu = (sum(r.get(k) or 0.0 for r in runs) for k in ("seconds", "cpu_seconds"))
+        wall = sum(r["seconds"] for r in runs)
+        cpu = (f"{sum(r['cpu_seconds'] for r in runs):,.0f} CPU s"
+               if all("cpu_seconds" in r for r in runs) else "CPU time not recorded")
         cost = (f" Recorded runs: {len(runs)}, {sum(r['shards_run'] for r in runs)} shards, "
-                f"{wall:,.0f} s wall, {cpu:,.0f} CPU s, "
+                f"{wall:,.0f} s wall, {cpu}, "
                 f"{sum(r['block_evals'] for r in runs):,} block evaluations.")
     return [f"Labels: {done} of {n} shards ({what} items in all, "
             f"{'complete' if meta.get('complete') else 'in progress'}).{cost}"]

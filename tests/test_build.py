@@ -290,8 +290,13 @@ def test_status_of_a_work_folder(tmp_path):
     assert "| b-k2 | 7 | 1 of 2 | 100 | 90 | 1,000 |" in r.output
     assert "| total | | | 250 | 270 | 3,000 |" in r.output
     assert ("Labels: 2 of 3 shards (150 items in all, in progress). Recorded runs: 2, 2 shards, "
-            "52 s wall, 20 CPU s, 900 block evaluations.") in r.output
+            "52 s wall, CPU time not recorded, 900 block evaluations.") in r.output
     assert "Router: 4 epochs done of 10." in r.output
+    meta = json.loads((work / "labels/meta.json").read_text())
+    meta["runs"][0]["cpu_seconds"] = 29.4
+    (work / "labels/meta.json").write_text(json.dumps(meta))
+    r = CliRunner().invoke(build, ["--work", str(work), "--status"])
+    assert "52 s wall, 49 CPU s, 900 block evaluations." in r.output
     assert not (tmp_path / "out").exists()
     missing = CliRunner().invoke(build, ["--work", str(work)])
     assert missing.exit_code == 2 and "--out" in missing.output
