@@ -18,7 +18,8 @@ both). Two more rows try item 6 of the issue on top of `all` (`choices`, `margin
         --out examples/results/eval/paper/ablation --limit 500
 
 Every step is reused when done (derived labels, routers, bundles, per-set scores in one shared
-eval cache), so an interrupted run continues; `--rows` runs some rows only. Writes
+eval cache), so an interrupted run continues; `--rows` runs some rows only, and
+`--report-only` then gathers rows run by separate commands into one table. Writes
 `<out>/<row>/` (a `pudding eval` folder per row), `<out>/routers/<key>/metrics.json` (learning
 curves) and `<out>/ablation.md` / `ablation.json`.
 """
@@ -190,6 +191,9 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=500, help="questions per task")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="bfloat16", help="torch scoring dtype, every row")
+    ap.add_argument("--report-only", action="store_true",
+                    help="rewrite ablation.md/json from those of --rows already evaluated "
+                         "(rows run by separate commands), running nothing")
     args = ap.parse_args()
     if args.model is None:
         from convert.assets import default_model
@@ -198,10 +202,16 @@ def main() -> None:
     names = [r.strip() for r in args.rows.split(",") if r.strip()]
     if bad := [n for n in names if n not in ROWS]:
         ap.error(f"unknown rows {bad}; expected {', '.join(ROWS)}")
-    runs = {n: run_row(n, ROWS[n], args) for n in names}
+    out = Path(args.out)
+    if args.report_only:
+        runs = {n: (read_json(out / n / "results.json"),
+                    read_json(out / "routers" / ROWS[n].router_key / "metrics.json"))
+                for n in names if (out / n / "results.json").is_file()}
+    else:
+        runs = {n: run_row(n, ROWS[n], args) for n in names}
     md, summary = table({n: r for n, (r, _) in runs.items()},
                         {n: m for n, (_, m) in runs.items()})
-    write_report(Path(args.out), "ablation", summary, md)
+    write_report(out, "ablation", summary, md)
     print(md)
 
 
