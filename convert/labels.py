@@ -356,6 +356,7 @@ def _make_labels(out: Path, cfg: LabelConfig | FidelityLabelConfig, dev, overwri
     bar = tqdm(total=sum(len(shards[i]) for i in mine), desc=f"labels (rank {ranks.rank})"
                if ranks.world > 1 else "labels", unit=unit,
                initial=sum(len(shards[i]) for i in mine if i not in todo))
+
     def run_stats(shards_run: int, evals: int, naive: int, cpu: float) -> dict:
         # of this run; a resumed or appending run counts only the work it did
         return {"seconds": round(time.perf_counter() - t0, 1), "cpu_seconds": round(cpu, 1),
