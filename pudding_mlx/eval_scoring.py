@@ -18,7 +18,6 @@ import click
 
 from .errors import PuddingError
 from .files import read_json, write_json
-from .loglik import score_requests
 from .tasks import Request, encode_requests
 
 QuestionScores = tuple[list[float], list[int]]  # summed log-prob, token count per request
@@ -52,6 +51,8 @@ class MLXScorer:
 
     def score(self, questions: Sequence[Sequence[Request]],
               skip: Sequence[int]) -> list[QuestionScores]:
+        from .loglik import score_requests  # MLX: the torch side imports this module without it
+
         view = self.pm.view(list(skip))
 
         def make_cache():

@@ -1,5 +1,6 @@
 """The arrows between the three sides run one way: convert -> pudding_mlx, router_coreml ->
-pudding_mlx, convert -> router_coreml. The runtime works where torch and convert are absent."""
+pudding_mlx, convert -> router_coreml. The runtime works where torch and convert are absent;
+the build's torch steps work where MLX is absent (a GPU machine)."""
 
 from __future__ import annotations
 
@@ -130,3 +131,35 @@ def test_runtime_commands_run_without_torch_and_convert(tmp_path):
     assert res["backend"] == "mlx" and len(res["methods"]) == 3
     res = json.loads((tmp_path / "fidelity" / "results.json").read_text())
     assert res["n"] == 2 and res["prompts_file"] == "packaged"
+
+
+MLX_FREE = r"""
+import sys
+for name in ("mlx", "mlx.core", "mlx.nn", "mlx_lm", "coremltools"):
+    sys.modules[name] = None  # an import of any of them fails, as where they are not installed
+from convert.build import build
+
+build.main(sys.argv[1:], standalone_mode=False)
+print("MLX loaded:", any(m.startswith("mlx") and sys.modules[m] for m in sys.modules))
+"""
+
+
+def test_build_torch_steps_run_without_mlx(tmp_path):
+    """`pudding build --until router` (search, labels, router) imports no MLX, so it runs on a
+    GPU machine without it; the bundle's conversion is left to a machine with MLX."""
+    from helpers import tiny_backbone, tiny_llama, write_task_data
+
+    tiny_llama(tmp_path / "hf", num_layers=4)
+    args = ["--model", tmp_path / "hf", "--out", tmp_path / "bundle", "--work", tmp_path / "w",
+            "--tasks", "arc_easy", "--losses", "likelihood", "--k", "1", "--samples", "2",
+            "--max-examples-per-task", "6", "--epochs", "1", "--batch-size", "4",
+            "--warmup-steps", "0", "--backbone", tiny_backbone(tmp_path / "backbone"),
+            "--router-max-length", "16", "--torch-dtype", "float32", "--device", "cpu",
+            "--data-dir", write_task_data(tmp_path / "data"), "--until", "router"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-c", MLX_FREE, *map(str, args)], capture_output=True,
+                       text=True, env=env, cwd=tmp_path, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "MLX loaded: False" in r.stdout
+    assert (tmp_path / "w" / "router" / "router" / "model.safetensors").is_file()
+    assert not (tmp_path / "bundle").exists()
