@@ -314,9 +314,9 @@ def make_steps(model: str, out: Path, work: Path, p: Profile, data_dir: str | No
 
 
 def run_build(model: str | None, out: str | Path, work: str | Path, profile: Profile,
-              data_dir: str | None = None, echo: Callable[[str], None] = click.echo
-              ) -> list[StepResult]:
-    """Run (or reuse) every step; returns what each step did."""
+              data_dir: str | None = None, echo: Callable[[str], None] = click.echo,
+              until: str = "convert") -> list[StepResult]:
+    """Run (or reuse) every step up to `until`; returns what each step did."""
     from .assets import default_model
 
     model = str(model or default_model())
@@ -331,6 +331,8 @@ def run_build(model: str | None, out: str | Path, work: str | Path, profile: Pro
         result = run_step(work, step, echo)
         done[step.name] = result.fingerprint
         results.append(result)
+        if step.name == until:
+            break
     return results
 
 
@@ -398,11 +400,15 @@ def _ints(ctx, param, value):
                    "bundle.")
 @click.option("--threads", type=int,
               help="Torch CPU threads [default: torch's]; 1 is fastest on a busy machine.")
+@click.option("--until", type=click.Choice(["search", "labels", "router", "convert"]),
+              default="convert", show_default=True,
+              help="Stop after this step: e.g. the torch steps on a GPU machine without MLX, "
+                   "then the same command with the same --work on the Mac reuses them.")
 @click.option("--status", is_flag=True,
               help="Print where the --work folder stands (steps, search phases, label shards, "
                    "router epochs, with times) and exit.")
-def build(model, out, work, profile_name, data_dir, max_examples_per_task, threads, status,
-          **overrides):
+def build(model, out, work, profile_name, data_dir, max_examples_per_task, threads, until,
+          status, **overrides):
     """Search, label, train the router and convert: a bundle from a checkpoint in one command.
 
     Each step's output stays in --work; a rerun reuses the steps whose inputs did not change
@@ -426,8 +432,9 @@ def build(model, out, work, profile_name, data_dir, max_examples_per_task, threa
         f"{k}={','.join(map(str, v)) if isinstance(v, tuple) else v}"
         for k, v in asdict(profile).items()))
     start = time.perf_counter()
-    results = run_build(model, out, work, profile, data_dir)
+    results = run_build(model, out, work, profile, data_dir, until=until)
     click.echo("step        time")
     for r in results:
         click.echo(f"{r.name:<11} {'reused' if r.reused else f'{r.seconds:.1f} s'}")
-    click.echo(f"bundle {out} ({time.perf_counter() - start:.1f} s in all)")
+    what = f"bundle {out}" if until == "convert" else f"steps up to {until} in {work}"
+    click.echo(f"{what} ({time.perf_counter() - start:.1f} s in all)")

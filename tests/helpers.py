@@ -3,6 +3,7 @@ references (plain HF torch, plain mlx-lm) that the test modules compare against.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -55,6 +56,55 @@ def tiny_wordpiece_tokenizer():
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *dict.fromkeys(words + chars)]
     vocab += [f"##{c}" for c in chars]
     return BertTokenizerFast(vocab={t: i for i, t in enumerate(vocab)}, do_lower_case=True)
+
+
+# A few ARC-Easy and PIQA questions over CORPUS's words, for builds on tiny models.
+ARC = [
+    ("Which gas do plants absorb from the air?", ["carbon dioxide", "water", "salt", "sand"]),
+    ("How do you boil an egg?", ["put it in boiling water", "freeze it", "paint it", "sing"]),
+    ("What is the capital of France?", ["Paris", "the sky", "an egg", "the glass"]),
+    ("Is the sky blue?", ["yes", "no", "only at night", "never"]),
+    ("What fills an empty glass?", ["water", "the sky", "Paris", "a song"]),
+    ("How are you today?", ["fine, thank you", "blue", "ten minutes", "carbon"]),
+]
+PIQA = [
+    ("boil an egg", "put it in boiling water for ten minutes", "put it in the sky"),
+    ("fill a glass", "pour the water into the glass", "pour the glass into the water"),
+    ("say hello", "say hello, how are you today?", "boil the hello"),
+    ("keep plants alive", "give them water and air", "put them in a glass of salt"),
+    ("visit the capital of France", "go to Paris", "go to the egg"),
+    ("answer a question", "say yes or no", "pour water on it"),
+]
+
+
+def write_task_data(root: Path) -> Path:
+    """A data folder (<task>/train.jsonl) of 12 ARC-Easy and 12 PIQA questions."""
+    rows = {
+        "arc_easy": [{"id": f"arc-{i}", "question": q, "answerKey": "A",
+                      "choices": {"text": c, "label": ["A", "B", "C", "D"]}}
+                     for i, (q, c) in enumerate(ARC * 2)],
+        "piqa": [{"goal": f"{g} ({i})", "sol1": a, "sol2": b, "label": i % 2}
+                 for i, (g, a, b) in enumerate(PIQA * 2)],
+    }
+    for task, items in rows.items():
+        (root / task).mkdir(parents=True)
+        (root / task / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in items))
+    return root
+
+
+def tiny_backbone(path: Path) -> Path:
+    """A random tiny BERT encoder folder with its WordPiece tokenizer (a router backbone)."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    tok = tiny_wordpiece_tokenizer()
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2,
+                         num_attention_heads=4, intermediate_size=64,
+                         max_position_embeddings=128), add_pooling_layer=False
+              ).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
 
 
 def tiny_llama(

@@ -10,9 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
-from helpers import chat_ids, tiny_llama, tiny_wordpiece_tokenizer, torch_greedy, torch_route
+from helpers import chat_ids, tiny_backbone, tiny_llama, torch_greedy, torch_route, write_task_data
 
 import pudding_mlx
 from convert.build import Step, run_build, run_step
@@ -21,57 +20,13 @@ from convert.router_model import Router
 from pudding_mlx.cli import cli
 from pudding_mlx.errors import PuddingError
 
-ARC = [
-    ("Which gas do plants absorb from the air?", ["carbon dioxide", "water", "salt", "sand"]),
-    ("How do you boil an egg?", ["put it in boiling water", "freeze it", "paint it", "sing"]),
-    ("What is the capital of France?", ["Paris", "the sky", "an egg", "the glass"]),
-    ("Is the sky blue?", ["yes", "no", "only at night", "never"]),
-    ("What fills an empty glass?", ["water", "the sky", "Paris", "a song"]),
-    ("How are you today?", ["fine, thank you", "blue", "ten minutes", "carbon"]),
-]
-PIQA = [
-    ("boil an egg", "put it in boiling water for ten minutes", "put it in the sky"),
-    ("fill a glass", "pour the water into the glass", "pour the glass into the water"),
-    ("say hello", "say hello, how are you today?", "boil the hello"),
-    ("keep plants alive", "give them water and air", "put them in a glass of salt"),
-    ("visit the capital of France", "go to Paris", "go to the egg"),
-    ("answer a question", "say yes or no", "pour water on it"),
-]
 PROMPTS = ["Which gas do plants absorb from the air?", "hello, how are you today?"]
-
-
-def write_data(root: Path) -> Path:
-    rows = {
-        "arc_easy": [{"id": f"arc-{i}", "question": q, "answerKey": "A",
-                      "choices": {"text": c, "label": ["A", "B", "C", "D"]}}
-                     for i, (q, c) in enumerate(ARC * 2)],
-        "piqa": [{"goal": f"{g} ({i})", "sol1": a, "sol2": b, "label": i % 2}
-                 for i, (g, a, b) in enumerate(PIQA * 2)],
-    }
-    for task, items in rows.items():
-        (root / task).mkdir(parents=True)
-        (root / task / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in items))
-    return root
-
-
-def tiny_backbone(path: Path) -> Path:
-    from transformers import BertConfig, BertModel
-
-    tok = tiny_wordpiece_tokenizer()
-    torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2,
-                         num_attention_heads=4, intermediate_size=64,
-                         max_position_embeddings=128), add_pooling_layer=False
-              ).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("build")
     model, tok = tiny_llama(root / "hf", num_layers=6)
-    return root, write_data(root / "data"), tiny_backbone(root / "backbone"), model, tok
+    return root, write_task_data(root / "data"), tiny_backbone(root / "backbone"), model, tok
 
 
 def build(setup, *extra, at: Path | None = None):
@@ -181,6 +136,19 @@ def test_from_run_builds_on_the_first_phases_of_a_finished_search(setup, first, 
                   make_profile("quick", k=1, from_run=str(unfinished)))
 
 
+def test_until_stops_after_a_step_and_the_full_build_reuses_it(setup, first, tmp_path):
+    """--until labels (the torch steps on a machine without MLX, say) writes no router or
+    bundle; the full command with the same --work then runs only the steps left."""
+    run = setup[0] / "work" / "search" / "candidates.json"
+    part = build(setup, "--k", "1", "--from-run", run, "--until", "labels", at=tmp_path)
+    assert ran(part) == {"search", "labels"}
+    assert "steps up to labels" in part
+    assert not (tmp_path / "work" / "router").exists() and not (tmp_path / "bundle").exists()
+    rest = build(setup, "--k", "1", "--from-run", run, at=tmp_path)
+    assert reused(rest) == {"search", "labels"} and ran(rest) == {"router", "convert"}
+    assert (tmp_path / "bundle" / "pudding.json").is_file()
+
+
 def test_rerun_reuses_every_step_and_changes_rerun_only_the_steps_below(setup, first):
     root = setup[0]
     again = build(setup)
@@ -275,7 +243,8 @@ def test_status_of_a_work_folder(tmp_path):
         {"num_shards": 3, "num_questions": 150, "complete": False, "runs": [
             {"seconds": 30.0, "shards_run": 1, "block_evals": 400},  # recorded before CPU time
             {"seconds": 21.5, "cpu_seconds": 20.0, "shards_run": 1, "block_evals": 500,
-             "partial": True}]}))
+             "partial": True, "per_task": {"arc_easy": {"items": 50, "seconds": 15.0},
+                                           "piqa": {"items": 25, "seconds": 6.5}}}]}))
     for i in (0, 1):
         (work / f"labels/shard-{i:05d}.parquet").write_bytes(b"")
     (work / "router/checkpoint").mkdir(parents=True)
@@ -291,6 +260,8 @@ def test_status_of_a_work_folder(tmp_path):
     assert "| total | | | 250 | 270 | 3,000 |" in r.output
     assert ("Labels: 2 of 3 shards (150 items in all, in progress). Recorded runs: 2, 2 shards, "
             "52 s wall, CPU time not recorded, 900 block evaluations.") in r.output
+    # per 1,000 questions from the runs that recorded it: 15 s / 50 q, 6.5 s / 25 q
+    assert "Label time per 1,000 items: arc_easy 5.0 min, piqa 4.3 min." in r.output
     assert "Router: 4 epochs done of 10." in r.output
     meta = json.loads((work / "labels/meta.json").read_text())
     meta["runs"][0]["cpu_seconds"] = 29.4

@@ -13,8 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from helpers import tiny_llama, torch_route
-from test_build import tiny_backbone
+from helpers import tiny_backbone, tiny_llama, torch_route
 
 import pudding_mlx
 from convert.build import quality_candidates
