@@ -61,8 +61,18 @@ def _labels(folder: Path) -> list[str]:
         cost = (f" Recorded runs: {len(runs)}, {sum(r['shards_run'] for r in runs)} shards, "
                 f"{wall:,.0f} s wall, {cpu}, "
                 f"{sum(r['block_evals'] for r in runs):,} block evaluations.")
-    return [f"Labels: {done} of {n} shards ({what} items in all, "
-            f"{'complete' if meta.get('complete') else 'in progress'}).{cost}"]
+    lines = [f"Labels: {done} of {n} shards ({what} items in all, "
+             f"{'complete' if meta.get('complete') else 'in progress'}).{cost}"]
+    per_task: dict[str, list[float]] = {}  # task -> [seconds, items], runs that recorded it
+    for r in runs:
+        for task, c in r.get("per_task", {}).items():
+            acc = per_task.setdefault(task, [0.0, 0])
+            acc[0] += c["seconds"]
+            acc[1] += c["items"]
+    if per_task:
+        lines.append("Label time per 1,000 items: " + ", ".join(
+            f"{t} {1000 * sec / n / 60:.1f} min" for t, (sec, n) in per_task.items()) + ".")
+    return lines
 
 
 def _router(folder: Path) -> list[str]:

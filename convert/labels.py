@@ -307,6 +307,13 @@ def _fidelity_shard(runner, tokenizer, cfg: FidelityLabelConfig, prompts: list[C
     }, naive
 
 
+def _cost_bucket(item: Example | ChatPrompt) -> tuple[str, int]:
+    """Where an item's labelling time is counted, and its weight: text length."""
+    if isinstance(item, Example):
+        return item.task, 1 + sum(len(c) + len(a) for c, a in item.prompt)
+    return "chat", 1 + len(item.text)
+
+
 def _make_labels(out: Path, cfg: LabelConfig | FidelityLabelConfig, dev, overwrite: bool,
                  share_prefix: bool) -> dict:
     import torch
@@ -357,35 +364,54 @@ def _make_labels(out: Path, cfg: LabelConfig | FidelityLabelConfig, dev, overwri
                if ranks.world > 1 else "labels", unit=unit,
                initial=sum(len(shards[i]) for i in mine if i not in todo))
 
-    def run_stats(shards_run: int, evals: int, naive: int, cpu: float) -> dict:
+    # labelling time per task (a fidelity run: one "chat" entry), a shard's time shared out by
+    # its items' text length: what a cost table per 1,000 questions reads
+    kinds = sorted({_cost_bucket(item)[0] for item in items})
+    spent = dict.fromkeys(kinds, 0.0)
+    counted = dict.fromkeys(kinds, 0)
+
+    def run_stats(shards_run: int, evals: int, naive: int, cpu: float,
+                  per_task: dict[str, tuple[float, int]]) -> dict:
         # of this run; a resumed or appending run counts only the work it did
         return {"seconds": round(time.perf_counter() - t0, 1), "cpu_seconds": round(cpu, 1),
                 "shards_run": shards_run, "candidates": len(skips), "processes": ranks.world,
                 "dtype": cfg.dtype, "device": str(dev.type), "block_evals": evals,
                 "naive_block_evals": naive, "share_prefix": share_prefix,
-                "torch_threads": torch.get_num_threads()}
+                "torch_threads": torch.get_num_threads(),
+                "per_task": {t: {"items": n, "seconds": round(sec, 1)}
+                             for t, (sec, n) in per_task.items() if n}}
 
     naive = 0  # block evaluations without prefix sharing: each candidate from the embeddings
     for done, i in enumerate(todo, 1):
+        start = time.perf_counter()
         # candidates appended to a finished shard: keep its columns
         old = shard_path(out, i) if width[i] else None
         rows, n = label_shard(runner, tokenizer, cfg, shards[i], skips[width[i]:], old,
                               share_prefix)
         naive += n
         write_shard(out, i, rows, target)
+        buckets = [_cost_bucket(item) for item in shards[i]]
+        total = sum(size for _, size in buckets)
+        for task, size in buckets:
+            spent[task] += (time.perf_counter() - start) * size / total
+            counted[task] += 1
         if ranks.world == 1:  # an interrupted run keeps its cost (several ranks: at the end)
-            partial = run_stats(done, runner.evals, naive, time.process_time() - cpu0)
+            partial = run_stats(done, runner.evals, naive, time.process_time() - cpu0,
+                                {t: (spent[t], counted[t]) for t in kinds})
             write_json(out / META, {**meta, "runs": [*runs, {**partial, "partial": True}]})
         bar.update(len(shards[i]))
         bar.set_postfix(block_evals=runner.evals)
     bar.close()
-    evals, naive, shards_run, cpu = ranks.sum([runner.evals, naive, len(todo),
-                                               time.process_time() - cpu0])
+    evals, naive, shards_run, cpu, *per_task = ranks.sum(
+        [runner.evals, naive, len(todo), time.process_time() - cpu0,
+         *(spent[t] for t in kinds), *(counted[t] for t in kinds)])
     ranks.barrier()
     missing = [i for i in range(len(shards)) if not shard_path(out, i).is_file()]
     if missing:
         raise PuddingError(f"{out}: shards {missing[:5]} were not written")
-    stats = run_stats(shards_run, evals, naive, cpu)
+    stats = run_stats(shards_run, evals, naive, cpu,
+                      dict(zip(kinds, zip(per_task[:len(kinds)], per_task[len(kinds):],
+                                          strict=True), strict=True)))
     meta.update(complete=True, stats=stats, runs=[*runs, stats])
     if ranks.rank == 0:
         write_json(out / META, meta)

@@ -4,6 +4,7 @@ prefix-sharing cost, shards and resuming."""
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -179,6 +180,13 @@ def test_interrupted_run_keeps_its_record(setup, tmp_path, monkeypatch):
     assert meta["complete"] and len(meta["runs"]) == 2 and meta["runs"][0] == run
     assert meta["runs"][1] == meta["stats"] and "partial" not in meta["stats"]
     assert meta["stats"]["shards_run"] == meta["num_shards"] - 1
+    # per-task time: the first run labelled three ARC questions; the two runs, every question
+    assert run["per_task"].keys() == {"arc_easy"} and run["per_task"]["arc_easy"]["items"] == 3
+    questions = Counter(ex.task for ex in labels.label_examples(_config(root)))
+    assert {t: sum(r["per_task"].get(t, {}).get("items", 0) for r in meta["runs"])
+            for t in questions} == questions
+    assert sum(c["seconds"] for c in meta["stats"]["per_task"].values()) <= (
+        meta["stats"]["seconds"] + 0.1)
 
 
 @pytest.mark.slow
