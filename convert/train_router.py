@@ -296,7 +296,7 @@ def train(labels_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, device:
             perm = torch.randperm(len(train_items), generator=gen).tolist()
         order = train_items[perm]
         bar = tqdm(range(0, len(order), cfg.batch_size), desc=f"epoch {epoch + 1}/{cfg.epochs}")
-        losses = []
+        losses, epoch_start = [], time.perf_counter()
         for i in bar:
             rows = order[i : i + cfg.batch_size]
             pred = router(*_batch([ids[r] for r in rows], pad_id, device))
@@ -307,9 +307,11 @@ def train(labels_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, device:
             opt.zero_grad(set_to_none=True)
             losses.append(loss.item())
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+        steps_seconds = time.perf_counter() - epoch_start  # training steps only
         pred = predict(router, [ids[r] for r in eval_items], pad_id, device, desc="eval")
         history.append({"epoch": epoch + 1, "train_mse": float(np.mean(losses)),
-                        "eval_mse": float(np.mean((pred - y[eval_items]) ** 2))})
+                        "eval_mse": float(np.mean((pred - y[eval_items]) ** 2)),
+                        "seconds": round(steps_seconds, 2)})
         click.echo(f"epoch {epoch + 1}: train MSE {history[-1]['train_mse']:.4f}, "
                    f"eval MSE {history[-1]['eval_mse']:.4f}")
         _save_checkpoint(ckpt, epoch + 1, router, opt, sched, settings, history)

@@ -305,7 +305,9 @@ def training_result(out: Path) -> dict:
     metrics = json.loads((out / "metrics.json").read_text())
     weights = load_file(str(out / "router" / "model.safetensors"))
     return {"weights": {k: v.tobytes() for k, v in weights.items()},
-            "history": metrics["history"], "eval_mse": metrics["eval_mse"],
+            "history": [{k: v for k, v in h.items() if k != "seconds"}  # wall time differs
+                        for h in metrics["history"]],
+            "eval_mse": metrics["eval_mse"],
             "router_files": sorted(p.name for p in (out / "router").iterdir())}
 
 
