@@ -9,7 +9,7 @@ ifneq ($(wildcard $(OPENBLAS)),)
 export LD_PRELOAD := $(OPENBLAS)
 endif
 
-.PHONY: setup setup-gemma demo test test-slow test-lm-eval lint
+.PHONY: setup setup-gemma demo test test-cuda test-slow test-lm-eval lint
 
 setup:
 	@if [ "$$(uname)" = Linux ] && [ ! -e $(OPENBLAS) ] && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
@@ -33,6 +33,9 @@ demo:
 
 test:
 	$(PY) -m pytest -q
+
+test-cuda:  # on a machine with a CUDA GPU
+	$(PY) -m pytest -q -m cuda
 
 test-slow:
 	$(PY) -m pytest -q -m slow
