@@ -179,10 +179,10 @@ def table(results: dict[str, dict], metrics: dict[str, dict]) -> tuple[str, dict
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--old-candidates", required=True)
-    ap.add_argument("--old-labels", required=True)
-    ap.add_argument("--new-candidates", required=True)
-    ap.add_argument("--new-labels", required=True)
+    ap.add_argument("--old-candidates")
+    ap.add_argument("--old-labels")
+    ap.add_argument("--new-candidates")
+    ap.add_argument("--new-labels")
     ap.add_argument("--out", required=True)
     ap.add_argument("--work", default=str(Path.home() / ".cache/pudding-mlx/ablation"),
                     help="derived labels and bundles (large, regenerable)")
@@ -195,6 +195,9 @@ def main() -> None:
                     help="rewrite ablation.md/json from those of --rows already evaluated "
                          "(rows run by separate commands), running nothing")
     args = ap.parse_args()
+    inputs = ("old_candidates", "old_labels", "new_candidates", "new_labels")
+    if not args.report_only and (missing := [a for a in inputs if not getattr(args, a)]):
+        ap.error("running rows needs " + ", ".join("--" + a.replace("_", "-") for a in missing))
     if args.model is None:
         from convert.assets import default_model
 
