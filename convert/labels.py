@@ -390,10 +390,9 @@ def _make_labels(out: Path, cfg: LabelConfig | FidelityLabelConfig, dev, overwri
                               share_prefix)
         naive += n
         write_shard(out, i, rows, target)
-        buckets = [_cost_bucket(item) for item in shards[i]]
-        total = sum(size for _, size in buckets)
+        seconds, buckets = time.perf_counter() - start, [_cost_bucket(x) for x in shards[i]]
         for task, size in buckets:
-            spent[task] += (time.perf_counter() - start) * size / total
+            spent[task] += seconds * size / sum(size for _, size in buckets)
             counted[task] += 1
         if ranks.world == 1:  # an interrupted run keeps its cost (several ranks: at the end)
             partial = run_stats(done, runner.evals, naive, time.process_time() - cpu0,
@@ -402,16 +401,16 @@ def _make_labels(out: Path, cfg: LabelConfig | FidelityLabelConfig, dev, overwri
         bar.update(len(shards[i]))
         bar.set_postfix(block_evals=runner.evals)
     bar.close()
-    evals, naive, shards_run, cpu, *per_task = ranks.sum(
+    evals, naive, shards_run, cpu, *sums = ranks.sum(
         [runner.evals, naive, len(todo), time.process_time() - cpu0,
          *(spent[t] for t in kinds), *(counted[t] for t in kinds)])
+    per_task = dict(zip(kinds, zip(sums[:len(kinds)], sums[len(kinds):], strict=True),
+                        strict=True))
     ranks.barrier()
     missing = [i for i in range(len(shards)) if not shard_path(out, i).is_file()]
     if missing:
         raise PuddingError(f"{out}: shards {missing[:5]} were not written")
-    stats = run_stats(shards_run, evals, naive, cpu,
-                      dict(zip(kinds, zip(per_task[:len(kinds)], per_task[len(kinds):],
-                                          strict=True), strict=True)))
+    stats = run_stats(shards_run, evals, naive, cpu, per_task)
     meta.update(complete=True, stats=stats, runs=[*runs, stats])
     if ranks.rank == 0:
         write_json(out / META, meta)

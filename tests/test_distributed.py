@@ -41,6 +41,10 @@ def test_labels_two_processes_equal_one(tmp_path):
     assert two["stats"]["processes"] == 2 and two["complete"]
     assert two["settings"] == single["settings"]
     assert two["stats"]["block_evals"] == single["stats"]["block_evals"]
+    # per-task counts summed over the ranks: each task's questions once
+    assert {t: c["items"] for t, c in two["stats"]["per_task"].items()} == {
+        t: c["items"] for t, c in single["stats"]["per_task"].items()} == {
+        "arc_easy": 5, "piqa": 3, "winogrande": 2}
     a, b = read_labels(tmp_path / "one"), read_labels(tmp_path / "two")
     assert a.qid == b.qid and a.text == b.text
     np.testing.assert_array_equal(a.loglik, b.loglik)
