@@ -391,8 +391,9 @@ def _make_labels(out: Path, cfg: LabelConfig | FidelityLabelConfig, dev, overwri
         naive += n
         write_shard(out, i, rows, target)
         seconds, buckets = time.perf_counter() - start, [_cost_bucket(x) for x in shards[i]]
+        total = sum(size for _, size in buckets)
         for task, size in buckets:
-            spent[task] += seconds * size / sum(size for _, size in buckets)
+            spent[task] += seconds * size / total
             counted[task] += 1
         if ranks.world == 1:  # an interrupted run keeps its cost (several ranks: at the end)
             partial = run_stats(done, runner.evals, naive, time.process_time() - cpu0,
