@@ -266,6 +266,8 @@ def make_steps(model: str, out: Path, work: Path, p: Profile, data_dir: str | No
                     lambda: hash_files(labels_dir.glob("*.parquet"), labels_dir))
 
     def router_step() -> Step:
+        if p.router == "in-model":
+            return in_model_router_step()
         from .assets import minilm_path
 
         backbone = p.backbone or str(minilm_path())
@@ -285,10 +287,24 @@ def make_steps(model: str, out: Path, work: Path, p: Profile, data_dir: str | No
             dtype = p.torch_dtype if p.torch_dtype in ("auto", "bfloat16") else "float32"
             inputs.update(inputs="context", dtype=dtype)
             args += ["--inputs", "context", "--dtype", dtype]
-        weights = router_out / "router"
         return Step("router", inputs, router_out, lambda: _invoke(train_router, args),
-                    lambda: hash_files((f for f in weights.rglob("*") if f.is_file()),
-                                       weights))
+                    router_fingerprint)
+
+    def in_model_router_step() -> Step:
+        """A head on the LLM's hidden state after its first blocks (convert/in_model.py)."""
+        inputs = {"labels": previous("labels"), "router": "in-model", "model": common["model"],
+                  "blocks": p.router_blocks}
+        args = [labels_dir, "--out", router_out, "--router", "in-model", "--model", model,
+                "--blocks", p.router_blocks]
+        if quality:
+            inputs["target"] = "fidelity"
+            args += ["--target", "fidelity"]
+        return Step("router", inputs, router_out, lambda: _invoke(train_router, args),
+                    router_fingerprint)
+
+    def router_fingerprint() -> str:
+        weights = router_out / "router"
+        return hash_files((f for f in weights.rglob("*") if f.is_file()), weights)
 
     def convert_step() -> Step:
         inputs = {"model": common["model"],
@@ -376,6 +392,12 @@ def _ints(ctx, param, value):
 @click.option("--batch-size", type=int, help="Router training batch size.")
 @click.option("--lr", type=float, help="Router learning rate.")
 @click.option("--warmup-steps", type=int, help="Router learning-rate warm-up steps.")
+@click.option("--router", type=click.Choice(["encoder", "in-model"]),
+              help="encoder: a text encoder (--backbone), the paper's; in-model: a linear head "
+                   "on the LLM's hidden state after its first --router-blocks blocks "
+                   "[profile].")
+@click.option("--router-blocks", type=int,
+              help="in-model: the first blocks whose output the head reads [1].")
 @click.option("--backbone", help="Router encoder: HF id or folder [default: MiniLM-L6].")
 @click.option("--router-max-length", type=int, help="Router input tokens.")
 @click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]),

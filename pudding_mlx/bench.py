@@ -45,7 +45,7 @@ def run_bench(pm: PuddingModel, settings: Settings, route_mode: str = "router",
     for p in dict.fromkeys(p for p, _ in points):
         tokens = make_prompt(pm.tokenizer, p, settings.seed + p, text_source)
         prompts[p] = (tokens, pm.tokenizer.decode(tokens))
-        routes[p] = pm.route(prompts[p][1], route_mode, skip, tolerance)
+        routes[p] = pm.route(prompts[p][1], route_mode, skip, tolerance, tokens=tokens)
     skips = {len(r.skip) for r in routes.values()}
     if skips == {0}:
         hint = ("; no set is predicted within the tolerance, raise it"

@@ -69,7 +69,7 @@ def run_request(pm: PuddingModel, kind: str, tokens: list[int], text: str, max_t
         stream = lm_stream_generate(pm.model, pm.tokenizer, tokens, max_tokens=max_tokens)
     else:
         route = (pm.route(text, "dense") if kind == "dense"
-                 else pm.route(text, route_mode, skip, tolerance))
+                 else pm.route(text, route_mode, skip, tolerance, tokens=tokens))
         router_s = route.seconds
         stream = pm.stream_generate(tokens, max_tokens=max_tokens, route=route)
     response = next(stream)

@@ -30,6 +30,9 @@ FORMAT_VERSION = 1
 MANIFEST = "pudding.json"
 ROUTER_CONFIG = "router_config.json"  # in router/: RouterConfig
 LOSSES = ("likelihood", "margin", "perplexity")
+# What reads the prompt: a separate text encoder (MiniLM, the paper's), or a head on the LLM's
+# own hidden state after its first `blocks` blocks, which every candidate keeps (in_model.py).
+ROUTER_KINDS = ("encoder", "in-model")
 # What a router predicts per candidate: a score, higher is better ("likelihood", "margin"), or
 # mean KL(dense || set) in nats/token, lower is better ("fidelity"); see tolerance.py.
 ROUTER_TARGETS = ("likelihood", "margin", "fidelity")
@@ -119,6 +122,9 @@ class RouterConfig:
     outputs: list[str] = field(default_factory=list)  # candidate names, output order
     target: str = "likelihood"
     inputs: str = "context"  # per question: the question, or it and its choices (tasks.py)
+    kind: str = "encoder"  # one of ROUTER_KINDS
+    blocks: int = 0  # in-model: the LLM blocks whose output it pools
+    chat_template: bool = False  # in-model: it reads a text through the LLM's chat template
 
     def __post_init__(self):
         self.backbone = str(self.backbone)
@@ -142,6 +148,8 @@ class RouterInfo:
     pooling: str = "mean"
     target: str = "likelihood"  # one of ROUTER_TARGETS
     tolerance: float | None = None  # fidelity routers: the default --tolerance (nats/token)
+    kind: str = "encoder"  # one of ROUTER_KINDS
+    blocks: int = 0  # in-model routers: the LLM blocks every candidate keeps and it reads
 
 
 @dataclass
@@ -212,7 +220,12 @@ class Manifest:
             raise BundleError(f"{where}: router outputs name unknown candidates {unknown}")
         if len(set(r.outputs)) != len(r.outputs):
             raise BundleError(f"{where}: router outputs repeat a candidate")
-        if not isinstance(r.max_length, int) or r.max_length < 2:
+        if r.kind not in ROUTER_KINDS:
+            raise BundleError(f"{where}: router kind must be one of {ROUTER_KINDS}, got "
+                              f"{r.kind!r}")
+        if r.kind == "in-model":
+            self._check_in_model(where)
+        elif not isinstance(r.max_length, int) or r.max_length < 2:
             raise BundleError(f"{where}: router max_length must be an integer >= 2")
         if r.pooling not in ("mean", "cls"):
             raise BundleError(f"{where}: router pooling must be 'mean' or 'cls', got {r.pooling!r}")
@@ -229,6 +242,17 @@ class Manifest:
                 raise BundleError(f"{where}: router {e}") from None
         for rel in self.files:
             safe_relpath(rel, where)
+
+    def _check_in_model(self, where: str) -> None:
+        """An in-model router reads the output of the first `blocks` blocks: no set skips them."""
+        n = self.router.blocks
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n < self.num_blocks:
+            raise BundleError(f"{where}: an in-model router's blocks must be an integer in "
+                              f"1..{self.num_blocks - 1}, got {n!r}")
+        for c in [*self.candidates, self.static]:
+            if hit := sorted(i for i in c.skip if i < n):
+                raise BundleError(f"{where}: candidate {c.name!r} skips block(s) {hit}, which "
+                                  f"the in-model router reads (blocks 0..{n - 1})")
 
     def _check_set(self, c: Candidate, where: str) -> None:
         try:

@@ -54,7 +54,7 @@ class Conversation:
             new = self.pm.encode(query, system_prompt=self.system_prompt)
         self.reprefilled = 0
         if self.route is None or self.route_each_turn:
-            route = self.pm.route(query, self.mode, self.skip, self.tolerance)
+            route = self.pm.route(query, self.mode, self.skip, self.tolerance, tokens=new)
             if self.route is None or route.skip != self.route.skip:
                 self.reprefilled = len(self.tokens)
                 new = self.tokens + new

@@ -145,3 +145,9 @@ def encode_chat(tokenizer, prompt: str, chat_template: bool = True,
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return list(tokenizer.encode(text, add_special_tokens=False))
     return list(tokenizer.encode(prompt))
+
+
+def pooled_tokens(tokens: Sequence[int]) -> list[int]:
+    """What an in-model router pools: the prompt's tokens but the last (which generation feeds
+    one step later), or the only one. Both sides (in_model.py, convert/in_model.py) use it."""
+    return list(tokens[:-1]) if len(tokens) > 1 else list(tokens)

@@ -128,7 +128,7 @@ def generate(bundle, prompt, max_tokens, temp, top_p, seed, system_prompt,
         click.echo(f"note: the prompt ({len(tokens)} tokens) plus --max-tokens {max_tokens} "
                    f"exceed the model's context of {context} tokens; expect worse output",
                    err=True)
-    route = pm.route(prompt, route_mode, skip, tolerance)
+    route = pm.route(prompt, route_mode, skip, tolerance, tokens=tokens)
     click.echo(describe_route(route, pm.manifest.num_blocks))
     click.echo("=" * 10)
     last = None

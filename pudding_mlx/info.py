@@ -30,8 +30,11 @@ def info(bundle: str, verify: bool) -> None:
                f"{m.num_blocks} blocks; protected {m.protected or 'none'}")
     coreml = "yes" if (root / "router.mlpackage").exists() else "no"
     target = r.target + ("" if r.tolerance is None else f" (default tolerance {r.tolerance:g})")
-    click.echo(f"  router: {r.backbone}, {r.pooling} pooling, max {r.max_length} tokens, "
-               f"target {target}, {len(r.outputs)} outputs; Core ML package: {coreml}")
+    reads = (f"in-model (a head on the LLM's hidden state after blocks 0..{r.blocks - 1}), "
+             f"{r.pooling} pooling" if r.kind == "in-model"
+             else f"{r.backbone}, {r.pooling} pooling, max {r.max_length} tokens")
+    click.echo(f"  router: {reads}, target {target}, {len(r.outputs)} outputs; Core ML "
+               f"package: {coreml}")
     for key, value in m.extra.items():
         click.echo(f"  {key}: {value}")
 

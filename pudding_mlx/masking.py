@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import inspect
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import cache
 
+import mlx.core as mx
 import mlx.nn as nn
 
 from .arch import arch_forward
@@ -183,3 +184,45 @@ def skip_view(model: nn.Module, skip: Iterable[int]) -> nn.Module:
         layer_owner(model)
         return model
     return SkipView(model, skip)
+
+
+def check_split(model: nn.Module) -> None:
+    """Refuse a model whose forward cannot be split after any block (`run_blocks`): one with an
+    `arch` forward, no final `norm`, or a mask built from another cache than the first block's."""
+    owner = layer_owner(model)
+    name = f"{type(model).__module__}.{type(model).__name__}"
+    if arch_forward(model) is not None or not isinstance(owner.get("norm"), nn.Module):
+        raise PuddingError(f"{name}: its forward cannot be split after a block, which an "
+                           "in-model router needs; use an encoder router")
+    if protected_blocks(model) - {0}:
+        raise PuddingError(f"{name}: its attention mask reads the cache of block(s) "
+                           f"{sorted(protected_blocks(model) - {0})}; an in-model router needs "
+                           "masks built from the first block's cache")
+
+
+def run_blocks(model: nn.Module, blocks: Sequence[int], cache: list,
+               inputs: mx.array | None = None, hidden: mx.array | None = None) -> mx.array:
+    """Hidden states before the final norm after the blocks `blocks` (original indices, in
+    order), over token ids `inputs` [B, L] (through the embedding) or over `hidden` [B, L, D],
+    the output of the blocks before them; `cache` has one entry per block.
+
+    mlx-lm's own forward runs, over the shortened block list and with its final norm as the
+    identity. The mask comes from the first cache of the list, whose offset every block of a
+    prefill shares (`check_split` refuses models where that does not hold).
+    """
+    check_split(model)
+    owner = layer_owner(model)
+    saved_layers, saved_norm = owner.layers, owner.norm
+    attrs = [a for a in _mask_index_attrs(type(owner))[0]
+             if isinstance(getattr(owner, a, None), int)]
+    saved = {a: getattr(owner, a) for a in attrs}
+    owner.layers = [saved_layers[i] for i in blocks]
+    owner.norm = nn.Identity()
+    for a in attrs:
+        setattr(owner, a, 0)
+    try:
+        return owner(inputs, cache=cache, input_embeddings=hidden)
+    finally:
+        owner.layers, owner.norm = saved_layers, saved_norm
+        for a, value in saved.items():
+            setattr(owner, a, value)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import time
@@ -9,6 +10,7 @@ from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx_lm.generate import GenerationResponse
@@ -25,7 +27,8 @@ from .bundle import (
 )
 from .chat_prompts import clean_text, encode_chat
 from .errors import BundleError, PuddingError
-from .masking import check_skip, num_blocks, protected_blocks, skip_view
+from .in_model import InModelRouter, Prefix, load_in_model_router
+from .masking import check_skip, num_blocks, protected_blocks, run_blocks, skip_view
 from .router import Router, load_router
 from .tolerance import LOWER_IS_BETTER, Policy, check_policy, choose
 
@@ -40,7 +43,9 @@ class Route:
     name: str  # candidate name, "dense", the static set's name, or "skip:3,7,9"
     skip: list[int]  # 0-based blocks skipped, sorted
     scores: np.ndarray | None = None  # the router's scores, in manifest.router.outputs order
-    seconds: float = 0.0  # time spent routing (tokenize + router forward)
+    # time spent routing: tokenize + router forward; an in-model router's pooling and head
+    # only (the first blocks it reads are prefill work, timed in `prefix.seconds`)
+    seconds: float = 0.0
     truncated: bool = False  # the prompt was cut to the router's max_length tokens
     # "router", "dense", "static", "skip", "empty prompt", or "none within tolerance" (the
     # router predicted every set above the tolerance and the bundle has no dense candidate)
@@ -48,6 +53,8 @@ class Route:
     predicted: float | None = None  # fidelity routers: the chosen set's predicted KL to dense
     tolerance: float | None = None  # the tolerance the set was chosen within
     k: int | None = None  # the size the set was chosen among (fixed-k rule)
+    # an in-model router's first blocks over the prompt, for the prefill to continue from
+    prefix: Prefix | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -56,20 +63,23 @@ class PuddingModel:
     manifest: Manifest
     model: nn.Module  # the mlx-lm model (all blocks)
     tokenizer: object  # mlx-lm TokenizerWrapper
-    router: Router
+    router: Router | InModelRouter
     config: dict = field(default_factory=dict)
 
     # --- routing -------------------------------------------------------------------------------
 
     def route(self, prompt: str, mode: str = "router", skip: Sequence[int] | None = None,
-              tolerance: float | None = None, k: int | None = None) -> Route:
+              tolerance: float | None = None, k: int | None = None,
+              tokens: Sequence[int] | None = None) -> Route:
         """Choose the blocks to skip for `prompt` (the raw user text, not the templated one).
 
         mode "router" asks the router (an empty or whitespace-only prompt gets the static
         fallback set without asking it) and picks by the rules of `tolerance.py`: a fidelity
         router within `tolerance` (default: the bundle's), or among the sets of `k` blocks;
         "dense" skips nothing, "static" takes the bundle's static set; an explicit `skip` list
-        overrides the mode.
+        overrides the mode. An in-model router reads `tokens` (the prompt as it will be
+        prefilled; default: `prompt` as it was trained to read it) and keeps its first blocks'
+        work in `Route.prefix` for `stream_generate`.
         """
         prompt = clean_text(prompt)
         policy = Policy(tolerance, k)
@@ -84,21 +94,37 @@ class PuddingModel:
         if mode == "dense":
             return Route(None, "dense", [], reason="dense")
         tolerance = self.check_policy(policy)
-        if mode == "static" or not prompt.strip():
+        in_model = isinstance(self.router, InModelRouter)
+        if tokens is not None and not in_model:
+            tokens = None  # an encoder router reads the text
+        if mode == "static" or not (prompt.strip() or tokens):
             static = self.manifest.static
             return Route(None, static.name, sorted(static.skip),
                          reason="static" if mode == "static" else "empty prompt")
         tic = time.perf_counter()
-        enc = self.router.encode([prompt])
-        scores = self.router.forward(enc)[0]
+        prefix, truncated = None, False
+        if in_model:
+            prefix = self.router.prefix(self.router.tokens(prompt) if tokens is None
+                                        else list(tokens))
+            tic += prefix.seconds  # prefill work, not routing's
+            scores = self.router.head(prefix.hidden)
+        else:
+            enc = self.router.encode([prompt])
+            scores, truncated = self.router.forward(enc)[0], enc.truncated[0]
         seconds = time.perf_counter() - tic
+        route = self._routed(scores, policy, tolerance, seconds, truncated)
+        route.prefix = prefix if prefix is not None and len(prefix.tokens) > 1 else None
+        return route
+
+    def _routed(self, scores: np.ndarray, policy: Policy, tolerance: float | None,
+                seconds: float, truncated: bool) -> Route:
         index = self.pick(scores, policy)
         fidelity = self.manifest.router.target in LOWER_IS_BETTER
         if index is None:
-            return Route(None, "dense", [], scores, seconds, enc.truncated[0],
+            return Route(None, "dense", [], scores, seconds, truncated,
                          "none within tolerance", tolerance=tolerance)
         c = self.candidates[index]
-        return Route(index, c.name, sorted(c.skip), scores, seconds, enc.truncated[0],
+        return Route(index, c.name, sorted(c.skip), scores, seconds, truncated,
                      predicted=float(scores[index]) if fidelity else None,
                      tolerance=tolerance, k=policy.k)
 
@@ -149,14 +175,15 @@ class PuddingModel:
 
     def _prepare(self, prompt: str | list[int], route: Route | None, mode: str,
                  skip: Sequence[int] | None, chat_template: bool, system_prompt: str | None):
-        if route is None:
-            route = self.route(prompt if isinstance(prompt, str) else "", mode, skip)
         tokens = (
             self.encode(prompt, chat_template, system_prompt) if isinstance(prompt, str)
             else list(prompt)
         )
         if not tokens:
             raise PuddingError("the prompt is empty (and the tokenizer has no chat template)")
+        if route is None:
+            route = self.route(prompt if isinstance(prompt, str) else "", mode, skip,
+                               tokens=tokens)
         return route, tokens
 
     def stream_generate(
@@ -173,12 +200,39 @@ class PuddingModel:
         """mlx_lm.stream_generate with the routed blocks skipped for prefill and decode.
 
         `prompt` is the user's text (routed raw, then templated) or token ids (then pass
-        `route`, or it is routed as an empty prompt). Other kwargs (sampler, prompt_cache,
-        max_kv_size, ...) go to mlx-lm; a given prompt_cache must come from `make_cache(route)`.
+        `route`, or it is routed as an empty prompt; an in-model router reads the ids). Other
+        kwargs (sampler, prompt_cache, max_kv_size, ...) go to mlx-lm; a given prompt_cache
+        must come from `make_cache(route)`. A route whose `prefix` holds these very tokens
+        continues the prefill from it (into a fresh cache) instead of rerunning the first
+        blocks; the prefix is used up then.
         """
         route, tokens = self._prepare(prompt, route, mode, skip, chat_template, system_prompt)
-        yield from lm_stream_generate(self.view(route), self.tokenizer, tokens,
-                                      max_tokens=max_tokens, **kwargs)
+        view, prefix, cache = self.view(route), route.prefix, kwargs.get("prompt_cache")
+        fresh = cache is None or not any(getattr(c, "offset", 0) for c in cache)
+        if (prefix is None or prefix.tokens != tokens or not fresh
+                or kwargs.get("max_kv_size") is not None):
+            yield from lm_stream_generate(view, self.tokenizer, tokens, max_tokens=max_tokens,
+                                          **kwargs)
+            return
+        route.prefix = None  # its caches become this generation's
+        kwargs["prompt_cache"] = cache if cache is not None else self.make_cache(route)
+        tic = time.perf_counter()
+        self._continue_prefill(route, prefix, kwargs["prompt_cache"])
+        seconds = prefix.seconds + time.perf_counter() - tic
+        # mlx-lm prefills the last token only: report the whole prompt as it would
+        for r in lm_stream_generate(view, self.tokenizer, tokens[-1:], max_tokens=max_tokens,
+                                    **kwargs):
+            yield dataclasses.replace(r, prompt_tokens=len(tokens),
+                                      prompt_tps=len(tokens) / (seconds + 1 / r.prompt_tps))
+
+    def _continue_prefill(self, route: Route, prefix: Prefix, cache: list) -> None:
+        """Fill `cache` (for `route`'s kept blocks) with the prompt but its last token: the
+        first blocks' caches from `prefix`, the other kept blocks run from its hidden states."""
+        p = len(prefix.cache)
+        kept = [i for i in range(self.manifest.num_blocks) if i not in set(route.skip)]
+        cache[:p] = prefix.cache
+        run_blocks(self.model, kept[p:], cache[p:], hidden=prefix.hidden)
+        mx.eval([c.state for c in cache])
 
     def generate(
         self,
@@ -273,5 +327,9 @@ def load(path: str | Path, router_backend: str = "auto", verify: bool = True,
         except PuddingError as e:
             raise BundleError(f"{path / 'pudding.json'}: {e}") from None
     r = manifest.router
-    router = load_router(path, r.outputs, r.max_length, r.pooling, router_backend, r.target)
+    if r.kind == "in-model":
+        router = load_in_model_router(path, r, model, tokenizer, router_backend)
+    else:
+        router = load_router(path, r.outputs, r.max_length, r.pooling, router_backend,
+                             r.target)
     return PuddingModel(path, manifest, model, tokenizer, router, config)

@@ -336,7 +336,7 @@ def load_router(bundle: str | Path, outputs: list[str], max_length: int, pooling
     if backend not in BACKENDS:
         raise PuddingError(f"router backend must be one of {BACKENDS}, got {backend!r}")
     folder = bundle / "router"
-    rc = _check_router_config(folder, outputs, max_length, pooling, target)
+    rc = check_router_config(folder, outputs, max_length, pooling, target)
     package = bundle / MLPACKAGE
     if backend == "auto":
         backend = "coreml" if sys.platform == "darwin" and package.exists() and _has_ct() else "mlx"
@@ -350,8 +350,9 @@ def load_router(bundle: str | Path, outputs: list[str], max_length: int, pooling
     return router
 
 
-def _check_router_config(folder: Path, outputs: list[str], max_length: int, pooling: str,
-                         target: str | None) -> RouterConfig:
+def check_router_config(folder: Path, outputs: list[str], max_length: int | None, pooling: str,
+                        target: str | None) -> RouterConfig:
+    """router_config.json in `folder`, checked against the manifest's router facts."""
     path = folder / ROUTER_CONFIG
     rc = RouterConfig.from_dict(read_json(path, error=BundleError), str(path))
     if rc.outputs != outputs or rc.num_outputs != len(outputs):

@@ -419,3 +419,32 @@ def check_incremental_decoding(view, ids: list[int], prefill: int = 7, atol: flo
     assert np.abs(np.stack(steps) - full[prefill - 1:]).max() <= atol
     assert all(c.offset == len(ids) for c in cache)
     return cache
+
+
+def tiny_in_model_bundle(path: str | Path, sets: dict[str, list[int]] | None = None,
+                         blocks: int = 1, chat_template: bool = True, seed: int = 0
+                         ) -> tuple[TinyBundle, object]:
+    """`tiny_bundle` with its router replaced by an in-model one: a random head on the tiny
+    LLM's hidden state after `blocks` blocks. Returns (bundle, convert.in_model.Head)."""
+    import shutil
+
+    import numpy as np
+
+    from convert.in_model import Head, save_head
+    from pudding_mlx.bundle import RouterConfig, RouterInfo, write_manifest
+
+    tb = tiny_bundle(path, sets, seed=seed)
+    names = tb.manifest.router.outputs
+    rng = np.random.default_rng(seed)
+    weight = rng.normal(0, 0.5, (len(names), tb.model.config.hidden_size)).astype(np.float32)
+    bias = rng.normal(0, 0.1, len(names)).astype(np.float32)
+    head = Head(weight, bias, rng.normal(0, 0.1, weight.shape[1]).astype(np.float32))
+    shutil.rmtree(tb.path / "router")
+    save_head(tb.path / "router", head, RouterConfig(
+        backbone="tiny-llama", num_outputs=len(names), max_length=0, outputs=list(names),
+        target="fidelity", kind="in-model", blocks=blocks, chat_template=chat_template))
+    tb.manifest.router = RouterInfo(backbone="tiny-llama", max_length=0, outputs=list(names),
+                                    target="fidelity", tolerance=1.0, kind="in-model",
+                                    blocks=blocks)
+    write_manifest(tb.path, tb.manifest)
+    return tb, head

@@ -87,12 +87,13 @@ print("RESULTS " + json.dumps(results))
 
 
 def test_runtime_commands_run_without_torch_and_convert(tmp_path):
-    from helpers import tiny_bundle
+    from helpers import tiny_bundle, tiny_in_model_bundle
     from test_evaluate import write_data
 
     import pudding_mlx
 
     tb = tiny_bundle(tmp_path / "bundle", static=[3, 4])
+    in_model = str(tiny_in_model_bundle(tmp_path / "in-model")[0].path)
     data = write_data(tmp_path / "data", n=6)
     b = str(tb.path)
     prompt = "Which gas do plants absorb?"
@@ -108,6 +109,8 @@ def test_runtime_commands_run_without_torch_and_convert(tmp_path):
         ("fidelity", ["fidelity", b, "-o", str(tmp_path / "fidelity"), "--limit", "2", "-m", "3",
                       "--resamples", "20"], ""),
         ("search (a torch command)", ["search", "--out", str(tmp_path / "c.json")], ""),
+        ("in-model info", ["info", in_model], ""),
+        ("in-model generate", ["generate", "-b", in_model, "-p", prompt, "-m", "6"], ""),
     ]
     env = {**os.environ, "PYTHONPATH": torch_free_path(tmp_path), "PUDDING_OPENBLAS": "0",
            "TQDM_DISABLE": "1"}
@@ -119,12 +122,15 @@ def test_runtime_commands_run_without_torch_and_convert(tmp_path):
     assert results == {
         "info": 0, "generate": 0, "chat": 0, "bench": 0, "eval": 0, "fidelity": 0,
         "search (a torch command)": 2,  # a one-line "needs a package that is not installed"
+        "in-model info": 0, "in-model generate": 0,
         "import torch": "absent", "import convert": "absent", "import router_coreml": "absent",
         "torch loaded": False,
     }, r.stderr[-3000:]
     # the same text as the runtime where torch is installed
     want = pudding_mlx.load(b).generate(prompt, max_tokens=6)
     assert want and want in r.stdout
+    want = pudding_mlx.load(in_model).generate(prompt, max_tokens=6)
+    assert want and want in r.stdout and "in-model (a head on the LLM's hidden state" in r.stdout
     assert "needs a package that is not installed" in r.stderr
     assert (tmp_path / "bench" / "bench.json").is_file()
     res = json.loads((tmp_path / "eval" / "results.json").read_text())

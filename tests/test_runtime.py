@@ -94,7 +94,7 @@ def test_load_and_route_copy_no_weights(pm):
 
 def _fixed_routes(pm, monkeypatch, names: dict[str, str]):
     """Make pm.route pick the set named for each query (the conversation logic is under test)."""
-    def route(prompt, mode="router", skip=None, tolerance=None, k=None):
+    def route(prompt, mode="router", skip=None, tolerance=None, k=None, tokens=None):
         c = pm.manifest.candidate(names[prompt])
         return Route(0, c.name, sorted(c.skip))
     monkeypatch.setattr(pm, "route", route)
