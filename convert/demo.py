@@ -72,12 +72,21 @@ def demo_bundle(rebuild: bool) -> Path:
     elif cached:
         click.echo(f"Using the cached bundle {bundle} (--rebuild builds it again)")
         return bundle
-    click.echo(f"Building the demo SmolLM2-135M bundle in {root} (first run only; "
-               "about a quarter hour on two CPU cores)")
+    if (work / "steps").is_dir():
+        click.echo(f"Continuing the demo build in {work} (its finished steps are reused)")
+    else:
+        click.echo(f"Building the demo SmolLM2-135M bundle in {root} (first run only; about "
+                   "half an hour on two CPU cores; Ctrl-C stops it and the next `pudding "
+                   "demo` continues it)")
+    click.echo(f"Where it stands: pudding build --status --work {work}")
     # The demo is built from packaged assets only: no hub look-ups.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     start = time.perf_counter()
-    run_build(None, bundle, work, PROFILES["demo"])
+    try:
+        run_build(None, bundle, work, PROFILES["demo"])
+    except KeyboardInterrupt:
+        click.echo("\nThe build stopped; run `pudding demo` again to continue it.", err=True)
+        raise
     click.echo(f"Built {bundle} in {time.perf_counter() - start:.0f} s")
     return bundle
 
@@ -335,7 +344,7 @@ def demo(bundle, rebuild, max_tokens, tolerance, faster, trials, json_path):
     facts = (shape, decode_bytes(pm.model, shape))
     result = DemoResult(str(bundle), pm.manifest.base_model, n_blocks, max_tokens, trials,
                         WARMUP)
-    pm.route(PROMPTS[0][1])  # a warm router, so its times are those of later requests
+    pm.route("Hello")  # a warm router, so its times are those of later requests
     for i, (kind, prompt) in enumerate(PROMPTS, 1):
         p = run_prompt(pm, kind, prompt, max_tokens, trials, tolerance, fast, facts)
         result.prompts.append(p)

@@ -175,3 +175,69 @@ def test_a_cached_likelihood_bundle_is_built_again_with_the_demo_profile(built, 
     manifest.write_text(json.dumps(doc))
     assert demo.demo_bundle(rebuild=False) == manifest.parent
     assert len(calls) == 1
+
+
+def test_ctrl_c_during_the_demo_build_then_a_rerun_continues_it(monkeypatch, capsys, tmp_path):
+    """Ctrl-C in the middle of the demo's build: `pudding build --status` on its work folder
+    says which step stopped, the next `pudding demo` reuses the finished steps and resumes the
+    stopped one from its partial output (never starts over), and the one after that uses the
+    cached bundle."""
+    import shutil
+
+    from helpers import run_cli
+    from test_tolerance import make_fidelity_router
+
+    from convert import assets, build, demo
+
+    fidelity_bundle = tmp_path / "fidelity"
+    make_fidelity_router(tiny_bundle(fidelity_bundle, sets={"dense": [], "a": [2], "b": [3]}),
+                         0.5, offsets=[0.0, 0.0, 0.0])
+    monkeypatch.setenv("PUDDING_CACHE", str(tmp_path))
+    monkeypatch.setattr(assets, "default_model", lambda: "model")
+    root = tmp_path / "demo"
+    runs: list[str] = []
+
+    def search():
+        runs.append("search")
+        (root / "work" / "search.txt").write_text("done")
+
+    def labels():
+        part = root / "work" / "labels.part"
+        runs.append("labels, resumed" if part.exists() else "labels")
+        if not part.exists():
+            part.write_text("half")
+            raise KeyboardInterrupt
+        (root / "work" / "labels.txt").write_text("done")
+
+    def convert():
+        runs.append("convert")
+        shutil.copytree(fidelity_bundle, root / "bundle")
+
+    def make_steps(model, out, work, profile, data_dir, previous):
+        def step(name, file, run):
+            return lambda: build.Step(name, {"model": model}, work / file, run,
+                                      lambda: (work / file).read_text())
+
+        return [step("search", "search.txt", search), step("labels", "labels.txt", labels),
+                step("convert", "../bundle/pudding.json", convert)]
+
+    monkeypatch.setattr(build, "make_steps", make_steps)
+    code, out, err = run_cli(["demo"], monkeypatch, capsys)
+    assert code == 130 and runs == ["search", "labels"]
+    assert "Ctrl-C stops it and the next `pudding demo` continues it" in out
+    assert f"pudding build --status --work {root / 'work'}" in out
+    assert "run `pudding demo` again to continue it" in err
+
+    code, out, _ = run_cli(["build", "--status", "--work", str(root / "work")], monkeypatch,
+                           capsys)
+    assert code == 0
+    assert "| search | done |" in out and "| labels | interrupted |" in out
+
+    monkeypatch.setattr(demo, "PROMPTS", ())  # the bundle is then only loaded
+    code, out, err = run_cli(["demo", "--trials", "3"], monkeypatch, capsys)
+    assert code == 0, (out, err)
+    assert runs == ["search", "labels", "labels, resumed", "convert"]
+    assert "Continuing the demo build" in out and "[search] reused" in out
+    code, out, _ = run_cli(["demo"], monkeypatch, capsys)
+    assert code == 0 and "Using the cached bundle" in out
+    assert len(runs) == 4
