@@ -20,11 +20,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from pudding_mlx.errors import PuddingError
 from pudding_mlx.generate_cli import TOLERANCE_HELP, describe_route
+from pudding_mlx.tolerance import Policy
 
 PROMPTS = (
     ("science question", "Why do plants need sunlight to grow?"),
@@ -35,6 +37,11 @@ PROMPTS = (
      "at five. Question: At what time does the library open on Sunday?"),
     ("small talk", "Hi! What is your favourite season of the year, and why?"),
 )
+if TYPE_CHECKING:
+    from pudding_mlx.bench_timing import Trial
+    from pudding_mlx.flops import DecodeBytes, Shape
+    from pudding_mlx.model import PuddingModel, Route
+
 SETTINGS = ("dense", "default", "faster")
 WARMUP = 1  # untimed rounds before the trials of each prompt
 
@@ -157,7 +164,8 @@ class DemoResult:
     seconds: float = 0.0
 
 
-def settings_routes(pm, prompt: str, tolerance: float | None, faster) -> dict:
+def settings_routes(pm: PuddingModel, prompt: str, tolerance: float | None,
+                    faster: Policy) -> dict[str, Route]:
     """Setting -> Route: dense, the bundle's rule (at `tolerance`), and the `faster` Policy."""
     return {"dense": pm.route(prompt, "dense"),
             "default": pm.route(prompt, tolerance=tolerance),
@@ -165,7 +173,7 @@ def settings_routes(pm, prompt: str, tolerance: float | None, faster) -> dict:
 
 
 @contextmanager
-def no_eos(pm) -> Iterator[None]:
+def no_eos(pm: PuddingModel) -> Iterator[None]:
     """Every timed request decodes exactly as many tokens (like mlx_lm.benchmark)."""
     eos = set(pm.tokenizer.eos_token_ids)
     pm.tokenizer.eos_token_ids = set()
@@ -175,13 +183,13 @@ def no_eos(pm) -> Iterator[None]:
         pm.tokenizer.eos_token_ids = eos
 
 
-def time_settings(pm, ids: list[int], skips: dict[str, list[int]], tokens: int,
-                  trials: int) -> list[dict]:
+def time_settings(pm: PuddingModel, ids: list[int], skips: dict[str, list[int]], tokens: int,
+                  trials: int) -> list[dict[str, Trial]]:
     """Rounds of interleaved, warm requests, one per setting in a rotating order: per round,
     setting -> Trial (routes given, so no router time)."""
     from pudding_mlx.bench_timing import measure, run_request
 
-    def request(setting: str):
+    def request(setting: str) -> Trial:
         return run_request(pm, setting, ids, "", tokens, skip=skips[setting])
 
     with no_eos(pm):
@@ -190,12 +198,12 @@ def time_settings(pm, ids: list[int], skips: dict[str, list[int]], tokens: int,
     return [{t.kind: t for t in r} for r in rounds]
 
 
-def run_prompt(pm, kind: str, prompt: str, max_tokens: int, trials: int,
-               tolerance: float | None, faster, facts) -> PromptResult:
+def run_prompt(pm: PuddingModel, kind: str, prompt: str, max_tokens: int, trials: int,
+               tolerance: float | None, faster: Policy,
+               facts: tuple[Shape, DecodeBytes]) -> PromptResult:
     """Route `prompt` for every setting, answer it, compare with dense, and time it."""
     from pudding_mlx import fidelity
     from pudding_mlx.flops import decode_ideal, prefill_ideal
-    from pudding_mlx.tolerance import Policy
 
     shape, weights = facts
     routes = settings_routes(pm, prompt, tolerance, faster)
@@ -282,11 +290,9 @@ def summary_table(result: DemoResult) -> str:
     return "\n".join(lines)
 
 
-def faster_policy(pm, spec: str | None):
+def faster_policy(pm: PuddingModel, spec: str | None) -> Policy:
     """The faster setting's Policy: `spec` ("routed@X" or "routed:kN"), or the best-predicted
     of the largest candidates."""
-    from pudding_mlx.tolerance import Policy
-
     if spec is None:
         return Policy(k=max(pm.sizes))
     policy = Policy.parse(spec)
@@ -324,7 +330,6 @@ def demo(bundle, rebuild, max_tokens, tolerance, faster, trials, json_path):
     from pudding_mlx.bench_summary import decode_bytes
     from pudding_mlx.flops import Shape
     from pudding_mlx.model import load
-    from pudding_mlx.tolerance import Policy
 
     if bundle is not None and rebuild:
         raise PuddingError("--rebuild rebuilds the cached bundle; it cannot go with --bundle")
@@ -357,12 +362,12 @@ def demo(bundle, rebuild, max_tokens, tolerance, faster, trials, json_path):
     click.echo(f"demo done in {result.seconds:.0f} s")
 
 
-def _rule(pm, tolerance: float | None) -> str:
+def _rule(pm: PuddingModel, tolerance: float | None) -> str:
     x = pm.check_policy() if tolerance is None else tolerance
     return "the best-predicted set" if x is None else f"most blocks within predicted KL {x:g}"
 
 
-def _describe(policy) -> str:
+def _describe(policy: Policy) -> str:
     if policy.k is not None:
         return f"the best-predicted of the {policy.k}-block sets ({policy})"
     return f"most blocks within predicted KL {policy.tolerance:g} ({policy})"
