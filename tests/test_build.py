@@ -204,6 +204,18 @@ def test_an_interrupted_step_resumes_and_changed_inputs_start_over(tmp_path):
     assert not run_step(tmp_path, fake_step(tmp_path, {"a": (2, 3)}, calls), echo=print).reused
 
 
+def test_a_stopped_step_is_recorded_as_interrupted_or_failed(tmp_path):
+    """`--status` must not show a step as running after Ctrl-C or an error."""
+    for error, state in ((KeyboardInterrupt, "interrupted"), (RuntimeError, "failed")):
+        def run(error=error):
+            raise error
+
+        step = Step("fake", {"a": 1}, tmp_path / "out", run, lambda: "")
+        with pytest.raises(error):
+            run_step(tmp_path, step, echo=print)
+        assert json.loads((tmp_path / "steps" / "fake.json").read_text())["state"] == state
+
+
 def test_profiles():
     paper = PROFILES["paper"]
     assert paper.tasks == ("arc_challenge", "arc_easy", "hellaswag", "piqa", "winogrande")

