@@ -103,12 +103,18 @@ def remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def run_step(work: Path, step: Step, echo: Callable[[str], None] = click.echo) -> StepResult:
-    """Reuse the step's output when its inputs and output are unchanged, else (re)run it."""
+def run_step(work: Path, step: Step, echo: Callable[[str], None] = click.echo,
+             shipped: Path | None = None) -> StepResult:
+    """Reuse the step's output when its inputs and output are unchanged, else (re)run it;
+    a `shipped` products folder (shipped.py) may supply the output first."""
+    step.inputs = json.loads(json.dumps(step.inputs))  # tuples -> lists, as read back
+    if shipped is not None:
+        from .shipped import adopt
+
+        adopt(work, shipped, step, echo)
     record_path = work / "steps" / f"{step.name}.json"
     record = (read_json(record_path, "delete it to rerun the step")
               if record_path.exists() else None)
-    step.inputs = json.loads(json.dumps(step.inputs))  # tuples -> lists, as read back
     same_inputs = record is not None and record.get("inputs") == step.inputs
     if same_inputs and record.get("state") == "done" and step.output.exists():
         fingerprint = step.fingerprint()
@@ -336,8 +342,9 @@ def make_steps(model: str, out: Path, work: Path, p: Profile, data_dir: str | No
 
 def run_build(model: str | None, out: str | Path, work: str | Path, profile: Profile,
               data_dir: str | None = None, echo: Callable[[str], None] = click.echo,
-              until: str = "convert") -> list[StepResult]:
-    """Run (or reuse) every step up to `until`; returns what each step did."""
+              until: str = "convert", shipped: Path | None = None) -> list[StepResult]:
+    """Run (or reuse) every step up to `until`; returns what each step did. Steps with a
+    matching product in `shipped` (shipped.py) take it instead of computing."""
     from .assets import default_model
 
     model = str(model or default_model())
@@ -349,7 +356,7 @@ def run_build(model: str | None, out: str | Path, work: str | Path, profile: Pro
     results = []
     for factory in make_steps(model, out, work, profile, data_dir, done.__getitem__):
         step = factory()
-        result = run_step(work, step, echo)
+        result = run_step(work, step, echo, shipped)
         done[step.name] = result.fingerprint
         results.append(result)
         if step.name == until:

@@ -43,6 +43,9 @@ if TYPE_CHECKING:
     from pudding_mlx.model import PuddingModel, Route
 
 SETTINGS = ("dense", "default", "faster")
+# measured on an idle 2-core machine (examples/results/first-run/README.md)
+SHIPPED_MINUTES = 1
+SCRATCH_MINUTES = 35
 WARMUP = 1  # untimed rounds before the trials of each prompt
 
 
@@ -54,23 +57,28 @@ def cache_folder() -> Path:
     return Path(base) / "pudding-mlx"
 
 
-def demo_bundle(rebuild: bool) -> Path:
+def demo_bundle(rebuild: bool, from_scratch: bool = False) -> Path:
     """The cached demo bundle, built (or rebuilt, or a crashed build continued) if needed.
 
-    It is the `demo` profile's quality-aware bundle: a fidelity router over nested sets of 1-4
-    blocks and dense, routed by its default tolerance, so the answers stay near dense's. A
-    bundle cached by an older pudding (a likelihood router) is built again.
+    It is the `demo` profile's quality-aware bundle: an in-model router of KL to dense over
+    nested sets of 1-4 blocks and dense, routed by its default tolerance, so the answers stay
+    near dense's. The build takes the search, labels and router shipped with pudding where
+    their inputs match (shipped.py) and converts; `from_scratch` computes everything. A bundle
+    cached by an older pudding (another kind of router) is built again.
     """
     from pudding_mlx.bundle import read_manifest
 
     from .build import run_build
     from .profiles import PROFILES
+    from .shipped import DEMO_PRODUCTS
 
+    profile = PROFILES["demo"]
     root = cache_folder() / "demo"
     bundle, work = root / "bundle", root / "work"
     cached = (bundle / "pudding.json").is_file()
-    if cached and not rebuild and read_manifest(bundle).router.target != "fidelity":
-        click.echo(f"{bundle} was built by an older pudding (no fidelity router); building the "
+    rebuild = rebuild or from_scratch
+    if cached and not rebuild and (read_manifest(bundle).router.kind != profile.router):
+        click.echo(f"{bundle} was built by an older pudding (another router); building the "
                    "demo bundle again")
         rebuild = True
     if rebuild:
@@ -82,15 +90,17 @@ def demo_bundle(rebuild: bool) -> Path:
     if (work / "steps").is_dir():
         click.echo(f"Continuing the demo build in {work} (its finished steps are reused)")
     else:
-        click.echo(f"Building the demo SmolLM2-135M bundle in {root} (first run only; about "
-                   "half an hour on two CPU cores; Ctrl-C stops it and the next `pudding "
-                   "demo` continues it)")
+        how = (f"from scratch (about {SCRATCH_MINUTES} min" if from_scratch else
+               "from the search, labels and router shipped with pudding (first run only; about "
+               f"{SHIPPED_MINUTES} min")
+        click.echo(f"Building the demo SmolLM2-135M bundle in {root} {how} on two CPU cores; "
+                   "Ctrl-C stops it and the next `pudding demo` continues it)")
     click.echo(f"Where it stands: pudding build --status --work {work}")
     # The demo is built from packaged assets only: no hub look-ups.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     start = time.perf_counter()
     try:
-        run_build(None, bundle, work, PROFILES["demo"])
+        run_build(None, bundle, work, profile, shipped=None if from_scratch else DEMO_PRODUCTS)
     except KeyboardInterrupt:
         click.echo("\nThe build stopped; run `pudding demo` again to continue it.", err=True)
         raise
@@ -306,7 +316,9 @@ def faster_policy(pm: PuddingModel, spec: str | None) -> Policy:
 @click.command("demo")
 @click.option("--bundle", "-b", type=click.Path(exists=True, file_okay=False), default=None,
               help="Use this bundle instead of building the demo one.")
-@click.option("--rebuild", is_flag=True, help="Build the cached demo bundle again from scratch.")
+@click.option("--rebuild", is_flag=True, help="Build the cached demo bundle again.")
+@click.option("--from-scratch", is_flag=True,
+              help="Build it again without the search, labels and router shipped with pudding.")
 @click.option("--max-tokens", "-m", type=click.IntRange(2), default=48, show_default=True,
               help="Tokens per answer (and per timed request).")
 @click.option("--tolerance", type=float, default=None, metavar="X", help=TOLERANCE_HELP)
@@ -318,23 +330,25 @@ def faster_policy(pm: PuddingModel, spec: str | None) -> Policy:
               "warm-up round).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
               help="Also write every figure (and each round's ratio) to this JSON file.")
-def demo(bundle, rebuild, max_tokens, tolerance, faster, trials, json_path):
+def demo(bundle, rebuild, from_scratch, max_tokens, tolerance, faster, trials, json_path):
     """Show the speed/quality choice on prompts of four kinds: dense, the bundle's default
     route and a faster setting, each with its answer, KL and top-1 agreement to dense, and
     prefill and decoding speed against dense (medians of interleaved rounds, their range and
     the ideal of the skipped blocks).
 
-    With no --bundle, the demo bundle (SmolLM2-135M-Instruct, a MiniLM router of KL to dense,
-    packaged prompts) is built on the first run (an interrupted build continues) and cached
-    under $PUDDING_CACHE or ~/.cache/pudding-mlx/demo."""
+    With no --bundle, the demo bundle (SmolLM2-135M-Instruct, an in-model router of KL to
+    dense, packaged prompts) is built on the first run from the products shipped with pudding
+    (an interrupted build continues) and cached under $PUDDING_CACHE or
+    ~/.cache/pudding-mlx/demo."""
     from pudding_mlx.bench_summary import decode_bytes
     from pudding_mlx.flops import Shape
     from pudding_mlx.model import load
 
-    if bundle is not None and rebuild:
-        raise PuddingError("--rebuild rebuilds the cached bundle; it cannot go with --bundle")
+    if bundle is not None and (rebuild or from_scratch):
+        raise PuddingError("--rebuild and --from-scratch rebuild the cached bundle; they cannot "
+                           "go with --bundle")
     began = time.perf_counter()
-    bundle = Path(bundle) if bundle else demo_bundle(rebuild)
+    bundle = Path(bundle) if bundle else demo_bundle(rebuild, from_scratch)
     start = time.perf_counter()
     pm = load(bundle)
     n_blocks = pm.manifest.num_blocks

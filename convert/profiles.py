@@ -105,11 +105,14 @@ PROFILES = {
         warmup_steps=20,
     ),
 }
-# `pudding demo`'s bundle: the quality build cut to a quarter hour on two CPU cores (k = 4 in
-# steps of one, 32 search prompts, 32-token continuations, 10 epochs), so the demo's routed
-# answers stay near dense's by the same default tolerance rule.
+# `pudding demo`'s bundle: the quality build cut to about half an hour on two CPU cores (k = 4
+# in steps of one, 32 search prompts, 32-token continuations), so the demo's routed answers
+# stay near dense's by the same default tolerance rule; its router is the in-model one, which
+# routes at no extra forward (examples/results/in-model-router/). Its search, labels and
+# router ship with pudding (convert/shipped.py).
 PROFILES["demo"] = replace(PROFILES["quality"], k=4, sizes=(1, 2, 3, 4), samples=32,
-                           max_tokens=32, epochs=10, warmup_steps=10, coreml=False)
+                           max_tokens=32, epochs=10, warmup_steps=10, coreml=False,
+                           router="in-model")
 
 
 def make_profile(name: str, **overrides) -> Profile:

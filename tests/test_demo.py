@@ -145,36 +145,41 @@ def test_rebuild_and_bundle_exclude_each_other(built):
     assert "--rebuild" in str(result.exception)
 
 
-def test_a_cached_likelihood_bundle_is_built_again_with_the_demo_profile(built, monkeypatch,
-                                                                         tmp_path):
-    """A demo bundle cached by an older pudding (likelihood router) is replaced by a build of
-    the demo profile; a cached fidelity bundle is used as it is."""
+def test_a_cached_encoder_bundle_is_built_again_with_the_demo_profile(built, monkeypatch,
+                                                                       tmp_path):
+    """A demo bundle cached by an older pudding (an encoder router) is replaced by a build of
+    the demo profile from the shipped products; a cached in-model bundle is used as it is;
+    --from-scratch builds without the shipped products."""
     import shutil
 
     from convert import build, demo
     from convert.profiles import PROFILES
+    from convert.shipped import DEMO_PRODUCTS
 
     monkeypatch.setenv("PUDDING_CACHE", str(tmp_path))
     shutil.copytree(built.path, tmp_path / "demo" / "bundle")
     (tmp_path / "demo" / "work").mkdir()
     calls = []
 
-    def fake_build(model, bundle, work, profile):
-        calls.append(profile)
+    def fake_build(model, bundle, work, profile, shipped):
+        calls.append((profile, shipped))
         assert not (tmp_path / "demo" / "bundle").exists()  # the old one was removed first
         assert not work.exists()
 
     monkeypatch.setattr(build, "run_build", fake_build)
     assert demo.demo_bundle(rebuild=False) == tmp_path / "demo" / "bundle"
-    assert calls == [PROFILES["demo"]] and PROFILES["demo"].target == "fidelity"
+    assert calls == [(PROFILES["demo"], DEMO_PRODUCTS)]
+    assert PROFILES["demo"].target == "fidelity" and PROFILES["demo"].router == "in-model"
 
     manifest = tmp_path / "demo" / "bundle" / "pudding.json"
     shutil.copytree(built.path, manifest.parent)
     doc = json.loads(manifest.read_text())
-    doc["router"]["target"] = "fidelity"
+    doc["router"].update(kind="in-model", blocks=1)
     manifest.write_text(json.dumps(doc))
     assert demo.demo_bundle(rebuild=False) == manifest.parent
     assert len(calls) == 1
+    demo.demo_bundle(rebuild=False, from_scratch=True)
+    assert calls[-1] == (PROFILES["demo"], None)
 
 
 def test_ctrl_c_during_the_demo_build_then_a_rerun_continues_it(monkeypatch, capsys, tmp_path):
@@ -184,14 +189,12 @@ def test_ctrl_c_during_the_demo_build_then_a_rerun_continues_it(monkeypatch, cap
     cached bundle."""
     import shutil
 
-    from helpers import run_cli
-    from test_tolerance import make_fidelity_router
+    from helpers import run_cli, tiny_in_model_bundle
 
     from convert import assets, build, demo
 
-    fidelity_bundle = tmp_path / "fidelity"
-    make_fidelity_router(tiny_bundle(fidelity_bundle, sets={"dense": [], "a": [2], "b": [3]}),
-                         0.5, offsets=[0.0, 0.0, 0.0])
+    fidelity_bundle = tmp_path / "fidelity"  # what the demo profile builds: an in-model router
+    tiny_in_model_bundle(fidelity_bundle, sets={"dense": [], "a": [2], "b": [3]})
     monkeypatch.setenv("PUDDING_CACHE", str(tmp_path))
     monkeypatch.setattr(assets, "default_model", lambda: "model")
     root = tmp_path / "demo"
