@@ -26,7 +26,8 @@ from pudding_mlx.tolerance import Policy
 
 
 def reroute(results: dict, pm, cache_dir: Path, data_dir: str | None = None) -> dict:
-    """Per task: the eval's per-question correctness of the bundle's routed choice."""
+    """Per task: the eval's per-question correctness of the bundle's routed choice. A task
+    whose questions no longer match the eval's (their ids changed since) is left out, said."""
     names = [c.name for c in pm.candidates]
     if sorted(names) != sorted(results["candidates"]):
         raise SystemExit(f"the bundle's candidates {names} differ from the eval's "
@@ -37,7 +38,8 @@ def reroute(results: dict, pm, cache_dir: Path, data_dir: str | None = None) -> 
         _, examples = eval_examples(task, data_dir, results["limit"], results["seed"])
         by_qid = {q["qid"]: q for q in t["questions"]}
         if [e.qid for e in examples] != [q["qid"] for q in t["questions"]]:
-            raise SystemExit(f"{task}: the questions differ from the eval's")
+            print(f"{task}: left out (its question ids differ from the eval's)")
+            continue
         picks = route_questions(pm, router_scores(pm, cache, task, examples), Policy())
         correct = [by_qid[q]["correct"][f"static:{picks[q]}" if picks[q] else "dense"]
                    for q in by_qid]
@@ -53,7 +55,7 @@ def summary(results: dict, routed: dict, against: tuple[str, ...], resamples: in
         return np.array([q["correct"][method] for q in results["tasks"][task]["questions"]],
                         dtype=np.float64)
 
-    tasks = list(results["tasks"])
+    tasks = list(routed)
     groups = {"Avg": tasks,
               "Avg above chance": [t for t in tasks if results["tasks"][t]["dense_above_chance"]]}
     rows = {}
@@ -98,9 +100,12 @@ def main() -> None:
     text = markdown(rows, against, args.name)
     print(text)
     args.output.mkdir(parents=True, exist_ok=True)
+    left_out = sorted(set(results["tasks"]) - set(routed))
     (args.output / "results.md").write_text(
         f"Rerouted `{args.results}` with `{args.bundle}`; accuracy in %, paired intervals "
-        f"over the same questions ({args.resamples} bootstrap resamples).\n\n" + text)
+        f"over the same questions ({args.resamples} bootstrap resamples). Averages over "
+        f"{', '.join(routed)}" + (f" ({', '.join(left_out)} left out: question ids differ)"
+                                 if left_out else "") + ".\n\n" + text)
     picks = {t: {n: list(r["picks"].values()).count(n) for n in set(r["picks"].values())}
              for t, r in routed.items()}
     (args.output / "results.json").write_text(json.dumps(

@@ -44,3 +44,20 @@ def test_different_prompts_are_refused():
     b["max_tokens"] = 64
     with pytest.raises(SystemExit, match="max_tokens"):
         router_compare.compare(a, b)
+
+
+def test_reroute_summary_by_hand():
+    import reroute_eval
+
+    def task(correct_pudding, above):
+        return {"dense_above_chance": above,
+                "questions": [{"qid": f"q{i}", "correct": {"pudding": c}}
+                              for i, c in enumerate(correct_pudding)]}
+
+    results = {"tasks": {"a": task([1, 0, 0, 1], True), "b": task([0, 0], False)}}
+    routed = {"a": {"correct": [1, 1, 0, 1]}, "b": {"correct": [1, 0]}}
+    rows = reroute_eval.summary(results, routed, ("pudding",), resamples=200)
+    assert rows["a"]["rerouted"] == 0.75 and rows["a"]["pudding"] == 0.5
+    assert rows["Avg"]["rerouted"] == pytest.approx((0.75 + 0.5) / 2)
+    assert rows["Avg"]["minus pudding"]["diff"] == pytest.approx((0.25 + 0.5) / 2)
+    assert rows["Avg above chance"]["minus pudding"]["diff"] == pytest.approx(0.25)
