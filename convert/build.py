@@ -160,7 +160,7 @@ def trajectory_fingerprint(path: Path) -> str:
 
 def prompts_identity(prompts: str) -> dict:
     """The chat prompts file (or the packaged set) by content."""
-    from pudding_mlx.chat_prompts import PACKAGED
+    from pudding_mlx.prompts import PACKAGED
 
     return {"files": content_identity(Path(prompts) if prompts else PACKAGED)}
 

@@ -2,7 +2,7 @@
 
 For each prompt it shows the omission set the router chose, the router's time, the dense and
 the routed answer side by side, how far the routed set is from dense on the dense answer
-(KL and top-1 agreement, teacher-forced: `pudding_mlx.fidelity`), and decoding speed routed vs
+(KL and top-1 agreement, teacher-forced: `pudding_mlx.fidelity.run`), and decoding speed routed vs
 dense over the same number of tokens.
 """
 
@@ -17,7 +17,7 @@ from pathlib import Path
 import click
 
 from pudding_mlx.errors import PuddingError
-from pudding_mlx.generate_cli import TOLERANCE_HELP, describe_route
+from pudding_mlx.generate import TOLERANCE_HELP, describe_route
 
 PROMPTS = (
     ("science question", "Why do plants need sunlight to grow?"),
@@ -94,7 +94,7 @@ def suppress_tokens(ids) -> Callable:
 def run_prompt(pm, prompt: str, max_tokens: int, tolerance: float | None = None) -> dict:
     """Route and answer `prompt`; answer it dense too and measure the routed set's KL to dense
     on that answer; then time a dense run as long as the routed answer."""
-    from pudding_mlx.fidelity import compare, forced_logprobs, greedy_continuation
+    from pudding_mlx.fidelity.run import compare, forced_logprobs, greedy_continuation
 
     route = pm.route(prompt, tolerance=tolerance)
     pieces = list(pm.stream_generate(prompt, max_tokens=max_tokens, route=route))
@@ -130,7 +130,7 @@ def demo(bundle, rebuild, max_tokens, tolerance):
     packaged prompts) is built on the first run and cached under $PUDDING_CACHE or
     ~/.cache/pudding-mlx/demo."""
     from pudding_mlx.model import load
-    from pudding_mlx.tolerance import Policy
+    from pudding_mlx.routing import Policy
 
     if max_tokens < 1:
         raise PuddingError("--max-tokens must be at least 1")

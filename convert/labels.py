@@ -36,9 +36,9 @@ import click
 import numpy as np
 
 from pudding_mlx.bundle import read_candidates
-from pudding_mlx.chat_prompts import ChatPrompt
 from pudding_mlx.errors import PuddingError
 from pudding_mlx.files import remove_stale_temps, write_json
+from pudding_mlx.prompts import ChatPrompt
 from pudding_mlx.tasks import CALIBRATION_TASKS, Example
 
 from .dist import Dist, joined
@@ -68,9 +68,9 @@ class LabelConfig:
 class FidelityLabelConfig:
     model: str
     candidates: list[dict]  # {"name", "skip"} in candidates.json order
-    prompts: str | None = None  # a prompts file (chat_prompts.read_prompts); None: packaged
+    prompts: str | None = None  # a prompts file (prompts.read_prompts); None: packaged
     split: str = "train"  # of the prompts: train, heldout or all
-    limit: int | None = None  # a seeded subset of the split (chat_prompts.select)
+    limit: int | None = None  # a seeded subset of the split (prompts.select)
     seed: int = 42
     max_tokens: int = 64  # N, dense's continuation length
     system_prompt: str | None = None
@@ -109,7 +109,7 @@ def label_examples(cfg: LabelConfig) -> list[Example]:
 
 def label_prompts(cfg: FidelityLabelConfig) -> list[ChatPrompt]:
     """The chat prompts to label: a seeded subset of a split, in file order."""
-    from pudding_mlx.chat_prompts import read_prompts, select
+    from pudding_mlx.prompts import read_prompts, select
 
     return select(read_prompts(cfg.prompts), cfg.split, cfg.limit, cfg.seed)
 
@@ -237,7 +237,7 @@ def make_labels(out: str | Path, cfg: LabelConfig | FidelityLabelConfig, device:
 def _items(cfg: LabelConfig | FidelityLabelConfig) -> tuple[str, dict, list, dict]:
     """(target, settings, items to label, meta counts) of a config."""
     if isinstance(cfg, FidelityLabelConfig):
-        from pudding_mlx.eval_scoring import digest
+        from pudding_mlx.evaluation.scoring import digest
 
         prompts = label_prompts(cfg)
         settings = {"format": FIDELITY_FORMAT, "target": "fidelity", **asdict(cfg),
@@ -281,7 +281,7 @@ def _fidelity_shard(runner, tokenizer, cfg: FidelityLabelConfig, prompts: list[C
     reads them from the shard)."""
     import pyarrow.parquet as pq
 
-    from pudding_mlx.chat_prompts import encode_chat
+    from pudding_mlx.prompts import encode_chat
 
     from .fidelity import chat_requests
 

@@ -24,14 +24,14 @@ from typing import Any
 
 from .errors import BundleError, PuddingError
 from .files import read_json
-from .tolerance import check_tolerance
+from .routing import check_tolerance
 
 FORMAT_VERSION = 1
 MANIFEST = "pudding.json"
 ROUTER_CONFIG = "router_config.json"  # in router/: RouterConfig
 LOSSES = ("likelihood", "margin", "perplexity")
 # What a router predicts per candidate: a score, higher is better ("likelihood", "margin"), or
-# mean KL(dense || set) in nats/token, lower is better ("fidelity"); see tolerance.py.
+# mean KL(dense || set) in nats/token, lower is better ("fidelity"); see routing.py.
 ROUTER_TARGETS = ("likelihood", "margin", "fidelity")
 
 

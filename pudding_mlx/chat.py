@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import click
 
 from .errors import PuddingError
-from .generate_cli import NO_TEMPLATE, describe_route, route_options
+from .generate import NO_TEMPLATE, describe_route, route_options
 from .model import PuddingModel, Route, clean_text
 
 HELP = "Commands: 'q' quits, 'r' starts a new conversation, 'h' shows this help."
@@ -100,7 +100,7 @@ def chat(bundle, max_tokens, temp, top_p, seed, system_prompt, max_kv_size, rout
     from mlx_lm.sample_utils import make_sampler
 
     from .model import load
-    from .tolerance import Policy
+    from .routing import Policy
 
     if max_tokens < 1:
         raise PuddingError("--max-tokens must be at least 1")

@@ -13,9 +13,9 @@ import torch
 from helpers import run_cli, tiny_bundle
 
 import pudding_mlx
-from pudding_mlx import fidelity
-from pudding_mlx.chat_prompts import PACKAGED, ChatPrompt, read_prompts, select
+import pudding_mlx.fidelity.run as fidelity
 from pudding_mlx.errors import PuddingError
+from pudding_mlx.prompts import PACKAGED, ChatPrompt, read_prompts, select
 
 PROMPTS = [
     "Question: Which gas do plants absorb from the air?",

@@ -9,7 +9,7 @@ import pytest
 from helpers import run_cli
 
 from pudding_mlx.errors import PuddingError
-from pudding_mlx.pareto import pareto, speedup_at
+from pudding_mlx.fidelity.pareto import pareto, speedup_at
 
 SETS = {"dense": [], "a2": [1, 2], "b2": [3, 4], "c4": [1, 2, 3, 4]}
 KL = {  # per prompt

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import click
 
-from .errors import PuddingError
-from .files import read_json, write_json
-from .tasks import Request, encode_requests
+from ..errors import PuddingError
+from ..files import read_json, write_json
+from ..tasks import Request, encode_requests
 
 QuestionScores = tuple[list[float], list[int]]  # summed log-prob, token count per request
 

@@ -3,7 +3,7 @@
 Model names: the bundle's folder name routes each request with the router; `<name>:dense` and
 `<name>:static` skip no block or the bundle's static set. A chat request is routed on its last
 user message; the route comes back in the `pudding` field and the `x-pudding-route` header.
-Requests are generated one at a time (`serve_engine.py`); up to `max_queue` wait their turn and
+Requests are generated one at a time (`engine.py`); up to `max_queue` wait their turn and
 further ones get 503. KV caches are kept between requests (`prompt_cache.py`), so the next turn
 of a chat prefills only its new tokens.
 """
@@ -30,9 +30,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
-from .errors import PuddingError
-from .model import PuddingModel, Route, clean_text
-from .serve_engine import Engine, Failed, Finished, Job, ShuttingDown, Started
+from ..errors import PuddingError
+from ..model import PuddingModel, Route, clean_text
+from .engine import Engine, Failed, Finished, Job, ShuttingDown, Started
 
 
 @dataclass
@@ -383,7 +383,7 @@ def serve(bundle, host, port, api_key, max_queue, max_tokens_limit, max_body_mb,
     """Serve a bundle behind an OpenAI-compatible API (/v1/chat/completions, /v1/completions,
     /v1/models, /health). Model names: the bundle folder's name (routed), NAME:dense,
     NAME:static."""
-    from .model import load
+    from ..model import load
 
     pm = load(bundle, router_backend=router_backend, verify=not no_verify)
     config = ServeConfig(Path(bundle).resolve().name, host, port, api_key, max_queue,

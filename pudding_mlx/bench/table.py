@@ -1,8 +1,8 @@
-"""The terminal table of `pudding bench` (bench_plot.py draws the figure)."""
+"""The terminal table of `pudding bench` (plot.py draws the figure)."""
 
 from __future__ import annotations
 
-from .bench_result import Result
+from .result import Result
 
 
 def _spread(s: dict) -> str:

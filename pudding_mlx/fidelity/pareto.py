@@ -21,9 +21,9 @@ from pathlib import Path
 import click
 import numpy as np
 
-from .errors import PuddingError
-from .eval_stats import paired_bootstrap
-from .files import read_json, write_report
+from ..errors import PuddingError
+from ..evaluation.stats import paired_bootstrap
+from ..files import read_json, write_report
 
 SERIES = ("static", "fixed-k", "tolerance", "default")
 

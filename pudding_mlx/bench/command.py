@@ -1,8 +1,8 @@
 """`pudding bench`: dense vs routed speed, side by side, against the ideal that skipping allows.
 
 This module runs the measurements in order and writes the report; each kind of measurement
-lives in its own module: bench_timing (requests and trials), bench_summary (medians, speedups,
-ideals), bench_router (--router-study), bench_memory (--memory), bench_table and bench_plot.
+lives in its own module: timing (requests and trials), summary (medians, speedups, ideals),
+router (--router-study), memory (--memory), table and plot.
 """
 
 from __future__ import annotations
@@ -15,18 +15,18 @@ from typing import TYPE_CHECKING
 
 import click
 
-from .bench_memory import memory_compare
-from .bench_result import Result, Settings
-from .bench_router import project_router, router_study
-from .bench_summary import model_facts, summarise
-from .bench_table import format_table
-from .bench_timing import Trial, make_prompt, measure, run_request, wrapper_overhead
-from .errors import PuddingError
-from .generate_cli import route_options
+from ..errors import PuddingError
+from ..generate import route_options
 from .machine import machine_info
+from .memory import memory_compare
+from .result import Result, Settings
+from .router import project_router, router_study
+from .summary import model_facts, summarise
+from .table import format_table
+from .timing import Trial, make_prompt, measure, run_request, wrapper_overhead
 
 if TYPE_CHECKING:
-    from .model import PuddingModel
+    from ..model import PuddingModel
 
 
 def run_bench(pm: PuddingModel, settings: Settings, route_mode: str = "router",
@@ -133,8 +133,8 @@ def bench(bundle, prompt_lengths, gen_lengths, gen_prompt, trials, warmup, seed,
     """
     from tqdm import tqdm
 
-    from .model import load
-    from .tolerance import Policy
+    from ..model import load
+    from ..routing import Policy
 
     if route_mode == "dense" and skip is None:
         raise PuddingError("--dense: pudding bench always runs dense; choose the routed set "
@@ -158,7 +158,7 @@ def bench(bundle, prompt_lengths, gen_lengths, gen_prompt, trials, warmup, seed,
                                        memory_budget and memory_budget * 1e9, tolerance)
     click.echo(format_table(result))
     if output:
-        from .bench_plot import plot
+        from .plot import plot
 
         out = Path(output)
         out.mkdir(parents=True, exist_ok=True)

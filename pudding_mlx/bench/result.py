@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from .bench_timing import Trial
+from .timing import Trial
 
 
 @dataclass
@@ -25,13 +25,13 @@ class Settings:
 class Result:
     settings: Settings
     machine: dict  # machine.machine_info
-    model: dict  # dtype, shape, bytes per parameter (bench_summary.model_facts)
+    model: dict  # dtype, shape, bytes per parameter (summary.model_facts)
     route: dict  # the routed request's skip set and how it was chosen
     trials: list[Trial] = field(default_factory=list)
-    summary: dict = field(default_factory=dict)  # bench_summary.summarise
-    router_study: list[dict] = field(default_factory=list)  # bench_router
-    memory: dict = field(default_factory=dict)  # bench_memory.memory_compare
-    overhead: dict = field(default_factory=dict)  # bench_timing.wrapper_overhead
+    summary: dict = field(default_factory=dict)  # summary.summarise
+    router_study: list[dict] = field(default_factory=list)  # router.router_study
+    memory: dict = field(default_factory=dict)  # memory.memory_compare
+    overhead: dict = field(default_factory=dict)  # timing.wrapper_overhead
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:

@@ -1,5 +1,5 @@
 """`pudding fidelity`: KL to dense, top-1 agreement, perplexity and first divergence of every
-skip set (and the routed choice) on generated text; see `fidelity.py` for the definitions."""
+skip set (and the routed choice) on generated text; see `run.py` for the definitions."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from pathlib import Path
 
 import click
 
-from .chat_prompts import SPLITS
-from .errors import PuddingError
-from .evaluate import parse_set, read_sets_file
-from .generate_cli import parse_skip
+from ..errors import PuddingError
+from ..evaluation.command import parse_set, read_sets_file
+from ..generate import parse_skip
+from ..prompts import SPLITS
 
 
 def parse_skip_option(value: str) -> tuple[str, list[int]]:
@@ -65,8 +65,8 @@ def fidelity(bundle, output, prompts, split, limit, max_tokens, system_prompt, s
     KL(dense || set) and top-1 agreement per token (teacher-forced), the continuation's
     perplexity under the set, and how many tokens the set's own greedy output matches dense.
     """
-    from .fidelity import FidelitySettings, run_fidelity
-    from .fidelity_report import markdown
+    from .report import markdown
+    from .run import FidelitySettings, run_fidelity
 
     if limit is not None and limit < 1:
         raise PuddingError("--limit must be positive")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .files import write_report
+from ..files import write_report
 
 
 def write_all(folder: str | Path, results: dict) -> None:

@@ -15,8 +15,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .errors import PuddingError
-from .masking import layer_owner
+from ..errors import PuddingError
+from ..masking import layer_owner
 
 
 class Residency:

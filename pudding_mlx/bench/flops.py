@@ -6,7 +6,7 @@ Embedding lookups, norms, RoPE and activations are element-wise and left out (we
 of the work here). Decoding is bandwidth-bound, so its ideal comes from the bytes read per
 token (`DecodeBytes`): every weight of the kept blocks and the LM head, one embedding row, and
 the KV cache. `pudding bench` measures those bytes on the loaded arrays (quantised weights
-with their scales and biases, bench_summary.decode_bytes); `DecodeBytes.from_shape` is the
+with their scales and biases, summary.decode_bytes); `DecodeBytes.from_shape` is the
 config-only estimate.
 """
 
@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .errors import PuddingError
+from ..errors import PuddingError
 
 GATED_MLP = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3",
              "olmo2")

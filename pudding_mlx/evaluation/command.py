@@ -10,7 +10,7 @@ interrupted run resumes); the methods only pick, per question, whose scores coun
 - dense / static:<name>: one fixed set for every question;
 - pudding: the router's pick for the question, made once from the question alone
   (`Example.router_text`); routed@X / routed:kN: the same router scores, picked by the
-  tolerance rule at X or among the sets of N blocks (`tolerance.py`);
+  tolerance rule at X or among the sets of N blocks (`routing.py`);
 - oracle: the candidate that ranks the gold answer best (largest margin of gold over the best
   other choice under the task's metric): correct whenever any candidate is;
 - random: a uniformly random candidate per question (seeded).
@@ -31,10 +31,13 @@ from pathlib import Path
 import click
 import numpy as np
 
-from .bundle import read_candidates
-from .data import calibration_examples, default_data_dirs, find_split, load_examples
-from .errors import PuddingError
-from .eval_methods import (
+from ..bundle import read_candidates
+from ..data import calibration_examples, default_data_dirs, find_split, load_examples
+from ..errors import PuddingError
+from ..plugins import EVAL_BACKENDS, plugins
+from ..routing import Policy
+from ..tasks import CALIBRATION_TASKS, EVAL_TASKS, get_task
+from .methods import (
     DEFAULT_METHODS,
     PER_QUESTION,
     ROUTED,
@@ -43,11 +46,8 @@ from .eval_methods import (
     set_key,
     task_outcomes,
 )
-from .eval_scoring import digest
-from .eval_stats import above_chance, chance_level, paired_bootstrap
-from .plugins import EVAL_BACKENDS, plugins
-from .tasks import CALIBRATION_TASKS, EVAL_TASKS, get_task
-from .tolerance import Policy
+from .scoring import digest
+from .stats import above_chance, chance_level, paired_bootstrap
 
 DEFAULT_TASKS = ("arc_challenge", "arc_easy", "boolq", "hellaswag", "piqa", "winogrande",
                  "openbookqa")
@@ -265,9 +265,9 @@ def _torch_source(pm, settings: EvalSettings) -> str:
 def run_eval(settings: EvalSettings) -> dict:
     """Score, derive every method, compare, and write results.json / results.md / the heat map
     to settings.output. Returns the results dict."""
-    from . import eval_report
-    from .eval_scoring import MLXScorer, ScoreCache
-    from .model import load
+    from ..model import load
+    from .report import write_all
+    from .scoring import MLXScorer, ScoreCache
 
     out = Path(settings.output)
     tasks = [get_task(t) for t in settings.tasks]
@@ -366,7 +366,7 @@ def run_eval(settings: EvalSettings) -> dict:
         "tasks": per_task,
         "averages": _averages(per_task, labels, EVAL_TASKS, settings),
     }
-    eval_report.write_all(out, results)
+    write_all(out, results)
     return results
 
 
@@ -517,7 +517,7 @@ def evaluate(bundle, output, tasks, methods, limit, tolerance, backend, dequanti
         best_slice=best_slice, data_dir=data_dir, seed=seed, resamples=resamples,
         verify=not no_verify, cache=cache, command="pudding " + shlex.join(sys.argv[1:]))
     results = run_eval(settings)
-    from .eval_report import markdown
+    from .report import markdown
 
     click.echo(markdown(results))
     click.echo(f"Wrote {Path(output) / 'results.md'}, results.json and skip_heatmap.png")

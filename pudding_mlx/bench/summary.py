@@ -7,12 +7,12 @@ import statistics
 from dataclasses import asdict
 from typing import TYPE_CHECKING
 
-from .bench_timing import Trial
-from .errors import PuddingError
+from ..errors import PuddingError
 from .flops import DecodeBytes, Shape, combined_ideal, decode_ideal, prefill_ideal
+from .timing import Trial
 
 if TYPE_CHECKING:
-    from .model import PuddingModel
+    from ..model import PuddingModel
 
 
 def _nbytes(module) -> int:
@@ -25,7 +25,7 @@ def decode_bytes(model, shape: Shape) -> DecodeBytes:
     """The bytes one decoded token reads, from the loaded arrays: each block's (quantised
     weights with their scales and biases), the final norm and LM head (the embedding matrix
     when tied), one embedding row, and the KV cache at the activations' dtype."""
-    from .masking import layer_owner
+    from ..masking import layer_owner
 
     owner = layer_owner(model)
     blocks = tuple(_nbytes(b) for b in owner.layers)

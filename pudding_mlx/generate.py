@@ -8,7 +8,7 @@ import sys
 import click
 
 from .errors import PuddingError
-from .tolerance import check_tolerance
+from .routing import check_tolerance
 
 NO_TEMPLATE = "note: the tokenizer has no chat template (a base model); "
 

@@ -7,10 +7,10 @@ import statistics
 import time
 from typing import TYPE_CHECKING
 
-from .errors import PuddingError
+from ..errors import PuddingError
 
 if TYPE_CHECKING:
-    from .model import PuddingModel
+    from ..model import PuddingModel
 
 
 def router_study(pm: PuddingModel, texts: dict[int, str], trials: int) -> list[dict]:

@@ -7,7 +7,7 @@
 - pudding: the router's pick for the question (the bundle's rule: the best prediction, or for
   a fidelity router the tolerance rule at --tolerance or the bundle's default);
 - routed@X / routed:kN: the router's pick by the tolerance rule at X, or the best prediction
-  among the candidates of N blocks (`tolerance.py`);
+  among the candidates of N blocks (`routing.py`);
 - oracle: the candidate that ranks the gold answer best (largest margin of gold over the best
   distractor, first candidate on ties): a per-question upper bound for any router;
 - oracle:task: per task, the candidate with the most correct answers on the evaluated
@@ -23,9 +23,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import PuddingError
-from .eval_stats import decide, gold_margin
-from .tolerance import Policy
+from ..errors import PuddingError
+from ..routing import Policy
+from .stats import decide, gold_margin
 
 # kind -> table label; the table lists methods in this order
 LABELS = {"dense": "dense", "static": "static:", "best": "static:best",

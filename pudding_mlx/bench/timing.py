@@ -15,10 +15,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .errors import PuddingError
+from ..errors import PuddingError
 
 if TYPE_CHECKING:
-    from .model import PuddingModel, Route
+    from ..model import PuddingModel, Route
 
 
 @dataclass

@@ -25,9 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import PuddingError
+from ..errors import PuddingError
 
-PACKAGED = Path(__file__).resolve().parent / "prompts" / "chat_prompts.jsonl"
+PACKAGED = Path(__file__).resolve().parent / "chat_prompts.jsonl"
 SPLITS = ("heldout", "train", "all")
 SPLIT_SEED = 1234
 TRAIN_FRACTION = 0.5

@@ -16,8 +16,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.cache import KVCache, can_trim_prompt_cache, trim_prompt_cache
 
-from .errors import PuddingError
-from .tasks import TokenRequest
+from ..errors import PuddingError
+from ..tasks import TokenRequest
 
 
 def _score(logits: mx.array, targets: Sequence[int]) -> tuple[mx.array, mx.array]:

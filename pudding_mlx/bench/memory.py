@@ -1,7 +1,7 @@
 """`pudding bench --memory`: dense vs routed memory with lazy loading, each in a fresh process.
 
 A block once evaluated stays resident, so every probe loads the bundle anew in a child
-process: `python -m pudding_mlx.bench_memory` reads a Probe as JSON on stdin and writes its
+process: `python -m pudding_mlx.bench.memory` reads a Probe as JSON on stdin and writes its
 report, or {"error": "<one line>"}, as the last line of stdout.
 """
 
@@ -14,7 +14,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .errors import PuddingError, one_line
+from ..errors import PuddingError, one_line
 
 
 @dataclass
@@ -41,7 +41,7 @@ def memory_probe(probe: Probe) -> dict:
 
     import mlx.core as mx
 
-    from .model import load
+    from ..model import load
     from .residency import Residency
 
     pm = load(probe.bundle, router_backend=probe.router_backend, verify=False, lazy=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .files import write_report
+from ..files import write_report
 
 LABELS = {"arc_challenge": "ARC-C", "arc_easy": "ARC-E", "boolq": "BoolQ",
           "hellaswag": "HellaSwag", "piqa": "PIQA", "winogrande": "WinoGrande",

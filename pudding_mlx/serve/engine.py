@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 from mlx_lm.sample_utils import make_sampler
 
-from .errors import PuddingError
-from .model import PuddingModel, Route
+from ..errors import PuddingError
+from ..model import PuddingModel, Route
 from .prompt_cache import PromptCache
 
 

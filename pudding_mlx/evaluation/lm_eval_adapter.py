@@ -4,7 +4,7 @@ Importing this module registers the model, so run lm-eval's CLI through it (with
 options; a plain `lm_eval --model pudding-mlx` cannot find the model, as lm-eval never imports
 this module):
 
-    python -m pudding_mlx.lm_eval_adapter --model pudding-mlx \\
+    python -m pudding_mlx.evaluation.lm_eval_adapter --model pudding-mlx \\
         --model_args bundle=path/to/bundle,mode=router --tasks arc_easy,piqa
 
 or, in Python, import it and call lm_eval.simple_evaluate(model="pudding-mlx", model_args=...).
@@ -20,10 +20,10 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm.auto import tqdm
 
-from .errors import PuddingError
+from ..errors import PuddingError
+from ..model import MODES, Route, load
+from ..tasks import TokenRequest, encode_requests
 from .loglik import loglikelihoods
-from .model import MODES, Route, load
-from .tasks import TokenRequest, encode_requests
 
 
 @register_model("pudding-mlx")

@@ -14,7 +14,7 @@ every skip set S (dense included, as a check):
   length when S reproduces it all).
 
 Per prompt the token values are averaged, so every prompt weighs the same in the summaries.
-Results are cached per (set, prompt text) under the output folder (`eval_scoring.ScoreCache`),
+Results are cached per (set, prompt text) under the output folder (`evaluation.scoring.ScoreCache`),
 so an interrupted run resumes and a larger --limit only computes the new prompts.
 """
 
@@ -29,14 +29,14 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.generate import generate_step
 
-from .chat_prompts import ChatPrompt, read_prompts, select
-from .errors import PuddingError
-from .eval_scoring import ScoreCache, digest
-from .eval_stats import paired_bootstrap
-from .evaluate import named_sets, set_key
-from .masking import check_skip
-from .model import clean_text
-from .tolerance import Policy
+from ..errors import PuddingError
+from ..evaluation.command import named_sets, set_key
+from ..evaluation.scoring import ScoreCache, digest
+from ..evaluation.stats import paired_bootstrap
+from ..masking import check_skip
+from ..model import clean_text
+from ..prompts import ChatPrompt, read_prompts, select
+from ..routing import Policy
 
 CACHE_TASK = "fidelity"  # the cache's folder name
 CONTINUATIONS = "continuations"  # the cache file of the dense continuations
@@ -262,8 +262,8 @@ def routed_policies(settings: FidelitySettings) -> dict[str, Policy]:
 def run_fidelity(settings: FidelitySettings) -> dict:
     """Measure every set on the chosen prompts and write results.json / results.md /
     fidelity.png to settings.output. Returns the results dict."""
-    from . import fidelity_report
-    from .model import load
+    from ..model import load
+    from .report import write_all
 
     tic = time.perf_counter()
     out = Path(settings.output)
@@ -333,7 +333,7 @@ def run_fidelity(settings: FidelitySettings) -> dict:
                     for i, p in enumerate(prompts)],
         "seconds": round(time.perf_counter() - tic, 1),
     }
-    fidelity_report.write_all(out, results)
+    write_all(out, results)
     return results
 
 

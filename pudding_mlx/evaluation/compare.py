@@ -3,7 +3,7 @@
 One run is the reference (e.g. the float32 bundle); each other run (the same bundle quantised,
 or scored by another backend) is compared with it per task and method: both scores, the
 paired difference other minus reference with a 95% bootstrap interval over questions
-(`eval_stats.paired_bootstrap`), and on how many questions the two runs agree about right or
+(`stats.paired_bootstrap`), and on how many questions the two runs agree about right or
 wrong; the same for the six-task average and the tasks where the reference's dense is above
 chance. `pudding eval` picks its questions by --limit and --seed, so runs with the same
 settings score the same questions; other runs are refused.
@@ -16,10 +16,10 @@ from pathlib import Path
 import click
 import numpy as np
 
-from .errors import PuddingError
-from .eval_report import LABELS
-from .eval_stats import paired_bootstrap
-from .files import read_json, write_atomic, write_json
+from ..errors import PuddingError
+from ..files import read_json, write_atomic, write_json
+from .report import LABELS
+from .stats import paired_bootstrap
 
 
 def read_run(folder: str | Path) -> dict:
