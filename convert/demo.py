@@ -17,7 +17,7 @@ from pathlib import Path
 import click
 
 from pudding_mlx.errors import PuddingError
-from pudding_mlx.generate import TOLERANCE_HELP, describe_route
+from pudding_mlx.options import TOLERANCE_HELP, describe_route
 
 PROMPTS = (
     ("science question", "Why do plants need sunlight to grow?"),

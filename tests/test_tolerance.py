@@ -202,7 +202,7 @@ def test_route_without_a_dense_candidate_and_stub_scores(tmp_path):
     assert pm.route("hello", k=1).name == "a1"
     with pytest.raises(PuddingError, match="no default tolerance"):
         pm.route("hello")
-    from pudding_mlx.generate import describe_route
+    from pudding_mlx.options import describe_route
 
     line = describe_route(pm.route("hello", tolerance=0.1), 6)
     assert line.startswith("Route: dense (skips blocks none of 6; router ")

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import click
 
 from ..errors import PuddingError
-from ..generate import route_options
+from ..options import no_verify_option, route_options
 from .machine import machine_info
 from .memory import memory_compare
 from .result import Result, Settings
@@ -122,7 +122,7 @@ def _lengths(ctx, param, value: str) -> tuple[int, ...]:
 @click.option("--output", "-o", type=click.Path(file_okay=False), default=None,
               help="Write bench.json and bench.png into this folder.")
 @click.option("--note", multiple=True, help="A note stored in bench.json (repeatable).")
-@click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the bundle files.")
+@no_verify_option()
 @route_options
 def bench(bundle, prompt_lengths, gen_lengths, gen_prompt, trials, warmup, seed, prompt_file,
           compare_mlx_lm, router_study, memory, memory_requests, memory_budget, output, note,

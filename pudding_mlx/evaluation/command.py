@@ -34,6 +34,7 @@ import numpy as np
 from ..bundle import read_candidates
 from ..data import calibration_examples, default_data_dirs, find_split, load_examples
 from ..errors import PuddingError
+from ..options import no_verify_option
 from ..plugins import EVAL_BACKENDS, plugins
 from ..routing import Policy
 from ..tasks import CALIBRATION_TASKS, EVAL_TASKS, get_task
@@ -495,7 +496,7 @@ def _averages(per_task: dict, methods: list[str], eval_tasks: Sequence[str],
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--resamples", type=int, default=2000, show_default=True,
               help="Bootstrap resamples for the confidence intervals.")
-@click.option("--no-verify", is_flag=True, help="Skip the bundle's sha256 checks.")
+@no_verify_option("Skip the bundle's sha256 checks.")
 @click.option("--cache", type=click.Path(file_okay=False), default=None,
               help="Folder of scores kept per skip set [default: OUTPUT/cache]; runs of bundles "
                    "with the same model can share one (each file records what made it).")

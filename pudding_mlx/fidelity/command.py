@@ -11,7 +11,7 @@ import click
 
 from ..errors import PuddingError
 from ..evaluation.command import parse_set, read_sets_file
-from ..generate import parse_skip
+from ..options import no_verify_option, parse_skip, router_backend_option
 from ..prompts import SPLITS
 
 
@@ -50,12 +50,11 @@ def parse_skip_option(value: str) -> tuple[str, list[int]]:
 @click.option("--tolerance", type=float, default=None, metavar="X",
               help="The routed row's tolerance (fidelity routers; see generate --tolerance) "
                    "[default: the bundle's].")
-@click.option("--router-backend", type=click.Choice(["auto", "mlx", "coreml"]), default="auto",
-              show_default=True)
+@router_backend_option()
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--resamples", type=int, default=2000, show_default=True,
               help="Bootstrap resamples for the confidence intervals.")
-@click.option("--no-verify", is_flag=True, help="Skip the bundle's sha256 checks.")
+@no_verify_option("Skip the bundle's sha256 checks.")
 def fidelity(bundle, output, prompts, split, limit, max_tokens, system_prompt, skips, sets_file,
              routed_specs, tolerance, router_backend, seed, resamples, no_verify):
     """How far each skip set moves the model from dense on generated text.

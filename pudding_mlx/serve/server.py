@@ -32,6 +32,7 @@ from starlette.exceptions import HTTPException
 
 from ..errors import PuddingError
 from ..model import PuddingModel, Route, clean_text
+from ..options import no_verify_option, router_backend_option
 from .engine import Engine, Failed, Finished, Job, ShuttingDown, Started
 
 
@@ -375,9 +376,8 @@ def is_loopback(host: str) -> bool:
               help="Larger request bodies get 413.")
 @click.option("--prompt-cache-mb", default=512.0, show_default=True, type=click.FloatRange(0),
               help="Memory for KV caches kept between requests (least recently used go).")
-@click.option("--router-backend", type=click.Choice(["auto", "mlx", "coreml"]),
-              default="auto", show_default=True)
-@click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the bundle files.")
+@router_backend_option()
+@no_verify_option()
 def serve(bundle, host, port, api_key, max_queue, max_tokens_limit, max_body_mb,
           prompt_cache_mb, router_backend, no_verify):
     """Serve a bundle behind an OpenAI-compatible API (/v1/chat/completions, /v1/completions,
