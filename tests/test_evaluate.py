@@ -75,7 +75,7 @@ def setup(tmp_path_factory):
 
 
 def run(tb, data, out, **kw):
-    from pudding_mlx.evaluation.command import EvalSettings, run_eval
+    from pudding_mlx.evaluation.run import EvalSettings, run_eval
 
     kw.setdefault("methods", "dense,static,static:*,static:best,static:task-best,pudding,"
                              "oracle,oracle:task,random")
@@ -245,7 +245,7 @@ def test_rerun_reuses_cache_and_writes_outputs(setup, tmp_path, monkeypatch):
 
 def test_hellaswag_evaluation_excludes_holdout(setup):
     from pudding_mlx.data import load_examples
-    from pudding_mlx.evaluation.command import eval_examples
+    from pudding_mlx.evaluation.examples import eval_examples
 
     _, data, _ = setup
     holdout = {e.qid for e in load_examples("hellaswag", "train", data)}
@@ -255,7 +255,7 @@ def test_hellaswag_evaluation_excludes_holdout(setup):
 
 
 def test_limit_is_a_seeded_subset_in_data_order(setup):
-    from pudding_mlx.evaluation.command import eval_examples
+    from pudding_mlx.evaluation.examples import eval_examples
 
     _, data, _ = setup
     _, full = eval_examples("piqa", str(data), None, 0)
@@ -299,8 +299,8 @@ def test_oracle_and_random_from_scores():
 
 def test_method_and_set_parsing():
     from pudding_mlx.errors import PuddingError
-    from pudding_mlx.evaluation.command import parse_set
     from pudding_mlx.evaluation.methods import parse_methods
+    from pudding_mlx.evaluation.sets import parse_set
 
     sets = {"a": [1], "b": [2], "static": [3], "sleb": [4]}
     got = parse_methods("random,pudding,oracle:task,static:*,dense,static:task-best,static",
@@ -320,7 +320,7 @@ def test_method_and_set_parsing():
 
 def test_sets_file_forms(tmp_path):
     from pudding_mlx.errors import PuddingError
-    from pudding_mlx.evaluation.command import read_sets_file
+    from pudding_mlx.evaluation.sets import read_sets_file
 
     one = tmp_path / "sleb.json"  # the SLEB baseline's single set
     one.write_text(json.dumps({"name": "sleb-ppl-k6", "skip": [26, 3, 7], "loss": "perplexity"}))
@@ -367,7 +367,7 @@ def test_smollm2_backends_agree(tmp_path):
 
     from convert.assets import smollm2_gguf
     from convert.to_bundle import ConvertSettings, MLXSettings, write_bundle
-    from pudding_mlx.evaluation.command import EvalSettings, run_eval
+    from pudding_mlx.evaluation.run import EvalSettings, run_eval
 
     tiny_router(tmp_path / "router", ["a"], max_length=32)
     (tmp_path / "candidates.json").write_text(json.dumps({"candidates": [

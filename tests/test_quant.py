@@ -178,7 +178,7 @@ def test_eval_dequantized_scores_the_same_model(quant, tmp_path):
     gives it (to float rounding), under a cache fingerprint of its own."""
     from test_evaluate import write_data
 
-    from pudding_mlx.evaluation.command import EvalSettings, run_eval
+    from pudding_mlx.evaluation.run import EvalSettings, run_eval
 
     out = quant[1]
     data = write_data(tmp_path / "data", n=6)

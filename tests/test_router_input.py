@@ -16,7 +16,7 @@ def _paths(tmp_path, root, inputs: str) -> tuple[dict, dict]:
     from convert.labels import label_examples, make_labels
     from convert.router_metrics import group_questions
     from convert.train_router import question_inputs
-    from pudding_mlx.evaluation.command import router_scores
+    from pudding_mlx.evaluation.routes import router_scores
     from pudding_mlx.evaluation.scoring import ScoreCache
 
     cfg = _config(root)

@@ -239,7 +239,8 @@ def test_generate_and_chat_with_tolerance_show_the_prediction(fid, monkeypatch, 
 def test_eval_routed_methods_score_as_their_chosen_sets(fid, tmp_path):
     from test_evaluate import write_data
 
-    from pudding_mlx.evaluation.command import EvalSettings, eval_examples, run_eval
+    from pudding_mlx.evaluation.examples import eval_examples
+    from pudding_mlx.evaluation.run import EvalSettings, run_eval
 
     tasks = ("arc_easy", "piqa", "winogrande")
     data = write_data(tmp_path / "data")

@@ -25,6 +25,7 @@ import numpy as np
 
 from ..errors import PuddingError
 from ..routing import Policy
+from .sets import set_key
 from .stats import decide, gold_margin
 
 # kind -> table label; the table lists methods in this order
@@ -51,11 +52,6 @@ class Method:
     @property
     def rank(self) -> int:
         return list(LABELS).index(self.kind)
-
-
-def set_key(skip: Sequence[int]) -> str:
-    """File-name key of a skip set (scores are cached per set, whatever its name)."""
-    return "skip-" + "-".join(map(str, sorted(skip))) if skip else "dense"
 
 
 def parse_methods(spec: str, sets: dict[str, list[int]], candidates: Sequence[str],

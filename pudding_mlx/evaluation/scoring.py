@@ -19,6 +19,7 @@ import click
 from ..errors import PuddingError
 from ..files import read_json, write_json
 from ..tasks import Request, encode_requests
+from .sets import set_key
 
 QuestionScores = tuple[list[float], list[int]]  # summed log-prob, token count per request
 
@@ -125,3 +126,30 @@ class ScoreCache:
                 self.save(task, name, values, extra)
                 bar.update(len(part))
         return values
+
+
+def unscored(cache, task: str, examples, skips: Sequence[Sequence[int]]) -> list:
+    """The sets whose cached eval-format scores miss some of the examples."""
+    out = []
+    for skip in skips:
+        done = cache.load(task, set_key(skip), {"format": "eval"})
+        if any(e.qid not in done for e in examples):
+            out.append(skip)
+    return out
+
+
+def set_scores(scorer, cache, task: str, examples, skip: Sequence[int], fmt: str = "eval",
+               gold_only: bool = False) -> dict[str, list]:
+    """qid -> [summed log-probs, token counts] of a question's requests under one skip set."""
+    qids = [e.qid for e in examples]
+
+    def requests(e):
+        reqs = e.eval if fmt == "eval" else e.prompt
+        return [reqs[e.gold]] if gold_only else list(reqs)
+
+    def compute(idx: list[int]) -> list:
+        return [list(r) for r in scorer.score([requests(examples[i]) for i in idx], skip)]
+
+    name = set_key(skip) + ("-gold" if gold_only else "")
+    return cache.fill(task, name, qids, compute, scorer.chunk, f"{task} {set_key(skip)}",
+                      extra={"format": fmt})

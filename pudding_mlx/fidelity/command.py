@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from ..errors import PuddingError
-from ..evaluation.command import parse_set, read_sets_file
+from ..evaluation.sets import parse_set, read_sets_file
 from ..options import no_verify_option, parse_skip, router_backend_option
 from ..prompts import SPLITS
 

@@ -30,8 +30,8 @@ import numpy as np
 from mlx_lm.generate import generate_step
 
 from ..errors import PuddingError
-from ..evaluation.command import named_sets, set_key
 from ..evaluation.scoring import ScoreCache, digest
+from ..evaluation.sets import named_sets, set_key
 from ..evaluation.stats import paired_bootstrap
 from ..masking import check_skip
 from ..model import clean_text
