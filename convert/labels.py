@@ -314,6 +314,44 @@ def _cost_bucket(item: Example | ChatPrompt) -> tuple[str, int]:
     return "chat", 1 + len(item.text)
 
 
+def _start(out: Path, cfg: LabelConfig | FidelityLabelConfig, target: str, settings: dict,
+           items: list, counts: dict, runs: list, ranks: Dist) -> tuple[list[list], dict]:
+    """The items cut into shards, and the label folder's meta.json (not complete) written."""
+    if not items:
+        raise PuddingError(f"no {'prompts' if target == 'fidelity' else 'examples'} to label"
+                           + ("" if target == "fidelity" else f" for tasks {cfg.tasks}"))
+    shards = [items[i : i + cfg.shard_size] for i in range(0, len(items), cfg.shard_size)]
+    meta = {"target": target, "settings": settings, "candidates": cfg.candidates,
+            "num_shards": len(shards), **counts, "complete": False, "runs": runs}
+    ranks.barrier()  # every rank has read the old meta before rank 0 replaces it
+    if ranks.rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(out)
+        write_json(out / META, meta)
+    ranks.barrier()
+    return shards, meta
+
+
+class _TaskCost:
+    """Labelling time per task (a fidelity run: one "chat" entry), a shard's time shared out by
+    its items' text length: what a cost table per 1,000 questions reads."""
+
+    def __init__(self, items: list):
+        self.kinds = sorted({_cost_bucket(item)[0] for item in items})
+        self.spent = dict.fromkeys(self.kinds, 0.0)
+        self.counted = dict.fromkeys(self.kinds, 0)
+
+    def add(self, shard: list, seconds: float) -> None:
+        buckets = [_cost_bucket(x) for x in shard]
+        total = sum(size for _, size in buckets)
+        for task, size in buckets:
+            self.spent[task] += seconds * size / total
+            self.counted[task] += 1
+
+    def per_task(self) -> dict[str, tuple[float, int]]:
+        return {t: (self.spent[t], self.counted[t]) for t in self.kinds}
+
+
 def _make_labels(out: Path, cfg: LabelConfig | FidelityLabelConfig, dev, overwrite: bool,
                  share_prefix: bool) -> dict:
     import torch
@@ -335,19 +373,7 @@ def _make_labels(out: Path, cfg: LabelConfig | FidelityLabelConfig, dev, overwri
         return read_meta(out)
     runs = read_meta(out).get("runs", []) if (out / META).is_file() else []
 
-    if not items:
-        raise PuddingError(f"no {'prompts' if target == 'fidelity' else 'examples'} to label"
-                           + ("" if target == "fidelity" else f" for tasks {cfg.tasks}"))
-    shards = [items[i : i + cfg.shard_size] for i in range(0, len(items), cfg.shard_size)]
-    meta = {"target": target, "settings": settings, "candidates": cfg.candidates,
-            "num_shards": len(shards), **counts, "complete": False, "runs": runs}
-    ranks.barrier()  # every rank has read the old meta before rank 0 replaces it
-    if ranks.rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        remove_stale_temps(out)
-        write_json(out / META, meta)
-    ranks.barrier()
-
+    shards, meta = _start(out, cfg, target, settings, items, counts, runs, ranks)
     model, tokenizer = load_causal_lm(cfg.model, dtype=dtype, device=dev)
     runner = BlockRunner(model)
     skips = [c["skip"] for c in cfg.candidates]
@@ -364,11 +390,7 @@ def _make_labels(out: Path, cfg: LabelConfig | FidelityLabelConfig, dev, overwri
                if ranks.world > 1 else "labels", unit=unit,
                initial=sum(len(shards[i]) for i in mine if i not in todo))
 
-    # labelling time per task (a fidelity run: one "chat" entry), a shard's time shared out by
-    # its items' text length: what a cost table per 1,000 questions reads
-    kinds = sorted({_cost_bucket(item)[0] for item in items})
-    spent = dict.fromkeys(kinds, 0.0)
-    counted = dict.fromkeys(kinds, 0)
+    cost = _TaskCost(items)
 
     def run_stats(shards_run: int, evals: int, naive: int, cpu: float,
                   per_task: dict[str, tuple[float, int]]) -> dict:
@@ -390,29 +412,31 @@ def _make_labels(out: Path, cfg: LabelConfig | FidelityLabelConfig, dev, overwri
                               share_prefix)
         naive += n
         write_shard(out, i, rows, target)
-        seconds, buckets = time.perf_counter() - start, [_cost_bucket(x) for x in shards[i]]
-        total = sum(size for _, size in buckets)
-        for task, size in buckets:
-            spent[task] += seconds * size / total
-            counted[task] += 1
+        cost.add(shards[i], time.perf_counter() - start)
         if ranks.world == 1:  # an interrupted run keeps its cost (several ranks: at the end)
             partial = run_stats(done, runner.evals, naive, time.process_time() - cpu0,
-                                {t: (spent[t], counted[t]) for t in kinds})
+                                cost.per_task())
             write_json(out / META, {**meta, "runs": [*runs, {**partial, "partial": True}]})
         bar.update(len(shards[i]))
         bar.set_postfix(block_evals=runner.evals)
     bar.close()
+    kinds = cost.kinds
     evals, naive, shards_run, cpu, *sums = ranks.sum(
         [runner.evals, naive, len(todo), time.process_time() - cpu0,
-         *(spent[t] for t in kinds), *(counted[t] for t in kinds)])
+         *(cost.spent[t] for t in kinds), *(cost.counted[t] for t in kinds)])
     per_task = dict(zip(kinds, zip(sums[:len(kinds)], sums[len(kinds):], strict=True),
                         strict=True))
+    stats = run_stats(shards_run, evals, naive, cpu, per_task)
+    return _finish(out, len(shards), {**meta, "stats": stats, "runs": [*runs, stats]}, ranks)
+
+
+def _finish(out: Path, num_shards: int, meta: dict, ranks: Dist) -> dict:
+    """meta.json marked complete once every rank's shards are written."""
     ranks.barrier()
-    missing = [i for i in range(len(shards)) if not shard_path(out, i).is_file()]
+    missing = [i for i in range(num_shards) if not shard_path(out, i).is_file()]
     if missing:
         raise PuddingError(f"{out}: shards {missing[:5]} were not written")
-    stats = run_stats(shards_run, evals, naive, cpu, per_task)
-    meta.update(complete=True, stats=stats, runs=[*runs, stats])
+    meta["complete"] = True
     if ranks.rank == 0:
         write_json(out / META, meta)
     ranks.barrier()
