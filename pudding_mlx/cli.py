@@ -26,7 +26,7 @@ COMMANDS = {
     "bench": "pudding_mlx.bench.command:bench",
     "eval": "pudding_mlx.evaluation.command:evaluate",
     "eval-compare": "pudding_mlx.evaluation.compare:eval_compare",
-    "serve": "pudding_mlx.serve.server:serve",
+    "serve": "pudding_mlx.serve.command:serve",
     "fidelity": "pudding_mlx.fidelity.command:fidelity",
     "pareto": "pudding_mlx.fidelity.pareto:pareto_command",
 }

@@ -12,17 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import ipaddress
 import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from contextlib import aclosing, asynccontextmanager, suppress
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Annotated, Literal
 
-import click
 import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -32,7 +29,6 @@ from starlette.exceptions import HTTPException
 
 from ..errors import PuddingError
 from ..model import PuddingModel, Route, clean_text
-from ..options import no_verify_option, router_backend_option
 from .engine import Engine, Failed, Finished, Job, ShuttingDown, Started
 
 
@@ -232,19 +228,8 @@ class BodyLimit:
         await self.app(scope, limited, send)
 
 
-def create_app(pm: PuddingModel, config: ServeConfig) -> FastAPI:
-    engine = Engine(pm, config.max_queue, config.prompt_cache_bytes)
-    modes = {config.name: "router", f"{config.name}:dense": "dense",
-             f"{config.name}:static": "static"}
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        yield
-        engine.close()
-
-    app = FastAPI(title="pudding serve", lifespan=lifespan, docs_url=None, redoc_url=None)
-    app.state.engine = engine
-    app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
+def add_error_handlers(app: FastAPI) -> None:
+    """Every error as an OpenAI error object; a malformed body or field is a 400."""
 
     @app.exception_handler(HTTPException)
     async def http_error(_, e: HTTPException) -> JSONResponse:
@@ -259,31 +244,49 @@ def create_app(pm: PuddingModel, config: ServeConfig) -> FastAPI:
         where = ".".join(str(x) for x in err["loc"][1:]) or None
         return error_response(ApiError(400, f"{where or 'body'}: {err['msg']}", param=where))
 
+
+def authorizer(api_key: str | None):
+    """The /v1 dependency that checks `Authorization: Bearer KEY` when a key is set."""
+
     async def authorize(request: Request) -> None:
         given = request.headers.get("authorization", "").encode()
-        if config.api_key and not hmac.compare_digest(given,
-                                                      f"Bearer {config.api_key}".encode()):
+        if api_key and not hmac.compare_digest(given, f"Bearer {api_key}".encode()):
             raise ApiError(401, "invalid or missing API key (Authorization: Bearer ...)",
                            code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorize)])
+    return authorize
 
-    def mode_of(model: str | None) -> str:
+
+@dataclass
+class Completions:
+    """Turns a request into a job on the engine and the job's events into a reply."""
+
+    engine: Engine
+    config: ServeConfig
+
+    @property
+    def modes(self) -> dict[str, str]:
+        """Model name -> route mode: NAME routes, NAME:dense and NAME:static do not."""
+        name = self.config.name
+        return {name: "router", f"{name}:dense": "dense", f"{name}:static": "static"}
+
+    def mode_of(self, model: str | None) -> str:
         if model is None:
             return "router"
-        if model not in modes:
+        if model not in self.modes:
             raise ApiError(404, f"model {model!r} not found; this server has "
-                                f"{', '.join(modes)}", param="model", code="model_not_found")
-        return modes[model]
+                                f"{', '.join(self.modes)}", param="model",
+                           code="model_not_found")
+        return self.modes[model]
 
-    async def respond(request: Request, body: Sampling, chat: bool, route_text: str,
+    async def respond(self, request: Request, body: Sampling, chat: bool, route_text: str,
                       prompt: list[dict] | str, max_tokens: int | None):
-        job = Job(mode_of(body.model), route_text, prompt,
-                  min(max_tokens or config.max_tokens_limit, config.max_tokens_limit),
+        limit = self.config.max_tokens_limit
+        job = Job(self.mode_of(body.model), route_text, prompt, min(max_tokens or limit, limit),
                   body.temperature, body.top_p,
                   [body.stop] if isinstance(body.stop, str) else body.stop or [], body.seed,
                   body.tolerance)
-        if not engine.submit(job):
+        if not self.engine.submit(job):
             raise ApiError(503, "the server is busy; retry shortly", type="server_error",
                            code="server_busy", headers={"Retry-After": "1"})
         events = job_events(request, job)
@@ -292,7 +295,7 @@ def create_app(pm: PuddingModel, config: ServeConfig) -> FastAPI:
             await events.aclose()
             raise (worker_error(started.error) if isinstance(started, Failed)
                    else ApiError(503, "the request was cancelled", type="server_error"))
-        reply = Reply(chat, body.model or config.name)
+        reply = Reply(chat, body.model or self.config.name)
         headers = {"x-pudding-route": json.dumps(route_info(started.route))}
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -308,24 +311,40 @@ def create_app(pm: PuddingModel, config: ServeConfig) -> FastAPI:
         return JSONResponse(reply.body(text, event.reason, False, usage=usage(started, event),
                                        pudding=route_info(started.route)), headers=headers)
 
+
+def create_app(pm: PuddingModel, config: ServeConfig) -> FastAPI:
+    engine = Engine(pm, config.max_queue, config.prompt_cache_bytes)
+    api = Completions(engine, config)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        engine.close()
+
+    app = FastAPI(title="pudding serve", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.engine = engine
+    app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
+    add_error_handlers(app)
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorizer(config.api_key))])
+
     @v1.get("/models")
     async def models() -> dict:
         created = int(pm.path.stat().st_mtime)
         return {"object": "list", "data": [
             {"id": m, "object": "model", "created": created, "owned_by": "pudding-mlx"}
-            for m in modes]}
+            for m in api.modes]}
 
     @v1.post("/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request):
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         last_user = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
-        return await respond(request, body, True, last_user, messages,
-                             body.max_completion_tokens or body.max_tokens)
+        return await api.respond(request, body, True, last_user, messages,
+                                          body.max_completion_tokens or body.max_tokens)
 
     @v1.post("/completions")
     async def completions(body: CompletionRequest, request: Request):
         prompt = clean_text(body.prompt if isinstance(body.prompt, str) else body.prompt[0])
-        return await respond(request, body, False, prompt, prompt, body.max_tokens)
+        return await api.respond(request, body, False, prompt, prompt, body.max_tokens)
 
     @app.get("/health")
     async def health() -> dict:
@@ -352,46 +371,3 @@ class Server(uvicorn.Server):
     async def shutdown(self, sockets=None) -> None:
         self.engine.stop()
         await super().shutdown(sockets)
-
-
-def is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
-
-
-@click.command()
-@click.option("--bundle", "-b", required=True, type=click.Path(), help="PuDDing bundle folder.")
-@click.option("--host", default="127.0.0.1", show_default=True,
-              help="Address to bind; only this machine can connect unless you change it.")
-@click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535))
-@click.option("--api-key", default=None, envvar="PUDDING_API_KEY",
-              help="Require 'Authorization: Bearer KEY' on /v1 (or set PUDDING_API_KEY).")
-@click.option("--max-queue", default=8, show_default=True, type=click.IntRange(0),
-              help="Requests that may wait while one generates; more get 503.")
-@click.option("--max-tokens-limit", default=2048, show_default=True, type=click.IntRange(1),
-              help="Cap on max_tokens of every request (and its default).")
-@click.option("--max-body-mb", default=4.0, show_default=True, type=click.FloatRange(0),
-              help="Larger request bodies get 413.")
-@click.option("--prompt-cache-mb", default=512.0, show_default=True, type=click.FloatRange(0),
-              help="Memory for KV caches kept between requests (least recently used go).")
-@router_backend_option()
-@no_verify_option()
-def serve(bundle, host, port, api_key, max_queue, max_tokens_limit, max_body_mb,
-          prompt_cache_mb, router_backend, no_verify):
-    """Serve a bundle behind an OpenAI-compatible API (/v1/chat/completions, /v1/completions,
-    /v1/models, /health). Model names: the bundle folder's name (routed), NAME:dense,
-    NAME:static."""
-    from ..model import load
-
-    pm = load(bundle, router_backend=router_backend, verify=not no_verify)
-    config = ServeConfig(Path(bundle).resolve().name, host, port, api_key, max_queue,
-                         max_tokens_limit, int(max_body_mb * 2**20), int(prompt_cache_mb * 2**20))
-    if not is_loopback(host) and not api_key:
-        click.echo(f"warning: serving on {host} without --api-key: anyone who can reach this "
-                   "port can use the model", err=True)
-    click.echo(f"pudding serve: models {config.name}, {config.name}:dense, "
-               f"{config.name}:static on http://{host}:{port}/v1", err=True)
-    with suppress(KeyboardInterrupt):  # uvicorn re-raises the Ctrl-C it handled
-        Server(pm, config).run()
