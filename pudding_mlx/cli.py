@@ -28,7 +28,7 @@ COMMANDS = {
     "eval-compare": "pudding_mlx.evaluation.compare:eval_compare",
     "serve": "pudding_mlx.serve.command:serve",
     "fidelity": "pudding_mlx.fidelity.command:fidelity",
-    "pareto": "pudding_mlx.fidelity.pareto:pareto_command",
+    "pareto": "pudding_mlx.fidelity.pareto:pareto",
 }
 # the extra that brings a command's packages, where it is not train/coreml
 EXTRAS = {"serve": "serve"}

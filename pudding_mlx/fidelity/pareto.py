@@ -145,8 +145,8 @@ def read_bench(folder: str | Path) -> tuple[int, float]:
                                           ["decode_speedup"])
 
 
-def pareto(fidelity: dict | None, evaluation: dict | None, bench: dict[int, float],
-           resamples: int = 2000, seed: int = 0) -> dict:
+def pareto_points(fidelity: dict | None, evaluation: dict | None, bench: dict[int, float],
+                  resamples: int = 2000, seed: int = 0) -> dict:
     """Every row of the runs as a point with its figures and, for routed rows, the paired
     difference to the static curve at the same mean skip."""
     cols = [c for c in (fidelity_column(fidelity) if fidelity else None,
@@ -300,7 +300,7 @@ def plot(path: str | Path, result: dict) -> None:
               help="Folder for pareto.json, pareto.md and pareto.png.")
 @click.option("--resamples", type=int, default=2000, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-def pareto_command(fidelity_dir, eval_dir, bench_dirs, output, resamples, seed):
+def pareto(fidelity_dir, eval_dir, bench_dirs, output, resamples, seed):
     """Mean blocks skipped against KL to dense and accuracy, for static sets, fixed-k and
     quality-aware routing, each routed row against the static curve at its mean skip."""
     runs = []
@@ -310,7 +310,7 @@ def pareto_command(fidelity_dir, eval_dir, bench_dirs, output, resamples, seed):
             raise PuddingError(f"{name}: {path} not found")
         runs.append(read_json(path) if path else None)
     bench = dict(read_bench(b) for b in bench_dirs)
-    result = pareto(*runs, bench, resamples, seed)
+    result = pareto_points(*runs, bench, resamples, seed)
     write_report(output, "pareto", result, markdown(result),
                  {"pareto.png": lambda p: plot(p, result)})
     click.echo(markdown(result))
