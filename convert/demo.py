@@ -2,8 +2,8 @@
 
 For each prompt it shows the omission set the router chose, the router's time, the dense and
 the routed answer side by side, how far the routed set is from dense on the dense answer
-(KL and top-1 agreement, teacher-forced: `pudding_mlx.fidelity.run`), and decoding speed routed vs
-dense over the same number of tokens.
+(KL and top-1 agreement, teacher-forced: `pudding_mlx.fidelity.metrics`), and decoding speed
+routed vs dense over the same number of tokens.
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ def suppress_tokens(ids) -> Callable:
 def run_prompt(pm, prompt: str, max_tokens: int, tolerance: float | None = None) -> dict:
     """Route and answer `prompt`; answer it dense too and measure the routed set's KL to dense
     on that answer; then time a dense run as long as the routed answer."""
-    from pudding_mlx.fidelity.run import compare, forced_logprobs, greedy_continuation
+    from pudding_mlx.fidelity.metrics import compare, forced_logprobs, greedy_continuation
 
     route = pm.route(prompt, tolerance=tolerance)
     pieces = list(pm.stream_generate(prompt, max_tokens=max_tokens, route=route))

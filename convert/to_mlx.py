@@ -225,7 +225,7 @@ def compare_logits(skip: list[int], ref: np.ndarray, got: np.ndarray) -> ParityR
     """Compare two [positions, vocab] logit arrays (ref: torch fp32)."""
     import mlx.core as mx
 
-    from pudding_mlx.fidelity.run import kl_agreement
+    from pudding_mlx.fidelity.metrics import kl_agreement
 
     lp_ref, lp_got = _log_softmax(ref), _log_softmax(got)
     with mx.stream(mx.cpu):  # float64 (CPU only): fp32 KLs of 1e-9 are below float32's noise
