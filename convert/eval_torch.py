@@ -11,8 +11,7 @@ from pudding_mlx.tasks import Request, encode_requests
 
 from .assets import load_causal_lm
 from .device import choose_dtype, resolve_device
-from .labels import walk_candidates
-from .scoring import BlockRunner, answer_logprobs
+from .scoring import BlockRunner, answer_logprobs, walk_candidates
 
 
 class TorchScorer:

@@ -117,42 +117,12 @@ def label_prompts(cfg: FidelityLabelConfig) -> list[ChatPrompt]:
 # -- the candidate trie --
 
 
-def _walk(runner, batch, h, start: int, group: list[tuple[int, frozenset]], leaf, out: dict
-          ) -> None:
-    """Run blocks from `start` for candidates that agree on every block before it (sharing
-    hidden state h); split the group at the first block they disagree on. At the last block,
-    out[c] = leaf(h, members) for every member c. The group that runs the block goes first, so
-    a candidate that skips nothing reaches its leaf before every other."""
-    b = start
-    while b < runner.num_blocks and len({b in s for _, s in group}) == 1:
-        b += 1
-    h = runner.run(h, batch, [i for i in range(start, b) if i not in group[0][1]])
-    if b == runner.num_blocks:
-        value = leaf(h, [c for c, _ in group])
-        for c, _ in group:
-            out[c] = value
-        return
-    _walk(runner, batch, runner.run(h, batch, [b]), b + 1, [g for g in group if b not in g[1]],
-          leaf, out)
-    _walk(runner, batch, h, b + 1, [g for g in group if b in g[1]], leaf, out)
-
-
-def walk_candidates(runner, batch, skips: list[list[int]], leaf, share_prefix: bool = True
-                    ) -> dict:
-    """candidate index -> leaf(final hidden state, members) for one batch, each candidate
-    skipping its blocks; with share_prefix, shared block prefixes run once."""
-    sets = [(c, frozenset(s)) for c, s in enumerate(skips)]
-    out: dict = {}
-    h = runner.embed(batch)
-    for group in [sets] if share_prefix else [[s] for s in sets]:
-        _walk(runner, batch, h, 0, group, leaf, out)
-    return out
-
-
 def score_candidates(runner, batches, n_requests: int, skips: list[list[int]],
                      share_prefix: bool = True) -> np.ndarray:
     """(requests, candidates) mean answer-token log-probs, each candidate skipping its blocks."""
     import torch
+
+    from .scoring import walk_candidates
 
     out = np.zeros((n_requests, len(skips)))
     with torch.inference_mode():
@@ -170,7 +140,7 @@ def fidelity_candidates(runner, batches, n_requests: int, skips: list[list[int]]
     (each request: a prompt and dense's continuation of it)."""
     import torch
 
-    from .scoring import kl_to_reference
+    from .scoring import kl_to_reference, walk_candidates
 
     kl = np.zeros((n_requests, len(skips)))
     agree = np.zeros((n_requests, len(skips)))
