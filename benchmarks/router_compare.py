@@ -4,7 +4,7 @@ Reads the results.json of two `pudding fidelity` runs over the same prompts (sam
 limit and continuation length; for instance one bundle with the in-model router and one with
 the MiniLM router over the same candidates) and, for each routed row both ran, prints the mean
 blocks skipped by each router and A minus B of the per-prompt KL to dense and top-1 agreement
-with 95% paired bootstrap intervals over prompts (`pudding_mlx.eval_stats.paired_bootstrap`).
+with 95% paired bootstrap intervals over prompts (`pudding_mlx.evaluation.stats.paired_bootstrap`).
 
     python benchmarks/router_compare.py IN_MODEL/results.json MINILM/results.json \
         --names in-model,minilm -o examples/results/in-model-router/fidelity-compare.md
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pudding_mlx.eval_stats import paired_bootstrap
+from pudding_mlx.evaluation.stats import paired_bootstrap
 
 SAME = ("prompts_file", "split", "limit", "max_tokens", "system_prompt", "candidates")
 

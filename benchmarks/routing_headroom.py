@@ -29,7 +29,7 @@ import numpy as np
 
 from convert.label_store import read_labels
 from convert.router_metrics import group_questions, split_questions
-from pudding_mlx.eval_stats import paired_bootstrap
+from pudding_mlx.evaluation.stats import paired_bootstrap
 from pudding_mlx.files import write_report
 
 

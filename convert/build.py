@@ -35,10 +35,8 @@ import click
 from pudding_mlx.errors import PuddingError
 from pudding_mlx.files import read_json, write_json
 
-from .profiles import PROFILES, Profile, make_profile
-
-STEPS = ("search", "labels", "router", "convert")
-QUALITY_STEPS = ("search", "candidates", "labels", "router", "convert")
+from .build_status import build_status
+from .profiles import PROFILES, STEPS, Profile, make_profile
 
 
 @dataclass
@@ -171,7 +169,7 @@ def trajectory_fingerprint(path: Path) -> str:
 
 def prompts_identity(prompts: str) -> dict:
     """The chat prompts file (or the packaged set) by content."""
-    from pudding_mlx.chat_prompts import PACKAGED
+    from pudding_mlx.prompts import PACKAGED
 
     return {"files": content_identity(Path(prompts) if prompts else PACKAGED)}
 
@@ -198,99 +196,127 @@ def quality_candidates(search_run: Path, sizes: Iterable[int], task_candidates: 
     write_json(out, {"settings": doc["settings"], "candidates": cands})
 
 
-def make_steps(model: str, out: Path, work: Path, p: Profile, data_dir: str | None,
-               previous: Callable[[str], str]) -> list[Callable[[], Step]]:
-    """The pipeline as step factories; `previous(name)` is the fingerprint a finished step
-    produced (the factories are called in order, after the step before has run)."""
-    from .labels import label
-    from .search_cli import search
-    from .to_bundle import convert
-    from .train_router import train_router
+@dataclass
+class Pipeline:
+    """The build's steps as factories of `Step`; `previous(name)` is the fingerprint a finished
+    step produced (the factories are called in order, after the step before has run)."""
 
-    candidates = work / "search" / "candidates.json"
-    labels_dir, router_out = work / "labels", work / "router"
-    data_args = ["--data-dir", data_dir] if data_dir else []
-    tasks, losses = ",".join(p.tasks), ",".join(p.losses)
-    common = {"model": source_identity(model), "device": p.device}
-    quality = p.target == "fidelity"
-    fidelity_run = work / "search" / "fidelity.json"
-    prompt_args = ["--prompts", p.prompts] if p.prompts else []
-    if quality:
-        common["prompts"] = prompts_identity(p.prompts)
+    model: str
+    out: Path
+    work: Path
+    p: Profile
+    data_dir: str | None
+    previous: Callable[[str], str]
 
-    def fidelity_search_step() -> Step:
-        inputs = {**common, "losses": ["fidelity"], "k": p.k, "samples": p.samples,
+    def __post_init__(self):
+        p, work = self.p, self.work
+        self.candidates_file = work / "search" / "candidates.json"
+        self.labels_dir, self.router_out = work / "labels", work / "router"
+        self.fidelity_run = work / "search" / "fidelity.json"
+        self.data_args = ["--data-dir", self.data_dir] if self.data_dir else []
+        self.prompt_args = ["--prompts", p.prompts] if p.prompts else []
+        self.quality = p.target == "fidelity"
+        self.common = {"model": source_identity(self.model), "device": p.device}
+        if self.quality:
+            self.common["prompts"] = prompts_identity(p.prompts)
+
+    def steps(self) -> list[Callable[[], Step]]:
+        if self.quality:
+            return [self.fidelity_search, self.pick_candidates, self.fidelity_labels,
+                    self.router, self.convert]
+        return [self.search, self.labels, self.router, self.convert]
+
+    def _search(self, inputs: dict, args: list, out: Path,
+                fingerprint: Callable[[Path], str] = candidates_fingerprint) -> Step:
+        from .search_cli import search
+
+        return Step("search", inputs, out, lambda: _invoke(search, args),
+                    lambda: fingerprint(out))
+
+    def fidelity_search(self) -> Step:
+        p, run = self.p, self.fidelity_run
+        inputs = {**self.common, "losses": ["fidelity"], "k": p.k, "samples": p.samples,
                   "seed": p.search_seed, "max_tokens": p.max_tokens, "dtype": p.torch_dtype}
-        args = ["--model", model, "--losses", "fidelity", "--k", p.k, "--samples", p.samples,
-                "--seed", p.search_seed, "--max-tokens", p.max_tokens, "--device", p.device,
-                "--dtype", p.torch_dtype, "--out", fidelity_run, *prompt_args]
-        return Step("search", inputs, fidelity_run, lambda: _invoke(search, args),
-                    lambda: trajectory_fingerprint(fidelity_run))
+        args = ["--model", self.model, "--losses", "fidelity", "--k", p.k, "--samples",
+                p.samples, "--seed", p.search_seed, "--max-tokens", p.max_tokens, "--device",
+                p.device, "--dtype", p.torch_dtype, "--out", run, *self.prompt_args]
+        return self._search(inputs, args, run, trajectory_fingerprint)
 
-    def candidates_step() -> Step:
-        tasks_file = p.task_candidates
-        inputs = {"search": previous("search"), "sizes": p.sizes, "task_candidates":
+    def pick_candidates(self) -> Step:
+        p, candidates, tasks_file = self.p, self.candidates_file, self.p.task_candidates
+        inputs = {"search": self.previous("search"), "sizes": p.sizes, "task_candidates":
                   candidates_fingerprint(Path(tasks_file)) if tasks_file else None}
         return Step("candidates", inputs, candidates,
-                    lambda: quality_candidates(fidelity_run, p.sizes, tasks_file, candidates),
+                    lambda: quality_candidates(self.fidelity_run, p.sizes, tasks_file,
+                                               candidates),
                     lambda: candidates_fingerprint(candidates))
 
-    def search_step() -> Step:
+    def search(self) -> Step:
+        p, candidates = self.p, self.candidates_file
         if p.from_run:  # `pudding search --from-run`: no compute, so no model or data inputs
             inputs = {"from_run": trajectory_fingerprint(Path(p.from_run)), "k": p.k}
             args = ["--k", p.k, "--from-run", p.from_run, "--out", candidates]
-            return Step("search", inputs, candidates, lambda: _invoke(search, args),
-                        lambda: candidates_fingerprint(candidates))
-        inputs = {**common, "data": data_identity(data_dir, p.tasks), "tasks": p.tasks,
-                  "losses": p.losses, "k": p.k, "samples": p.samples, "seed": p.search_seed,
-                  "dtype": p.torch_dtype}
-        args = ["--model", model, "--tasks", tasks, "--losses", losses, "--k", p.k,
-                "--samples", p.samples, "--seed", p.search_seed, "--device", p.device,
-                "--dtype", p.torch_dtype, "--out", candidates, *data_args]
-        return Step("search", inputs, candidates, lambda: _invoke(search, args),
-                    lambda: candidates_fingerprint(candidates))
+            return self._search(inputs, args, candidates)
+        inputs = {**self.common, "data": data_identity(self.data_dir, p.tasks),
+                  "tasks": p.tasks, "losses": p.losses, "k": p.k, "samples": p.samples,
+                  "seed": p.search_seed, "dtype": p.torch_dtype}
+        args = ["--model", self.model, "--tasks", ",".join(p.tasks), "--losses",
+                ",".join(p.losses), "--k", p.k, "--samples", p.samples, "--seed",
+                p.search_seed, "--device", p.device, "--dtype", p.torch_dtype, "--out",
+                candidates, *self.data_args]
+        return self._search(inputs, args, candidates)
 
-    def labels_step() -> Step:
+    def _labels(self, inputs: dict, args: list) -> Step:
+        from .labels import label
+
+        labels_dir = self.labels_dir
+        return Step("labels", inputs, labels_dir, lambda: _invoke(label, args),
+                    lambda: hash_files(labels_dir.glob("*.parquet"), labels_dir))
+
+    def labels(self) -> Step:
+        p = self.p
         label_tasks = p.label_tasks or p.tasks
-        inputs = {**common, "data": data_identity(data_dir, label_tasks), "tasks": label_tasks,
-                  "candidates": previous("search"), "max_examples_per_task":
-                  p.max_examples_per_task, "label_limits": p.label_limits,
-                  "seed": p.label_seed, "dtype": p.torch_dtype}
+        inputs = {**self.common, "data": data_identity(self.data_dir, label_tasks),
+                  "tasks": label_tasks, "candidates": self.previous("search"),
+                  "max_examples_per_task": p.max_examples_per_task,
+                  "label_limits": p.label_limits, "seed": p.label_seed, "dtype": p.torch_dtype}
         limit = ["--max-examples-per-task", p.max_examples_per_task] \
             if p.max_examples_per_task else []
         limit += [a for v in p.label_limits for a in ("--task-limit", v)]
-        args = ["--candidates", candidates, "--out", labels_dir, "--model", model,
-                "--tasks", ",".join(label_tasks), *limit, "--seed", p.label_seed,
-                "--dtype", p.torch_dtype, "--device", p.device, *data_args]
-        return Step("labels", inputs, labels_dir, lambda: _invoke(label, args),
-                    lambda: hash_files(labels_dir.glob("*.parquet"), labels_dir))
+        args = ["--candidates", self.candidates_file, "--out", self.labels_dir, "--model",
+                self.model, "--tasks", ",".join(label_tasks), *limit, "--seed", p.label_seed,
+                "--dtype", p.torch_dtype, "--device", p.device, *self.data_args]
+        return self._labels(inputs, args)
 
-    def fidelity_labels_step() -> Step:
-        inputs = {**common, "candidates": previous("candidates"), "max_tokens": p.max_tokens,
-                  "limit": p.label_limit, "seed": p.label_seed, "dtype": p.torch_dtype}
+    def fidelity_labels(self) -> Step:
+        p = self.p
+        inputs = {**self.common, "candidates": self.previous("candidates"),
+                  "max_tokens": p.max_tokens, "limit": p.label_limit, "seed": p.label_seed,
+                  "dtype": p.torch_dtype}
         limit = ["--limit", p.label_limit] if p.label_limit else []
-        args = ["--candidates", candidates, "--out", labels_dir, "--target", "fidelity",
-                "--model", model, "--split", "train", "--max-tokens", p.max_tokens, *limit,
-                "--seed", p.label_seed, "--dtype", p.torch_dtype, "--device", p.device,
-                *prompt_args]
-        return Step("labels", inputs, labels_dir, lambda: _invoke(label, args),
-                    lambda: hash_files(labels_dir.glob("*.parquet"), labels_dir))
+        args = ["--candidates", self.candidates_file, "--out", self.labels_dir, "--target",
+                "fidelity", "--model", self.model, "--split", "train", "--max-tokens",
+                p.max_tokens, *limit, "--seed", p.label_seed, "--dtype", p.torch_dtype,
+                "--device", p.device, *self.prompt_args]
+        return self._labels(inputs, args)
 
-    def router_step() -> Step:
-        if p.router == "in-model":
-            return in_model_router_step()
+    def router(self) -> Step:
+        if self.p.router == "in-model":
+            return self.in_model_router()
         from .assets import minilm_path
+        from .train_router import train_router
 
+        p, router_out = self.p, self.router_out
         backbone = p.backbone or str(minilm_path())
-        inputs = {"labels": previous("labels"), "backbone": source_identity(backbone),
+        inputs = {"labels": self.previous("labels"), "backbone": source_identity(backbone),
                   "max_length": p.router_max_length, "epochs": p.epochs,
                   "batch_size": p.batch_size, "lr": p.lr, "warmup_steps": p.warmup_steps,
                   "device": p.device}
-        args = [labels_dir, "--out", router_out, "--backbone", backbone,
+        args = [self.labels_dir, "--out", router_out, "--backbone", backbone,
                 "--max-length", p.router_max_length, "--epochs", p.epochs,
                 "--batch-size", p.batch_size, "--lr", p.lr, "--warmup-steps", p.warmup_steps,
                 "--device", p.device]
-        if quality:
+        if self.quality:
             inputs["target"] = "fidelity"
             args += ["--target", "fidelity"]
         else:  # the text it routes on (issue 11; the released code trained on rows), and
@@ -299,31 +325,37 @@ def make_steps(model: str, out: Path, work: Path, p: Profile, data_dir: str | No
             inputs.update(inputs="context", dtype=dtype)
             args += ["--inputs", "context", "--dtype", dtype]
         return Step("router", inputs, router_out, lambda: _invoke(train_router, args),
-                    router_fingerprint)
+                    self._router_fingerprint)
 
-    def in_model_router_step() -> Step:
+    def in_model_router(self) -> Step:
         """A head on the LLM's hidden state after its first blocks (convert/in_model.py)."""
-        inputs = {"labels": previous("labels"), "router": "in-model", "model": common["model"],
-                  "blocks": p.router_blocks}
-        args = [labels_dir, "--out", router_out, "--router", "in-model", "--model", model,
-                "--blocks", p.router_blocks]
-        if quality:
+        from .train_router import train_router
+
+        inputs = {"labels": self.previous("labels"), "router": "in-model",
+                  "model": self.common["model"], "blocks": self.p.router_blocks}
+        args = [self.labels_dir, "--out", self.router_out, "--router", "in-model", "--model",
+                self.model, "--blocks", self.p.router_blocks]
+        if self.quality:
             inputs["target"] = "fidelity"
             args += ["--target", "fidelity"]
-        return Step("router", inputs, router_out, lambda: _invoke(train_router, args),
-                    router_fingerprint)
+        return Step("router", inputs, self.router_out, lambda: _invoke(train_router, args),
+                    self._router_fingerprint)
 
-    def router_fingerprint() -> str:
-        weights = router_out / "router"
+    def _router_fingerprint(self) -> str:
+        weights = self.router_out / "router"
         return hash_files((f for f in weights.rglob("*") if f.is_file()), weights)
 
-    def convert_step() -> Step:
-        inputs = {"model": common["model"],
-                  "candidates": previous("candidates" if quality else "search"),
-                  "router": previous("router"), "dtype": p.dtype, "coreml": p.coreml}
-        args = ["--model", model, "--candidates", candidates, "--router", router_out / "router",
-                "--out", out, "--dtype", p.dtype, "--coreml" if p.coreml else "--no-coreml"]
-        if quality:
+    def convert(self) -> Step:
+        from .to_bundle import convert
+
+        p, out, router_out = self.p, self.out, self.router_out
+        inputs = {"model": self.common["model"],
+                  "candidates": self.previous("candidates" if self.quality else "search"),
+                  "router": self.previous("router"), "dtype": p.dtype, "coreml": p.coreml}
+        args = ["--model", self.model, "--candidates", self.candidates_file, "--router",
+                router_out / "router", "--out", out, "--dtype", p.dtype,
+                "--coreml" if p.coreml else "--no-coreml"]
+        if self.quality:
             from .router_metrics import default_tolerance
 
             metrics = read_json(router_out / "metrics.json")
@@ -334,10 +366,11 @@ def make_steps(model: str, out: Path, work: Path, p: Profile, data_dir: str | No
         return Step("convert", inputs, manifest, lambda: _invoke(convert, args),
                     lambda: hash_files([manifest], out), keep_stale=True)
 
-    if quality:
-        return [fidelity_search_step, candidates_step, fidelity_labels_step, router_step,
-                convert_step]
-    return [search_step, labels_step, router_step, convert_step]
+
+def make_steps(model: str, out: Path, work: Path, p: Profile, data_dir: str | None,
+               previous: Callable[[str], str]) -> list[Callable[[], Step]]:
+    """The pipeline as step factories (see `Pipeline`)."""
+    return Pipeline(model, out, work, p, data_dir, previous).steps()
 
 
 def run_build(model: str | None, out: str | Path, work: str | Path, profile: Profile,
@@ -434,7 +467,7 @@ def _ints(ctx, param, value):
                    "bundle.")
 @click.option("--threads", type=int,
               help="Torch CPU threads [default: torch's]; 1 is fastest on a busy machine.")
-@click.option("--until", type=click.Choice(["search", "labels", "router", "convert"]),
+@click.option("--until", type=click.Choice(STEPS),
               default="convert", show_default=True,
               help="Stop after this step: e.g. the torch steps on a GPU machine without MLX, "
                    "then the same command with the same --work on the Mac reuses them.")
@@ -448,8 +481,6 @@ def build(model, out, work, profile_name, data_dir, max_examples_per_task, threa
     Each step's output stays in --work; a rerun reuses the steps whose inputs did not change
     and continues an interrupted one."""
     if status:
-        from .build_status import build_status
-
         if not Path(work).is_dir():
             raise PuddingError(f"--work {work}: no such folder")
         click.echo(build_status(work), nl=False)

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from pudding_mlx.files import read_json
 
-from .build import QUALITY_STEPS
 from .label_store import META, shard_path
+from .profiles import QUALITY_STEPS
 from .train_router import STATE
 
 

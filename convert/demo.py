@@ -2,11 +2,12 @@
 choice on a few prompts.
 
 For each prompt, three settings: dense, the bundle's default route, and a faster one (the
-largest candidates, or `--faster`). Each gets its greedy answer, how far it is from dense on the
-dense answer (KL and top-1 agreement, teacher-forced: `pudding_mlx.fidelity`), and its prefill
-and decoding speed against dense: interleaved warm trials (`pudding_mlx.bench_timing`), the
-median of the per-round ratios with their range, beside the ideal the skipped blocks allow
-(`pudding_mlx.flops`). A range that includes 1.0 is reported as "within noise".
+largest candidates, or `--faster`). Each gets its greedy answer, how far it is from dense on
+the dense answer (KL and top-1 agreement, teacher-forced: `pudding_mlx.fidelity.metrics`), and
+its prefill and decoding speed against dense: interleaved warm trials
+(`pudding_mlx.bench.timing`), the median of the per-round ratios with their range, beside the
+ideal the skipped blocks allow (`pudding_mlx.bench.flops`). A range that includes 1.0 is
+reported as "within noise".
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ from typing import TYPE_CHECKING
 import click
 
 from pudding_mlx.errors import PuddingError
-from pudding_mlx.generate_cli import TOLERANCE_HELP, describe_route
-from pudding_mlx.tolerance import Policy
+from pudding_mlx.options import TOLERANCE_HELP, describe_route
+from pudding_mlx.routing import Policy
 
 PROMPTS = (
     ("science question", "Why do plants need sunlight to grow?"),
@@ -38,8 +39,8 @@ PROMPTS = (
     ("small talk", "Hi! What is your favourite season of the year, and why?"),
 )
 if TYPE_CHECKING:
-    from pudding_mlx.bench_timing import Trial
-    from pudding_mlx.flops import DecodeBytes, Shape
+    from pudding_mlx.bench.flops import DecodeBytes, Shape
+    from pudding_mlx.bench.timing import Trial
     from pudding_mlx.model import PuddingModel, Route
 
 SETTINGS = ("dense", "default", "faster")
@@ -197,7 +198,7 @@ def time_settings(pm: PuddingModel, ids: list[int], skips: dict[str, list[int]],
                   trials: int) -> list[dict[str, Trial]]:
     """Rounds of interleaved, warm requests, one per setting in a rotating order: per round,
     setting -> Trial (routes given, so no router time)."""
-    from pudding_mlx.bench_timing import measure, run_request
+    from pudding_mlx.bench.timing import measure, run_request
 
     def request(setting: str) -> Trial:
         return run_request(pm, setting, ids, "", tokens, skip=skips[setting])
@@ -212,8 +213,8 @@ def run_prompt(pm: PuddingModel, kind: str, prompt: str, max_tokens: int, trials
                tolerance: float | None, faster: Policy,
                facts: tuple[Shape, DecodeBytes]) -> PromptResult:
     """Route `prompt` for every setting, answer it, compare with dense, and time it."""
-    from pudding_mlx import fidelity
-    from pudding_mlx.flops import decode_ideal, prefill_ideal
+    from pudding_mlx.bench.flops import decode_ideal, prefill_ideal
+    from pudding_mlx.fidelity import metrics as fidelity
 
     shape, weights = facts
     routes = settings_routes(pm, prompt, tolerance, faster)
@@ -340,8 +341,8 @@ def demo(bundle, rebuild, from_scratch, max_tokens, tolerance, faster, trials, j
     dense, packaged prompts) is built on the first run from the products shipped with pudding
     (an interrupted build continues) and cached under $PUDDING_CACHE or
     ~/.cache/pudding-mlx/demo."""
-    from pudding_mlx.bench_summary import decode_bytes
-    from pudding_mlx.flops import Shape
+    from pudding_mlx.bench.flops import Shape
+    from pudding_mlx.bench.summary import decode_bytes
     from pudding_mlx.model import load
 
     if bundle is not None and (rebuild or from_scratch):

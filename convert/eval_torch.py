@@ -6,18 +6,17 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from pudding_mlx.eval_scoring import QuestionScores, source_id
+from pudding_mlx.evaluation.scoring import QuestionScores, source_id
 from pudding_mlx.tasks import Request, encode_requests
 
 from .assets import load_causal_lm
 from .device import choose_dtype, resolve_device
-from .labels import walk_candidates
-from .scoring import BlockRunner, answer_logprobs
+from .scoring import BlockRunner, answer_logprobs, walk_candidates
 
 
 class TorchScorer:
     """Scores with an HF torch model (`scoring.answer_logprobs`), e.g. on a CUDA machine; the
-    `pudding eval --backend torch` plugin, with the interface of eval_scoring.MLXScorer.
+    `pudding eval --backend torch` plugin, with the interface of evaluation.scoring.MLXScorer.
 
     `plan(skips)` names the sets a task is about to score one after another on the same
     question chunks: the first `score` of a chunk then runs all of them at once, each shared

@@ -1,7 +1,7 @@
 """The fidelity metric's inputs on the torch side (fidelity labels and search): each chat prompt
 as the model sees it and dense's greedy continuation of it.
 
-The definition is `pudding fidelity`'s (pudding_mlx/fidelity.py): the prompt with the chat
+The definition is `pudding fidelity`'s (pudding_mlx/fidelity/metrics.py): the prompt with the chat
 template applied (`encode_chat`, the ids PuddingModel.encode makes), then dense's greedy
 continuation of up to N tokens, ending early after an end-of-sequence token (kept). A set's
 fidelity loss on the prompt is the mean over the continuation's tokens of KL(dense || set),
@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from pudding_mlx.chat_prompts import ChatPrompt, encode_chat
 from pudding_mlx.errors import PuddingError
+from pudding_mlx.prompts import ChatPrompt, encode_chat
 from pudding_mlx.tasks import TokenRequest
 
 

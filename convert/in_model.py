@@ -26,9 +26,9 @@ import click
 import numpy as np
 
 from pudding_mlx.bundle import ROUTER_CONFIG, RouterConfig
-from pudding_mlx.chat_prompts import encode_chat, pooled_tokens
 from pudding_mlx.errors import PuddingError
 from pudding_mlx.files import write_atomic, write_json
+from pudding_mlx.prompts import encode_chat, pooled_tokens
 
 from .router_model import WEIGHTS
 

@@ -36,9 +36,9 @@ import click
 import numpy as np
 
 from pudding_mlx.bundle import read_candidates
-from pudding_mlx.chat_prompts import ChatPrompt
 from pudding_mlx.errors import PuddingError
 from pudding_mlx.files import remove_stale_temps, write_json
+from pudding_mlx.prompts import ChatPrompt
 from pudding_mlx.tasks import CALIBRATION_TASKS, Example
 
 from .dist import Dist, joined
@@ -68,9 +68,9 @@ class LabelConfig:
 class FidelityLabelConfig:
     model: str
     candidates: list[dict]  # {"name", "skip"} in candidates.json order
-    prompts: str | None = None  # a prompts file (chat_prompts.read_prompts); None: packaged
+    prompts: str | None = None  # a prompts file (prompts.read_prompts); None: packaged
     split: str = "train"  # of the prompts: train, heldout or all
-    limit: int | None = None  # a seeded subset of the split (chat_prompts.select)
+    limit: int | None = None  # a seeded subset of the split (prompts.select)
     seed: int = 42
     max_tokens: int = 64  # N, dense's continuation length
     system_prompt: str | None = None
@@ -109,7 +109,7 @@ def label_examples(cfg: LabelConfig) -> list[Example]:
 
 def label_prompts(cfg: FidelityLabelConfig) -> list[ChatPrompt]:
     """The chat prompts to label: a seeded subset of a split, in file order."""
-    from pudding_mlx.chat_prompts import read_prompts, select
+    from pudding_mlx.prompts import read_prompts, select
 
     return select(read_prompts(cfg.prompts), cfg.split, cfg.limit, cfg.seed)
 
@@ -117,42 +117,12 @@ def label_prompts(cfg: FidelityLabelConfig) -> list[ChatPrompt]:
 # -- the candidate trie --
 
 
-def _walk(runner, batch, h, start: int, group: list[tuple[int, frozenset]], leaf, out: dict
-          ) -> None:
-    """Run blocks from `start` for candidates that agree on every block before it (sharing
-    hidden state h); split the group at the first block they disagree on. At the last block,
-    out[c] = leaf(h, members) for every member c. The group that runs the block goes first, so
-    a candidate that skips nothing reaches its leaf before every other."""
-    b = start
-    while b < runner.num_blocks and len({b in s for _, s in group}) == 1:
-        b += 1
-    h = runner.run(h, batch, [i for i in range(start, b) if i not in group[0][1]])
-    if b == runner.num_blocks:
-        value = leaf(h, [c for c, _ in group])
-        for c, _ in group:
-            out[c] = value
-        return
-    _walk(runner, batch, runner.run(h, batch, [b]), b + 1, [g for g in group if b not in g[1]],
-          leaf, out)
-    _walk(runner, batch, h, b + 1, [g for g in group if b in g[1]], leaf, out)
-
-
-def walk_candidates(runner, batch, skips: list[list[int]], leaf, share_prefix: bool = True
-                    ) -> dict:
-    """candidate index -> leaf(final hidden state, members) for one batch, each candidate
-    skipping its blocks; with share_prefix, shared block prefixes run once."""
-    sets = [(c, frozenset(s)) for c, s in enumerate(skips)]
-    out: dict = {}
-    h = runner.embed(batch)
-    for group in [sets] if share_prefix else [[s] for s in sets]:
-        _walk(runner, batch, h, 0, group, leaf, out)
-    return out
-
-
 def score_candidates(runner, batches, n_requests: int, skips: list[list[int]],
                      share_prefix: bool = True) -> np.ndarray:
     """(requests, candidates) mean answer-token log-probs, each candidate skipping its blocks."""
     import torch
+
+    from .scoring import walk_candidates
 
     out = np.zeros((n_requests, len(skips)))
     with torch.inference_mode():
@@ -170,7 +140,7 @@ def fidelity_candidates(runner, batches, n_requests: int, skips: list[list[int]]
     (each request: a prompt and dense's continuation of it)."""
     import torch
 
-    from .scoring import kl_to_reference
+    from .scoring import kl_to_reference, walk_candidates
 
     kl = np.zeros((n_requests, len(skips)))
     agree = np.zeros((n_requests, len(skips)))
@@ -237,7 +207,7 @@ def make_labels(out: str | Path, cfg: LabelConfig | FidelityLabelConfig, device:
 def _items(cfg: LabelConfig | FidelityLabelConfig) -> tuple[str, dict, list, dict]:
     """(target, settings, items to label, meta counts) of a config."""
     if isinstance(cfg, FidelityLabelConfig):
-        from pudding_mlx.eval_scoring import digest
+        from pudding_mlx.evaluation.scoring import digest
 
         prompts = label_prompts(cfg)
         settings = {"format": FIDELITY_FORMAT, "target": "fidelity", **asdict(cfg),
@@ -281,7 +251,7 @@ def _fidelity_shard(runner, tokenizer, cfg: FidelityLabelConfig, prompts: list[C
     reads them from the shard)."""
     import pyarrow.parquet as pq
 
-    from pudding_mlx.chat_prompts import encode_chat
+    from pudding_mlx.prompts import encode_chat
 
     from .fidelity import chat_requests
 
@@ -314,6 +284,44 @@ def _cost_bucket(item: Example | ChatPrompt) -> tuple[str, int]:
     return "chat", 1 + len(item.text)
 
 
+def _start(out: Path, cfg: LabelConfig | FidelityLabelConfig, target: str, settings: dict,
+           items: list, counts: dict, runs: list, ranks: Dist) -> tuple[list[list], dict]:
+    """The items cut into shards, and the label folder's meta.json (not complete) written."""
+    if not items:
+        raise PuddingError(f"no {'prompts' if target == 'fidelity' else 'examples'} to label"
+                           + ("" if target == "fidelity" else f" for tasks {cfg.tasks}"))
+    shards = [items[i : i + cfg.shard_size] for i in range(0, len(items), cfg.shard_size)]
+    meta = {"target": target, "settings": settings, "candidates": cfg.candidates,
+            "num_shards": len(shards), **counts, "complete": False, "runs": runs}
+    ranks.barrier()  # every rank has read the old meta before rank 0 replaces it
+    if ranks.rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(out)
+        write_json(out / META, meta)
+    ranks.barrier()
+    return shards, meta
+
+
+class _TaskCost:
+    """Labelling time per task (a fidelity run: one "chat" entry), a shard's time shared out by
+    its items' text length: what a cost table per 1,000 questions reads."""
+
+    def __init__(self, items: list):
+        self.kinds = sorted({_cost_bucket(item)[0] for item in items})
+        self.spent = dict.fromkeys(self.kinds, 0.0)
+        self.counted = dict.fromkeys(self.kinds, 0)
+
+    def add(self, shard: list, seconds: float) -> None:
+        buckets = [_cost_bucket(x) for x in shard]
+        total = sum(size for _, size in buckets)
+        for task, size in buckets:
+            self.spent[task] += seconds * size / total
+            self.counted[task] += 1
+
+    def per_task(self) -> dict[str, tuple[float, int]]:
+        return {t: (self.spent[t], self.counted[t]) for t in self.kinds}
+
+
 def _make_labels(out: Path, cfg: LabelConfig | FidelityLabelConfig, dev, overwrite: bool,
                  share_prefix: bool) -> dict:
     import torch
@@ -335,19 +343,7 @@ def _make_labels(out: Path, cfg: LabelConfig | FidelityLabelConfig, dev, overwri
         return read_meta(out)
     runs = read_meta(out).get("runs", []) if (out / META).is_file() else []
 
-    if not items:
-        raise PuddingError(f"no {'prompts' if target == 'fidelity' else 'examples'} to label"
-                           + ("" if target == "fidelity" else f" for tasks {cfg.tasks}"))
-    shards = [items[i : i + cfg.shard_size] for i in range(0, len(items), cfg.shard_size)]
-    meta = {"target": target, "settings": settings, "candidates": cfg.candidates,
-            "num_shards": len(shards), **counts, "complete": False, "runs": runs}
-    ranks.barrier()  # every rank has read the old meta before rank 0 replaces it
-    if ranks.rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        remove_stale_temps(out)
-        write_json(out / META, meta)
-    ranks.barrier()
-
+    shards, meta = _start(out, cfg, target, settings, items, counts, runs, ranks)
     model, tokenizer = load_causal_lm(cfg.model, dtype=dtype, device=dev)
     runner = BlockRunner(model)
     skips = [c["skip"] for c in cfg.candidates]
@@ -364,11 +360,7 @@ def _make_labels(out: Path, cfg: LabelConfig | FidelityLabelConfig, dev, overwri
                if ranks.world > 1 else "labels", unit=unit,
                initial=sum(len(shards[i]) for i in mine if i not in todo))
 
-    # labelling time per task (a fidelity run: one "chat" entry), a shard's time shared out by
-    # its items' text length: what a cost table per 1,000 questions reads
-    kinds = sorted({_cost_bucket(item)[0] for item in items})
-    spent = dict.fromkeys(kinds, 0.0)
-    counted = dict.fromkeys(kinds, 0)
+    cost = _TaskCost(items)
 
     def run_stats(shards_run: int, evals: int, naive: int, cpu: float,
                   per_task: dict[str, tuple[float, int]]) -> dict:
@@ -390,29 +382,31 @@ def _make_labels(out: Path, cfg: LabelConfig | FidelityLabelConfig, dev, overwri
                               share_prefix)
         naive += n
         write_shard(out, i, rows, target)
-        seconds, buckets = time.perf_counter() - start, [_cost_bucket(x) for x in shards[i]]
-        total = sum(size for _, size in buckets)
-        for task, size in buckets:
-            spent[task] += seconds * size / total
-            counted[task] += 1
+        cost.add(shards[i], time.perf_counter() - start)
         if ranks.world == 1:  # an interrupted run keeps its cost (several ranks: at the end)
             partial = run_stats(done, runner.evals, naive, time.process_time() - cpu0,
-                                {t: (spent[t], counted[t]) for t in kinds})
+                                cost.per_task())
             write_json(out / META, {**meta, "runs": [*runs, {**partial, "partial": True}]})
         bar.update(len(shards[i]))
         bar.set_postfix(block_evals=runner.evals)
     bar.close()
+    kinds = cost.kinds
     evals, naive, shards_run, cpu, *sums = ranks.sum(
         [runner.evals, naive, len(todo), time.process_time() - cpu0,
-         *(spent[t] for t in kinds), *(counted[t] for t in kinds)])
+         *(cost.spent[t] for t in kinds), *(cost.counted[t] for t in kinds)])
     per_task = dict(zip(kinds, zip(sums[:len(kinds)], sums[len(kinds):], strict=True),
                         strict=True))
+    stats = run_stats(shards_run, evals, naive, cpu, per_task)
+    return _finish(out, len(shards), {**meta, "stats": stats, "runs": [*runs, stats]}, ranks)
+
+
+def _finish(out: Path, num_shards: int, meta: dict, ranks: Dist) -> dict:
+    """meta.json marked complete once every rank's shards are written."""
     ranks.barrier()
-    missing = [i for i in range(len(shards)) if not shard_path(out, i).is_file()]
+    missing = [i for i in range(num_shards) if not shard_path(out, i).is_file()]
     if missing:
         raise PuddingError(f"{out}: shards {missing[:5]} were not written")
-    stats = run_stats(shards_run, evals, naive, cpu, per_task)
-    meta.update(complete=True, stats=stats, runs=[*runs, stats])
+    meta["complete"] = True
     if ranks.rank == 0:
         write_json(out / META, meta)
     ranks.barrier()

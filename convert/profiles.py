@@ -139,3 +139,9 @@ def make_profile(name: str, **overrides) -> Profile:
         raise PuddingError(f"--sizes {list(profile.sizes)}: each must be between 1 and -k "
                            f"{profile.k}")
     return profile
+
+
+# The steps of `pudding build` in pipeline order (a quality build picks its candidates from the
+# fidelity search in a step of its own).
+STEPS = ("search", "labels", "router", "convert")
+QUALITY_STEPS = ("search", "candidates", "labels", "router", "convert")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pudding_mlx.errors import PuddingError
-from pudding_mlx.tolerance import within_tolerance
+from pudding_mlx.routing import within_tolerance
 
 TARGETS = ("likelihood", "margin", "fidelity")
 # KL tolerances (nats/token) at which a fidelity router's decisions are measured
@@ -147,7 +147,7 @@ def baseline_metrics(
 
 def tolerance_choice(pred: np.ndarray, sizes: np.ndarray, tolerance: float) -> np.ndarray:
     """Per row of predicted KLs (rows, candidates): the runtime's tolerance rule
-    (`pudding_mlx.tolerance.within_tolerance`), -1 where it skips nothing."""
+    (`pudding_mlx.routing.within_tolerance`), -1 where it skips nothing."""
     picks = [within_tolerance(row.tolist(), sizes.tolist(), tolerance) for row in pred]
     return np.array([-1 if p is None else p for p in picks], dtype=int)
 

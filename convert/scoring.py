@@ -300,3 +300,35 @@ def dtype_check(model, tokenizer, examples, dtype, batch_size: int = 16) -> Dtyp
     gaps = [float(scores[0][starts[i] + a] - scores[0][starts[i] + b])
             for i, (a, b) in enumerate(zip(ref, low, strict=True)) if a != b]
     return DtypeCheck(len(examples), len(gaps), float(np.abs(scores[0] - scores[1]).max()), gaps)
+
+
+def _walk(runner, batch, h, start: int, group: list[tuple[int, frozenset]], leaf, out: dict
+          ) -> None:
+    """Run blocks from `start` for candidates that agree on every block before it (sharing
+    hidden state h); split the group at the first block they disagree on. At the last block,
+    out[c] = leaf(h, members) for every member c. The group that runs the block goes first, so
+    a candidate that skips nothing reaches its leaf before every other."""
+    b = start
+    while b < runner.num_blocks and len({b in s for _, s in group}) == 1:
+        b += 1
+    h = runner.run(h, batch, [i for i in range(start, b) if i not in group[0][1]])
+    if b == runner.num_blocks:
+        value = leaf(h, [c for c, _ in group])
+        for c, _ in group:
+            out[c] = value
+        return
+    _walk(runner, batch, runner.run(h, batch, [b]), b + 1, [g for g in group if b not in g[1]],
+          leaf, out)
+    _walk(runner, batch, h, b + 1, [g for g in group if b in g[1]], leaf, out)
+
+
+def walk_candidates(runner, batch, skips: list[list[int]], leaf, share_prefix: bool = True
+                    ) -> dict:
+    """candidate index -> leaf(final hidden state, members) for one batch, each candidate
+    skipping its blocks; with share_prefix, shared block prefixes run once."""
+    sets = [(c, frozenset(s)) for c, s in enumerate(skips)]
+    out: dict = {}
+    h = runner.embed(batch)
+    for group in [sets] if share_prefix else [[s] for s in sets]:
+        _walk(runner, batch, h, 0, group, leaf, out)
+    return out

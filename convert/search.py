@@ -33,9 +33,9 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from pudding_mlx.bundle import Candidate
-from pudding_mlx.chat_prompts import ChatPrompt
 from pudding_mlx.errors import PuddingError
 from pudding_mlx.files import read_json, write_json
+from pudding_mlx.prompts import ChatPrompt
 from pudding_mlx.tasks import Example, TokenRequest, encode_requests
 
 from .dist import Dist

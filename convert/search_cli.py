@@ -59,10 +59,10 @@ def search(model_path, tasks, losses, k, samples, seed, prompts, max_tokens, dat
         return
     import torch
 
-    from pudding_mlx.chat_prompts import read_prompts, select
     from pudding_mlx.data import calibration_examples
-    from pudding_mlx.eval_scoring import digest
+    from pudding_mlx.evaluation.scoring import digest
     from pudding_mlx.files import check_writable_file
+    from pudding_mlx.prompts import read_prompts, select
     from pudding_mlx.tasks import get_task
 
     from . import assets

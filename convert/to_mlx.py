@@ -38,7 +38,7 @@ def long_prompt(tokenizer, tokens: int) -> str:
     """The packaged chat prompts joined, in file order, into a text of at least `tokens`
     tokens: the parity gate's prompt longer than a sliding window, so the windowed masks (and
     the rotating caches' wrap-around) are compared too."""
-    from pudding_mlx.chat_prompts import read_prompts
+    from pudding_mlx.prompts import read_prompts
 
     parts: list[str] = []
     for p in read_prompts():
@@ -225,7 +225,7 @@ def compare_logits(skip: list[int], ref: np.ndarray, got: np.ndarray) -> ParityR
     """Compare two [positions, vocab] logit arrays (ref: torch fp32)."""
     import mlx.core as mx
 
-    from pudding_mlx.fidelity import kl_agreement
+    from pudding_mlx.fidelity.metrics import kl_agreement
 
     lp_ref, lp_got = _log_softmax(ref), _log_softmax(got)
     with mx.stream(mx.cpu):  # float64 (CPU only): fp32 KLs of 1e-9 are below float32's noise

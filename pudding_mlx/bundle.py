@@ -24,7 +24,7 @@ from typing import Any
 
 from .errors import BundleError, PuddingError
 from .files import read_json
-from .tolerance import check_tolerance
+from .routing import check_tolerance
 
 FORMAT_VERSION = 1
 MANIFEST = "pudding.json"
@@ -34,7 +34,7 @@ LOSSES = ("likelihood", "margin", "perplexity")
 # own hidden state after its first `blocks` blocks, which every candidate keeps (in_model.py).
 ROUTER_KINDS = ("encoder", "in-model")
 # What a router predicts per candidate: a score, higher is better ("likelihood", "margin"), or
-# mean KL(dense || set) in nats/token, lower is better ("fidelity"); see tolerance.py.
+# mean KL(dense || set) in nats/token, lower is better ("fidelity"); see routing.py.
 ROUTER_TARGETS = ("likelihood", "margin", "fidelity")
 
 

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 import click
 
 from .errors import PuddingError
-from .generate_cli import NO_TEMPLATE, describe_route, route_options
 from .model import PuddingModel, Route, clean_text
+from .options import NO_TEMPLATE, describe_route, no_verify_option, route_options
 
 HELP = "Commands: 'q' quits, 'r' starts a new conversation, 'h' shows this help."
 
@@ -88,7 +88,7 @@ def read_line(stream) -> str:
 @click.option("--max-kv-size", default=None, type=int, help="Rotating KV cache size.")
 @click.option("--route-each-turn", is_flag=True,
               help="Route every user turn; a changed set re-prefills the conversation.")
-@click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the bundle files.")
+@no_verify_option()
 @route_options
 def chat(bundle, max_tokens, temp, top_p, seed, system_prompt, max_kv_size, route_each_turn,
          no_verify, route_mode, skip, tolerance, router_backend):
@@ -100,7 +100,7 @@ def chat(bundle, max_tokens, temp, top_p, seed, system_prompt, max_kv_size, rout
     from mlx_lm.sample_utils import make_sampler
 
     from .model import load
-    from .tolerance import Policy
+    from .routing import Policy
 
     if max_tokens < 1:
         raise PuddingError("--max-tokens must be at least 1")

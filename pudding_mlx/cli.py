@@ -20,15 +20,15 @@ from .plugins import plugins
 
 # name -> "module:attribute" of a click.Command
 COMMANDS = {
-    "generate": "pudding_mlx.generate_cli:generate",
+    "generate": "pudding_mlx.generate:generate",
     "chat": "pudding_mlx.chat:chat",
     "info": "pudding_mlx.info:info",
-    "bench": "pudding_mlx.bench:bench",
-    "eval": "pudding_mlx.evaluate:evaluate",
-    "eval-compare": "pudding_mlx.eval_compare:eval_compare",
-    "serve": "pudding_mlx.serve:serve",
-    "fidelity": "pudding_mlx.fidelity_cli:fidelity",
-    "pareto": "pudding_mlx.pareto:pareto_command",
+    "bench": "pudding_mlx.bench.command:bench",
+    "eval": "pudding_mlx.evaluation.command:evaluate",
+    "eval-compare": "pudding_mlx.evaluation.compare:eval_compare",
+    "serve": "pudding_mlx.serve.command:serve",
+    "fidelity": "pudding_mlx.fidelity.command:fidelity",
+    "pareto": "pudding_mlx.fidelity.pareto:pareto",
 }
 # the extra that brings a command's packages, where it is not train/coreml
 EXTRAS = {"serve": "serve"}

@@ -25,9 +25,9 @@ import numpy as np
 from mlx_lm.models.cache import make_prompt_cache
 
 from .bundle import RouterConfig, RouterInfo, check_safetensors
-from .chat_prompts import encode_chat, pooled_tokens
 from .errors import BundleError, PuddingError
 from .masking import check_split, run_blocks
+from .prompts import encode_chat, pooled_tokens
 from .router import check_router_config
 
 

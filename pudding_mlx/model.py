@@ -25,12 +25,12 @@ from .bundle import (
     read_manifest,
     verify_files,
 )
-from .chat_prompts import clean_text, encode_chat
 from .errors import BundleError, PuddingError
 from .in_model import InModelRouter, Prefix, load_in_model_router
 from .masking import check_skip, num_blocks, protected_blocks, run_blocks, skip_view
+from .prompts import clean_text, encode_chat
 from .router import Router, load_router
-from .tolerance import LOWER_IS_BETTER, Policy, check_policy, choose
+from .routing import LOWER_IS_BETTER, Policy, check_policy, choose
 
 MODES = ("router", "dense", "static")
 
@@ -74,7 +74,7 @@ class PuddingModel:
         """Choose the blocks to skip for `prompt` (the raw user text, not the templated one).
 
         mode "router" asks the router (an empty or whitespace-only prompt gets the static
-        fallback set without asking it) and picks by the rules of `tolerance.py`: a fidelity
+        fallback set without asking it) and picks by the rules of `routing.py`: a fidelity
         router within `tolerance` (default: the bundle's), or among the sets of `k` blocks;
         "dense" skips nothing, "static" takes the bundle's static set; an explicit `skip` list
         overrides the mode. An in-model router reads `tokens` (the prompt as it will be

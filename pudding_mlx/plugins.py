@@ -7,7 +7,7 @@ from __future__ import annotations
 from importlib.metadata import EntryPoint, entry_points
 
 COMMANDS = "pudding.commands"  # name -> a click.Command
-EVAL_BACKENDS = "pudding.eval_backends"  # name -> a scorer class (see eval_scoring.MLXScorer)
+EVAL_BACKENDS = "pudding.eval_backends"  # name -> a scorer class (see evaluation.scoring.MLXScorer)
 
 
 def plugins(group: str) -> dict[str, EntryPoint]:

@@ -448,3 +448,14 @@ def tiny_in_model_bundle(path: str | Path, sets: dict[str, list[int]] | None = N
                                     blocks=blocks)
     write_manifest(tb.path, tb.manifest)
     return tb, head
+
+
+def assert_one_line(code, err, *phrases, after_progress: bool = False):
+    """Exit code 2 and one `error: ` line holding every phrase, the last thing on stderr and the
+    only one unless `after_progress` (progress bars may come first); no traceback."""
+    assert code == 2, err
+    errors = [line for line in err.split("\n") if line.startswith("error: ")]
+    assert len(errors) == 1 and err.endswith(errors[0] + "\n") and "Traceback" not in err, err
+    assert after_progress or err == errors[0] + "\n", err
+    for phrase in phrases:
+        assert phrase in errors[0], (phrase, err)

@@ -14,17 +14,17 @@ import pytest
 from helpers import tiny_bundle
 from mlx.utils import tree_flatten
 
-from pudding_mlx import bench_memory
-from pudding_mlx.bench_memory import memory_compare, probe_reply
-from pudding_mlx.bench_router import project_router, router_study
-from pudding_mlx.bench_summary import summarise
-from pudding_mlx.bench_timing import Trial, make_prompt, measure, run_request, wrapper_overhead
+import pudding_mlx.bench.memory as bench_memory
+from pudding_mlx.bench.flops import DecodeBytes, Shape, combined_ideal, decode_ideal, prefill_ideal
+from pudding_mlx.bench.memory import memory_compare, probe_reply
+from pudding_mlx.bench.residency import Residency
+from pudding_mlx.bench.router import project_router, router_study
+from pudding_mlx.bench.summary import summarise
+from pudding_mlx.bench.timing import Trial, make_prompt, measure, run_request, wrapper_overhead
 from pudding_mlx.cli import main
 from pudding_mlx.errors import PuddingError
-from pudding_mlx.flops import DecodeBytes, Shape, combined_ideal, decode_ideal, prefill_ideal
 from pudding_mlx.masking import layer_owner
 from pudding_mlx.model import load
-from pudding_mlx.residency import Residency
 
 SETS = {"a": [1, 2], "b": [2, 3], "c": [3, 4]}
 

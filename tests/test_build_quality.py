@@ -18,12 +18,12 @@ from helpers import tiny_backbone, tiny_llama, torch_route
 import pudding_mlx
 from convert.build import quality_candidates
 from convert.profiles import PROFILES, make_profile
+from convert.profiles import QUALITY_STEPS as STEPS
 from convert.router_metrics import default_tolerance
 from convert.router_model import Router
 from pudding_mlx.cli import cli
 from pudding_mlx.errors import PuddingError
 
-STEPS = ("search", "candidates", "labels", "router", "convert")
 TRAIN = ["Which gas do plants absorb from the air?", "How do you boil an egg?",
          "What is the capital of France?", "Is the sky blue?", "What fills an empty glass?",
          "How are you today?", "Say hello.", "Name a colour.", "Pour water into a glass.",

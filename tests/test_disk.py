@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from helpers import assert_one_line
 from helpers import run_cli as run
 
 from pudding_mlx.bundle import hash_tree, read_manifest, verify_files
@@ -22,15 +23,6 @@ from pudding_mlx.errors import PuddingError
 
 NAMES = ["early", "middle", "late"]
 SETS = {"early": [1, 2], "middle": [2, 3], "late": [3, 4]}
-
-
-def assert_one_line(code, err, *phrases):
-    """Exit code 2 and one error line, the last thing printed (progress bars may come first)."""
-    assert code == 2, err
-    errors = [line for line in err.split("\n") if line.startswith("error: ")]
-    assert len(errors) == 1 and err.endswith(errors[0] + "\n") and "Traceback" not in err, err
-    for phrase in phrases:
-        assert phrase in errors[0], (phrase, err)
 
 
 def read_only(monkeypatch, root: Path) -> None:
@@ -96,7 +88,7 @@ def test_convert_to_read_only_folder_fails_before_loading(inputs, old_bundle, mo
     no_model_loading(monkeypatch)
     code, _, err = run(convert_args(inputs, out), monkeypatch, capsys)
     assert_one_line(code, err, f"{out}: output folder is not writable",
-                    "Read-only file system")
+                    "Read-only file system", after_progress=True)
     assert hash_tree(out) == before and leftovers(out.parent) == []
 
 
@@ -107,7 +99,8 @@ def test_convert_without_enough_space_writes_nothing(inputs, old_bundle, monkeyp
     monkeypatch.setattr(pudding_mlx.files.shutil, "disk_usage",
                         lambda p: shutil._ntuple_diskusage(10**12, 10**12 - 10**5, 10**5))
     code, _, err = run(convert_args(inputs, out), monkeypatch, capsys)
-    assert_one_line(code, err, f"{out}: needs about", "GB free, only 0.00 GB left")
+    assert_one_line(code, err, f"{out}: needs about", "GB free, only 0.00 GB left",
+                    after_progress=True)
     assert hash_tree(out) == before and leftovers(out.parent) == []
     verify_files(out, read_manifest(out))
 
@@ -127,7 +120,7 @@ def test_disk_full_during_conversion_keeps_the_old_bundle(inputs, old_bundle, mo
     monkeypatch.setattr(convert.to_bundle, "write_manifest", full_disk)
     code, _, err = run(convert_args(inputs, out), monkeypatch, capsys)
     assert_one_line(code, err, f"{out}: writing failed (No space left on device",
-                    "the old one is untouched")
+                    "the old one is untouched", after_progress=True)
     assert hash_tree(out) == before and leftovers(out.parent) == []
     verify_files(out, read_manifest(out))
 
@@ -142,7 +135,8 @@ def test_disk_full_during_first_conversion_leaves_nothing(inputs, tmp_path, monk
     monkeypatch.setattr(convert.to_bundle.shutil, "copytree", full_disk)
     out = tmp_path / "new" / "bundle"
     code, _, err = run(convert_args(inputs, out), monkeypatch, capsys)
-    assert_one_line(code, err, "No space left on device", "nothing was written")
+    assert_one_line(code, err, "No space left on device", "nothing was written",
+                    after_progress=True)
     assert not out.exists() and leftovers(out.parent) == []
 
 
@@ -161,7 +155,8 @@ def test_read_only_output_fails_before_the_model_loads(inputs, tmp_path, command
         "train-router": ["train-router", str(inputs), "--out", str(ro / "router-run")],
     }[command]
     code, _, err = run(args, monkeypatch, capsys)
-    assert_one_line(code, err, f"{ro}/", "cannot write here (Read-only file system)")
+    assert_one_line(code, err, f"{ro}/", "cannot write here (Read-only file system)",
+                    after_progress=True)
     assert not [p for p in ro.rglob("*") if p.is_file()]
 
 
@@ -228,7 +223,7 @@ def test_cli_reports_disk_errors_in_one_line_and_other_errors_in_full(monkeypatc
         monkeypatch.setitem(cli_module.COMMANDS, "disk", "tests_disk_cmd:disk")
         if one_line:
             code, _, e = run(["disk"], monkeypatch, capsys)
-            assert_one_line(code, e, f"/data/out.json: {os.strerror(err)}")
+            assert_one_line(code, e, f"/data/out.json: {os.strerror(err)}", after_progress=True)
         else:  # not a disk problem: a bug or a broken device, shown in full
             with pytest.raises(OSError):
                 run(["disk"], monkeypatch, capsys)

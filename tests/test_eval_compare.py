@@ -7,7 +7,7 @@ from helpers import run_cli, tiny_bundle
 from test_evaluate import write_data
 
 from pudding_mlx.errors import PuddingError
-from pudding_mlx.eval_compare import compare_runs
+from pudding_mlx.evaluation.compare import compare_runs
 
 
 def _run(correct: dict[str, dict[str, list[int]]], order=None) -> dict:

@@ -7,7 +7,7 @@ import pytest
 
 
 def test_decisions_by_hand():
-    from pudding_mlx.eval_stats import decide, gold_margin
+    from pudding_mlx.evaluation.stats import decide, gold_margin
 
     ll, choices = [-4.0, -6.0, -4.0], ["ab", "abcdef", "a"]
     assert decide(ll, choices, norm=False) == 0  # tie between 0 and 2: the first wins
@@ -17,7 +17,7 @@ def test_decisions_by_hand():
 
 
 def test_chance():
-    from pudding_mlx.eval_stats import above_chance, chance_level
+    from pudding_mlx.evaluation.stats import above_chance, chance_level
 
     assert chance_level([2, 4, 4]) == pytest.approx((0.5 + 0.25 + 0.25) / 3)
     # 1000 two-choice questions: chance 0.5, standard error ~0.0158
@@ -26,7 +26,7 @@ def test_chance():
 
 
 def test_paired_bootstrap_edge_cases_and_width():
-    from pudding_mlx.eval_stats import paired_bootstrap
+    from pudding_mlx.evaluation.stats import paired_bootstrap
 
     same = paired_bootstrap([([1, 0, 1, 1], [1, 0, 1, 1])], 500, 0)
     assert (same.diff, same.low, same.high, same.n) == (0.0, 0.0, 0.0, 4)
@@ -44,7 +44,7 @@ def test_paired_bootstrap_edge_cases_and_width():
 
 
 def test_paired_bootstrap_average_over_tasks():
-    from pudding_mlx.eval_stats import paired_bootstrap
+    from pudding_mlx.evaluation.stats import paired_bootstrap
 
     rng = np.random.default_rng(2)
     groups = [(rng.integers(0, 2, n), rng.integers(0, 2, n)) for n in (300, 1000)]
@@ -64,14 +64,14 @@ def test_shared_prefill_matches_plain_forward(tmp_path, monkeypatch, skip, arch,
     trimming, vs one plain forward per request on the whole sequence: sums and greedy flags.
     Gemma 3's sliding blocks have a rotating cache of 4 tokens, far exceeded by the context:
     neither batched nor trimmable, each continuation runs on a copy."""
-    from pudding_mlx import loglik
+    import pudding_mlx.evaluation.loglik as loglik
 
     if batched is False:
         monkeypatch.setattr(loglik, "_batched", lambda cache, n: None)
     import mlx.core as mx
     from helpers import tiny_gemma3, tiny_llama
 
-    from pudding_mlx.loglik import loglikelihoods, score_requests
+    from pudding_mlx.evaluation.loglik import loglikelihoods, score_requests
     from pudding_mlx.masking import skip_view
     from pudding_mlx.model import load_lm
 

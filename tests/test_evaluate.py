@@ -75,7 +75,7 @@ def setup(tmp_path_factory):
 
 
 def run(tb, data, out, **kw):
-    from pudding_mlx.evaluate import EvalSettings, run_eval
+    from pudding_mlx.evaluation.run import EvalSettings, run_eval
 
     kw.setdefault("methods", "dense,static,static:*,static:best,static:task-best,pudding,"
                              "oracle,oracle:task,random")
@@ -215,7 +215,7 @@ def test_torch_and_mlx_backends_agree(setup, tmp_path):
 
 
 def test_rerun_reuses_cache_and_writes_outputs(setup, tmp_path, monkeypatch):
-    from pudding_mlx import eval_scoring
+    import pudding_mlx.evaluation.scoring as eval_scoring
 
     tb, data, _ = setup
     out = tmp_path / "out"
@@ -245,7 +245,7 @@ def test_rerun_reuses_cache_and_writes_outputs(setup, tmp_path, monkeypatch):
 
 def test_hellaswag_evaluation_excludes_holdout(setup):
     from pudding_mlx.data import load_examples
-    from pudding_mlx.evaluate import eval_examples
+    from pudding_mlx.evaluation.examples import eval_examples
 
     _, data, _ = setup
     holdout = {e.qid for e in load_examples("hellaswag", "train", data)}
@@ -255,7 +255,7 @@ def test_hellaswag_evaluation_excludes_holdout(setup):
 
 
 def test_limit_is_a_seeded_subset_in_data_order(setup):
-    from pudding_mlx.evaluate import eval_examples
+    from pudding_mlx.evaluation.examples import eval_examples
 
     _, data, _ = setup
     _, full = eval_examples("piqa", str(data), None, 0)
@@ -270,7 +270,7 @@ def test_limit_is_a_seeded_subset_in_data_order(setup):
 
 def test_oracle_and_random_from_scores():
     """Brute force over candidates on made-up log-liks."""
-    from pudding_mlx.eval_methods import Method, task_outcomes
+    from pudding_mlx.evaluation.methods import Method, task_outcomes
     from pudding_mlx.tasks import Example, get_task
 
     rng = np.random.default_rng(0)
@@ -299,8 +299,8 @@ def test_oracle_and_random_from_scores():
 
 def test_method_and_set_parsing():
     from pudding_mlx.errors import PuddingError
-    from pudding_mlx.eval_methods import parse_methods
-    from pudding_mlx.evaluate import parse_set
+    from pudding_mlx.evaluation.methods import parse_methods
+    from pudding_mlx.evaluation.sets import parse_set
 
     sets = {"a": [1], "b": [2], "static": [3], "sleb": [4]}
     got = parse_methods("random,pudding,oracle:task,static:*,dense,static:task-best,static",
@@ -320,7 +320,7 @@ def test_method_and_set_parsing():
 
 def test_sets_file_forms(tmp_path):
     from pudding_mlx.errors import PuddingError
-    from pudding_mlx.evaluate import read_sets_file
+    from pudding_mlx.evaluation.sets import read_sets_file
 
     one = tmp_path / "sleb.json"  # the SLEB baseline's single set
     one.write_text(json.dumps({"name": "sleb-ppl-k6", "skip": [26, 3, 7], "loss": "perplexity"}))
@@ -338,7 +338,7 @@ def test_cli_runs_and_reports_bad_input(setup, tmp_path):
     from click.testing import CliRunner
 
     from pudding_mlx.errors import PuddingError
-    from pudding_mlx.evaluate import evaluate
+    from pudding_mlx.evaluation.command import evaluate
 
     tb, data, _ = setup
     sets_file = tmp_path / "sleb.json"
@@ -367,7 +367,7 @@ def test_smollm2_backends_agree(tmp_path):
 
     from convert.assets import smollm2_gguf
     from convert.to_bundle import ConvertSettings, MLXSettings, write_bundle
-    from pudding_mlx.evaluate import EvalSettings, run_eval
+    from pudding_mlx.evaluation.run import EvalSettings, run_eval
 
     tiny_router(tmp_path / "router", ["a"], max_length=32)
     (tmp_path / "candidates.json").write_text(json.dumps({"candidates": [
@@ -414,7 +414,7 @@ def test_lm_eval_adapter_with_a_stub_harness(setup, monkeypatch):
                       "lm_eval.utils": utils}.items():
         monkeypatch.setitem(sys.modules, name, mod)
     # a fresh copy, kept out of sys.modules (where the real harness's import may be)
-    spec = importlib.util.find_spec("pudding_mlx.lm_eval_adapter")
+    spec = importlib.util.find_spec("pudding_mlx.evaluation.lm_eval_adapter")
     spec.loader.exec_module(importlib.util.module_from_spec(spec))
 
     tb, _, _ = setup
@@ -500,7 +500,7 @@ def test_real_lm_eval_matches_hand_computation(setup, lm_eval_tasks):
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    import pudding_mlx.lm_eval_adapter  # noqa: F401  (registers "pudding-mlx")
+    import pudding_mlx.evaluation.lm_eval_adapter  # noqa: F401  (registers "pudding-mlx")
 
     tb, _, _ = setup
     tasks, rows = lm_eval_tasks
@@ -561,7 +561,7 @@ def test_real_lm_eval_cli_through_the_module(setup, lm_eval_tasks, tmp_path):
 
     tb, _, _ = setup
     tasks, rows = lm_eval_tasks
-    cmd = [sys.executable, "-m", "pudding_mlx.lm_eval_adapter", "--model", "pudding-mlx",
+    cmd = [sys.executable, "-m", "pudding_mlx.evaluation.lm_eval_adapter", "--model", "pudding-mlx",
            "--model_args", f"bundle={tb.path},mode=static", "--tasks", "tiny_mc",
            "--include_path", str(tasks), "--output_path", str(tmp_path), "--log_samples"]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parents[1])

@@ -13,9 +13,10 @@ import torch
 from helpers import run_cli, tiny_bundle
 
 import pudding_mlx
-from pudding_mlx import fidelity
-from pudding_mlx.chat_prompts import PACKAGED, ChatPrompt, read_prompts, select
+import pudding_mlx.fidelity.run as fidelity
 from pudding_mlx.errors import PuddingError
+from pudding_mlx.fidelity import metrics
+from pudding_mlx.prompts import PACKAGED, ChatPrompt, read_prompts, select
 
 PROMPTS = [
     "Question: Which gas do plants absorb from the air?",
@@ -85,18 +86,18 @@ def test_metrics_match_hand_computation_on_torch_logits(built, pm):
     for text in PROMPTS:
         ids = chat_ids(tok, text)
         assert pm.encode(text) == ids
-        cont = fidelity.greedy_continuation(pm, ids, N)
+        cont = metrics.greedy_continuation(pm, ids, N)
         assert cont == torch_greedy(hf, ids, [], N, tok.eos_token_id)
-        ref = fidelity.forced_logprobs(pm, [], ids, cont)
+        ref = metrics.forced_logprobs(pm, [], ids, cont)
 
-        dense = fidelity.measure(pm, [], ids, cont, ref)
+        dense = metrics.measure(pm, [], ids, cont, ref)
         assert dense.kl == [0.0] * len(cont) and dense.agree == [1] * len(cont)
         assert dense.diverge == len(cont)
         _, _, nll = reference(hf, ids, cont, [])
         np.testing.assert_allclose(dense.nll, nll, atol=2e-4, rtol=1e-4)
 
         for skip in ([1, 2], [3, 4], [2, 5]):
-            got = fidelity.measure(pm, skip, ids, cont, ref)
+            got = metrics.measure(pm, skip, ids, cont, ref)
             kl, agree, nll = reference(hf, ids, cont, skip)
             assert max(kl) > 1e-3  # a real perturbation, not a no-op
             np.testing.assert_allclose(got.kl, kl, atol=2e-4, rtol=1e-3)
@@ -121,7 +122,7 @@ def test_compare_on_a_known_distribution():
 
     p = np.log(np.array([[0.5, 0.25, 0.25], [0.1, 0.6, 0.3]]))
     q = np.log(np.array([[0.25, 0.5, 0.25], [0.2, 0.5, 0.3]]))
-    kl, agree, nll = fidelity.compare(mx.array(p, dtype=mx.float32),
+    kl, agree, nll = metrics.compare(mx.array(p, dtype=mx.float32),
                                       mx.array(q, dtype=mx.float32), [0, 2])
     expected = [0.5 * np.log(2) + 0.25 * np.log(0.5),
                 0.1 * np.log(0.5) + 0.6 * np.log(0.6 / 0.5)]
@@ -144,7 +145,7 @@ def test_run_writes_results_and_resumes_from_the_cache(built, tmp_path, monkeypa
         limit=3, max_tokens=8, extra_sets={"copy": [1, 2]}, router_backend="mlx",
         resamples=200)
     calls = {"decode": 0, "measure": 0}
-    real_cont, real_measure = fidelity.greedy_continuation, fidelity.measure
+    real_cont, real_measure = metrics.greedy_continuation, metrics.measure
 
     def count_cont(*args, **kwargs):
         calls["decode"] += 1
@@ -205,7 +206,7 @@ def test_routed_row_is_the_routed_sets_values(built, pm, tmp_path):
         assert p["routed"] == p[p["route"]]
     # paired differences: routed minus a set is the mean of the per-prompt differences
     for row in ("dense", "early", "middle", "late"):
-        for metric in fidelity.METRICS:
+        for metric in metrics.METRICS:
             diff = np.mean([p["routed"][metric] - p[row][metric] for p in res["prompts"]])
             assert res["pairs"][row][metric]["diff"] == pytest.approx(diff)
     md = (tmp_path / "o" / "results.md").read_text()

@@ -68,9 +68,9 @@ def hand_kl(hf, ids: list[int], cont: list[int], skip: list[int]) -> tuple[float
 
 
 def test_labels_equal_pudding_fidelity_and_hand_kl(built, tmp_path):
-    from pudding_mlx import fidelity
-    from pudding_mlx.chat_prompts import read_prompts, select
-    from pudding_mlx.eval_scoring import ScoreCache
+    import pudding_mlx.fidelity.run as fidelity
+    from pudding_mlx.evaluation.scoring import ScoreCache
+    from pudding_mlx.prompts import read_prompts, select
 
     root, b = built
     meta = make_labels(tmp_path / "labels", config(root), device="cpu")

@@ -1,11 +1,10 @@
-"""flops.py against a hand count and against the parameters of real mlx-lm models."""
+"""bench/flops.py against a hand count and against the parameters of real mlx-lm models."""
 
 import pytest
 from mlx.utils import tree_flatten
 from mlx_lm.utils import _get_classes
 
-from pudding_mlx.errors import PuddingError
-from pudding_mlx.flops import (
+from pudding_mlx.bench.flops import (
     DecodeBytes,
     Shape,
     combined_ideal,
@@ -13,6 +12,7 @@ from pudding_mlx.flops import (
     decode_ideal,
     prefill_ideal,
 )
+from pudding_mlx.errors import PuddingError
 
 TINY = {"model_type": "llama", "hidden_size": 8, "num_hidden_layers": 3, "num_attention_heads": 2,
         "num_key_value_heads": 1, "intermediate_size": 16, "vocab_size": 10,

@@ -36,7 +36,7 @@ def test_import_graph_runs_one_way():
     assert {"pudding_mlx", "router_coreml", "torch"} <= convert_imports
     bad = []
     for package, forbidden in FORBIDDEN.items():
-        files = sorted((ROOT / package).glob("*.py"))
+        files = sorted((ROOT / package).rglob("*.py"))  # subpackages too
         assert files
         bad += [(f.relative_to(ROOT).as_posix(), sorted(imported_modules(f) & forbidden))
                 for f in files if imported_modules(f) & forbidden]
@@ -169,3 +169,51 @@ def test_build_torch_steps_run_without_mlx(tmp_path):
     assert "MLX loaded: False" in r.stdout
     assert (tmp_path / "w" / "router" / "router" / "model.safetensors").is_file()
     assert not (tmp_path / "bundle").exists()
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def project_imports(path: Path, modules: set[str]) -> set[str]:
+    """The project modules a file imports, at module level or inside functions."""
+    name = module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = package.split(".")[:len(package.split(".")) - node.level + 1] \
+                if node.level else []
+            module = ".".join([*base, *([node.module] if node.module else [])])
+            targets = [module, *(f"{module}.{a.name}" for a in node.names)]
+        else:
+            continue
+        found |= {t for t in targets if t in modules and t != name}
+    return found
+
+
+def test_no_import_cycles():
+    """No module imports itself through others, not even from inside a function."""
+    files = [p for pkg in ("pudding_mlx", "convert", "router_coreml")
+             for p in (ROOT / pkg).rglob("*.py")]
+    modules = {module_name(p) for p in files}
+    graph = {module_name(p): project_imports(p, modules) for p in files}
+    assert graph["convert.build"] >= {"convert.build_status", "convert.profiles"}
+    cycles, done = [], set()
+
+    def visit(node: str, path: list[str]) -> None:
+        if node in path:
+            cycles.append(path[path.index(node):] + [node])
+            return
+        if node in done:
+            return
+        for nxt in sorted(graph[node]):
+            visit(nxt, [*path, node])
+        done.add(node)
+
+    for node in sorted(graph):
+        visit(node, [])
+    assert not cycles, cycles

@@ -9,7 +9,7 @@ import pytest
 from helpers import run_cli
 
 from pudding_mlx.errors import PuddingError
-from pudding_mlx.pareto import pareto, speedup_at
+from pudding_mlx.fidelity.pareto import pareto_points, speedup_at
 
 SETS = {"dense": [], "a2": [1, 2], "b2": [3, 4], "c4": [1, 2, 3, 4]}
 KL = {  # per prompt
@@ -61,7 +61,7 @@ def points(result: dict) -> dict:
 
 
 def test_kl_against_the_interpolated_static_curve():
-    result = pareto(fidelity_results(), None, {}, resamples=500)
+    result = pareto_points(fidelity_results(), None, {}, resamples=500)
     curve = [(c["skipped"], c["row"]) for c in result["static_curves"]["kl"]]
     assert curve == [(0, "dense"), (2, "b2"), (4, "c4")]  # b2 beats a2 at size 2
     p = points(result)
@@ -80,7 +80,7 @@ def test_kl_against_the_interpolated_static_curve():
 
 
 def test_accuracy_averages_tasks_equally_against_the_static_curve():
-    result = pareto(None, eval_results(), {}, resamples=500)
+    result = pareto_points(None, eval_results(), {}, resamples=500)
     p = points(result)
     assert set(p) == {"dense", "a2", "c4", "routed"}  # static:best and oracle left out
     assert p["routed"]["series"] == "default"
@@ -102,7 +102,7 @@ def test_decode_speedup_interpolates_time_not_speed():
     assert speedup_at(bench, 3) == pytest.approx(1 / ((1 / 1.1 + 1 / 1.25) / 2))
     assert speedup_at(bench, 1) == pytest.approx(1 / ((1 + 1 / 1.1) / 2))
     assert speedup_at(bench, 5) is None
-    result = pareto(fidelity_results(), None, bench, resamples=200)
+    result = pareto_points(fidelity_results(), None, bench, resamples=200)
     assert points(result)["routed@0.5"]["decode_speedup"] == pytest.approx(speedup_at(bench, 3))
 
 
@@ -110,9 +110,9 @@ def test_runs_of_different_bundles_are_refused():
     ev = eval_results()
     ev["sets"]["a2"] = [5, 6]
     with pytest.raises(PuddingError, match="different sets"):
-        pareto(fidelity_results(), ev, {})
+        pareto_points(fidelity_results(), ev, {})
     with pytest.raises(PuddingError, match="give a fidelity run"):
-        pareto(None, None, {})
+        pareto_points(None, None, {})
 
 
 def test_cli_writes_json_markdown_and_plot(tmp_path, monkeypatch, capsys):

@@ -26,9 +26,9 @@ from mlx.utils import tree_flatten
 
 import pudding_mlx
 from convert.to_mlx import MLXSettings, convert_llm_to_mlx
-from pudding_mlx.bench_summary import model_facts
+from pudding_mlx.bench.flops import DecodeBytes, decode_ideal
+from pudding_mlx.bench.summary import model_facts
 from pudding_mlx.cli import cli
-from pudding_mlx.flops import DecodeBytes, decode_ideal
 from pudding_mlx.masking import skip_view
 from pudding_mlx.model import load_lm
 
@@ -178,7 +178,7 @@ def test_eval_dequantized_scores_the_same_model(quant, tmp_path):
     gives it (to float rounding), under a cache fingerprint of its own."""
     from test_evaluate import write_data
 
-    from pudding_mlx.evaluate import EvalSettings, run_eval
+    from pudding_mlx.evaluation.run import EvalSettings, run_eval
 
     out = quant[1]
     data = write_data(tmp_path / "data", n=6)

@@ -16,8 +16,8 @@ def _paths(tmp_path, root, inputs: str) -> tuple[dict, dict]:
     from convert.labels import label_examples, make_labels
     from convert.router_metrics import group_questions
     from convert.train_router import question_inputs
-    from pudding_mlx.eval_scoring import ScoreCache
-    from pudding_mlx.evaluate import router_scores
+    from pudding_mlx.evaluation.routes import router_scores
+    from pudding_mlx.evaluation.scoring import ScoreCache
 
     cfg = _config(root)
     make_labels(tmp_path / "labels", cfg, device="cpu")

@@ -182,7 +182,7 @@ def test_runtime_runs_without_torch(built):
     code = (
         "import sys; sys.modules['torch'] = None\n"
         "import pudding_mlx\n"
-        "from pudding_mlx import chat, generate_cli, info\n"
+        "from pudding_mlx import chat, generate, info\n"
         f"pm = pudding_mlx.load({str(built.path)!r}, router_backend='mlx')\n"
         "r = pm.route('How do you boil an egg?')\n"
         "print(r.name, len(pm.generate('hi', max_tokens=3, route=r)) > 0)\n"

@@ -318,7 +318,7 @@ N_CHAT = 6
 
 
 def chat_prompts():
-    from pudding_mlx.chat_prompts import ChatPrompt
+    from pudding_mlx.prompts import ChatPrompt
 
     return [ChatPrompt(f"p{i}", "test", "train", t) for i, t in enumerate(CHAT_TEXTS)]
 

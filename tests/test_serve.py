@@ -22,9 +22,9 @@ pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 
 import pudding_mlx  # noqa: E402
-from pudding_mlx.prompt_cache import PromptCache, common_prefix  # noqa: E402
-from pudding_mlx.serve import ServeConfig, Server  # noqa: E402
-from pudding_mlx.serve_engine import StopText, encode_prompt  # noqa: E402
+from pudding_mlx.serve.engine import StopText, encode_prompt  # noqa: E402
+from pudding_mlx.serve.prompt_cache import PromptCache, common_prefix  # noqa: E402
+from pudding_mlx.serve.server import ServeConfig, Server  # noqa: E402
 
 KEY = "test-key"
 QUESTION = "Question: How do you boil an egg?"
@@ -470,13 +470,14 @@ def test_serve_cli_errors(tmp_path, monkeypatch, capsys):
     code, _, err = run_cli(["serve", "-b", str(tmp_path / "missing")], monkeypatch, capsys)
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1
     monkeypatch.setitem(sys.modules, "fastapi", None)  # the extra not installed
-    monkeypatch.delitem(sys.modules, "pudding_mlx.serve")
+    for module in ("pudding_mlx.serve.command", "pudding_mlx.serve.server"):
+        monkeypatch.delitem(sys.modules, module)
     code, _, err = run_cli(["serve", "-b", "x"], monkeypatch, capsys)
     assert code == 2 and "pip install 'pudding-mlx[serve]'" in err
 
 
 def test_serve_imports_no_torch():
-    code = "import sys; sys.modules['torch'] = None\nimport pudding_mlx.serve\n"
+    code = "import sys; sys.modules['torch'] = None\nimport pudding_mlx.serve.command\n"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0, out.stderr

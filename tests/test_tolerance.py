@@ -21,7 +21,7 @@ import pudding_mlx
 from pudding_mlx.bundle import Manifest, read_manifest, write_manifest
 from pudding_mlx.cli import cli
 from pudding_mlx.errors import BundleError, PuddingError
-from pudding_mlx.tolerance import Policy, choose, fixed_k, within_tolerance
+from pudding_mlx.routing import Policy, choose, fixed_k, within_tolerance
 
 # --- the rules, against brute force -----------------------------------------------------------
 
@@ -202,7 +202,7 @@ def test_route_without_a_dense_candidate_and_stub_scores(tmp_path):
     assert pm.route("hello", k=1).name == "a1"
     with pytest.raises(PuddingError, match="no default tolerance"):
         pm.route("hello")
-    from pudding_mlx.generate_cli import describe_route
+    from pudding_mlx.options import describe_route
 
     line = describe_route(pm.route("hello", tolerance=0.1), 6)
     assert line.startswith("Route: dense (skips blocks none of 6; router ")
@@ -239,7 +239,8 @@ def test_generate_and_chat_with_tolerance_show_the_prediction(fid, monkeypatch, 
 def test_eval_routed_methods_score_as_their_chosen_sets(fid, tmp_path):
     from test_evaluate import write_data
 
-    from pudding_mlx.evaluate import EvalSettings, eval_examples, run_eval
+    from pudding_mlx.evaluation.examples import eval_examples
+    from pudding_mlx.evaluation.run import EvalSettings, run_eval
 
     tasks = ("arc_easy", "piqa", "winogrande")
     data = write_data(tmp_path / "data")
@@ -277,7 +278,7 @@ def test_eval_routed_methods_score_as_their_chosen_sets(fid, tmp_path):
 
 
 def test_fidelity_routed_rows_take_their_chosen_sets_values(fid, tmp_path):
-    from pudding_mlx import fidelity
+    import pudding_mlx.fidelity.run as fidelity
 
     path = tmp_path / "prompts.txt"
     path.write_text("\n".join(PROMPTS[:4]) + "\n")
