@@ -109,7 +109,7 @@ def run_step(work: Path, step: Step, echo: Callable[[str], None] = click.echo,
     if shipped is not None:
         from .shipped import adopt
 
-        adopt(work, shipped, step, echo)
+        adopt(work, shipped, step.name, step.inputs, step.output, echo)
     record_path = work / "steps" / f"{step.name}.json"
     record = (read_json(record_path, "delete it to rerun the step")
               if record_path.exists() else None)

@@ -19,32 +19,30 @@ import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from pudding_mlx.files import read_json, write_json
 
 from .resume import changed_settings
 
-if TYPE_CHECKING:
-    from .build import Step
-
 DEMO_PRODUCTS = Path(__file__).parent / "demo_products"
 
 
-def adopt(work: Path, shipped: Path, step: Step, echo: Callable[[str], None]) -> bool:
-    """Copy `step`'s shipped output and record into `work` when they apply; True if copied."""
-    record = shipped / "steps" / f"{step.name}.json"
-    if (work / "steps" / f"{step.name}.json").exists() or not record.is_file():
+def adopt(work: Path, shipped: Path, name: str, inputs: dict, output: Path,
+          echo: Callable[[str], None]) -> bool:
+    """Copy step `name`'s shipped output (`output`, under `work`) and record into `work` when
+    the record's inputs equal `inputs`; True if copied."""
+    record = shipped / "steps" / f"{name}.json"
+    if (work / "steps" / f"{name}.json").exists() or not record.is_file():
         return False  # the work folder's own run (finished or not) comes first
     try:
-        rel = step.output.relative_to(work)
+        rel = output.relative_to(work)
     except ValueError:
         return False  # the bundle itself is never shipped
     rec = read_json(record)
-    inputs = json.loads(json.dumps(step.inputs))
+    inputs = json.loads(json.dumps(inputs))
     if rec.get("inputs") != inputs or rec.get("state") != "done":
         differ = ", ".join(changed_settings(rec.get("inputs") or {}, inputs)) or "state"
-        echo(f"[{step.name}] the result shipped with pudding does not apply (inputs differ: "
+        echo(f"[{name}] the result shipped with pudding does not apply (inputs differ: "
              f"{differ}); computing it")
         return False
     src, dest = shipped / rel, work / rel
@@ -53,8 +51,9 @@ def adopt(work: Path, shipped: Path, step: Step, echo: Callable[[str], None]) ->
     else:
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(src, dest)
-    write_json(work / "steps" / f"{step.name}.json", rec)
-    seconds = rec.get("seconds")
-    took = f", {seconds / 60:.0f} min to compute here" if seconds else ""
-    echo(f"[{step.name}] using the result shipped with pudding (same inputs{took})")
+    write_json(work / "steps" / f"{name}.json", rec)
+    seconds = rec.get("seconds") or 0
+    took = (f", {seconds / 60:.0f} min to compute here" if seconds >= 60
+            else f", {seconds:.0f} s to compute here" if seconds else "")
+    echo(f"[{name}] using the result shipped with pudding (same inputs{took})")
     return True
