@@ -24,11 +24,11 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.cache import make_prompt_cache
 
-from .bundle import RouterConfig, RouterInfo, check_safetensors
+from .bundle import RouterConfig, RouterInfo
 from .errors import BundleError, PuddingError
 from .masking import check_split, run_blocks
 from .prompts import encode_chat, pooled_tokens
-from .router import check_router_config
+from .router import check_router_config, read_weights
 
 
 @dataclass
@@ -56,11 +56,7 @@ class InModelRouter:
         self.chat_template = config.chat_template
         self.model, self.tokenizer = model, tokenizer
         path = self.folder / "model.safetensors"
-        check_safetensors(path)
-        try:
-            weights = mx.load(str(path))
-        except Exception as e:  # mlx raises bare RuntimeError/ValueError on bad files
-            raise BundleError(f"{path}: cannot read ({e})") from None
+        weights = read_weights(path)
         w, b, c = (weights.get(f"head.{k}") for k in ("weight", "bias", "center"))
         hidden = getattr(getattr(model, "args", None), "hidden_size", None)
         if (w is None or b is None or c is None or w.ndim != 2 or b.shape != (w.shape[0],)

@@ -264,13 +264,9 @@ class MLXRouter(Router):
 
     def _load_weights(self) -> None:
         path = self.folder / "model.safetensors"
-        check_safetensors(path)
-        try:
-            weights = mx.load(str(path))
-        except Exception as e:  # mlx raises bare RuntimeError/ValueError on bad files
-            raise BundleError(f"{path}: cannot read ({e})") from None
         weights = {
-            k: v for k, v in weights.items() if not k.endswith(("position_ids", "token_type_ids"))
+            k: v for k, v in read_weights(path).items()
+            if not k.endswith(("position_ids", "token_type_ids"))
         }
         rows = weights.get("encoder.embeddings.word_embeddings.weight")
         if rows is not None and len(self.tokenizer) > rows.shape[0]:
@@ -325,6 +321,15 @@ class CoreMLRouter(Router):
             pred = self.model.predict({"input_ids": row_ids, "attention_mask": row_mask})
             out.append(np.asarray(pred["scores"], dtype=np.float32).reshape(-1))
         return np.stack(out)
+
+
+def read_weights(path: Path) -> dict[str, mx.array]:
+    """A router's model.safetensors, whole (else a one-line BundleError)."""
+    check_safetensors(path)
+    try:
+        return mx.load(str(path))
+    except Exception as e:  # mlx raises bare RuntimeError/ValueError on bad files
+        raise BundleError(f"{path}: cannot read ({e})") from None
 
 
 def load_router(bundle: str | Path, outputs: list[str], max_length: int, pooling: str,
