@@ -158,8 +158,8 @@ class PromptResult:
     prompt: str
     prompt_tokens: int
     timed_tokens: int  # tokens decoded by every timed request (end-of-sequence disabled)
-    dense_prefill_tps: float  # medians of the dense trials
-    dense_decode_tps: float
+    dense_prefill_tps: float = 0.0  # medians of the dense trials (`time_prompt`)
+    dense_decode_tps: float = 0.0
     rows: list[Row] = field(default_factory=list)
 
 
@@ -209,24 +209,18 @@ def time_settings(pm: PuddingModel, ids: list[int], skips: dict[str, list[int]],
     return [{t.kind: t for t in r} for r in rounds]
 
 
-def run_prompt(pm: PuddingModel, kind: str, prompt: str, max_tokens: int, trials: int,
-               tolerance: float | None, faster: Policy,
-               facts: tuple[Shape, DecodeBytes]) -> PromptResult:
-    """Route `prompt` for every setting, answer it, compare with dense, and time it."""
-    from pudding_mlx.bench.flops import decode_ideal, prefill_ideal
+def answer_prompt(pm: PuddingModel, kind: str, prompt: str, max_tokens: int,
+                  tolerance: float | None, faster: Policy) -> PromptResult:
+    """Route `prompt` for every setting, answer it and compare with dense (no timing yet)."""
     from pudding_mlx.fidelity import metrics as fidelity
 
-    shape, weights = facts
     routes = settings_routes(pm, prompt, tolerance, faster)
     ids = pm.encode(prompt)
     dense = fidelity.greedy_continuation(pm, ids, max_tokens)
     ref = fidelity.forced_logprobs(pm, [], ids, dense)
-    rounds = time_settings(pm, ids, {s: r.skip for s, r in routes.items()}, max_tokens, trials)
     eos = set(pm.tokenizer.eos_token_ids)
     policies = {"dense": "dense", "default": str(Policy(tolerance)), "faster": str(faster)}
-    out = PromptResult(kind, prompt, len(ids), max_tokens,
-                       statistics.median(r["dense"].prompt_tps for r in rounds),
-                       statistics.median(r["dense"].decode_tps for r in rounds))
+    out = PromptResult(kind, prompt, len(ids), max_tokens)
     for setting, route in routes.items():
         answer = (fidelity.greedy_continuation(pm, ids, max_tokens, route.skip) if route.skip
                   else dense)
@@ -238,14 +232,28 @@ def run_prompt(pm: PuddingModel, kind: str, prompt: str, max_tokens: int, trials
         if setting != "dense":
             row.router_ms = route.seconds * 1e3
             row.predicted = route.predicted
-            row.prefill = Speedup.from_ratios(
-                [r[setting].prompt_tps / r["dense"].prompt_tps for r in rounds],
-                prefill_ideal(shape, len(ids), len(route.skip)))
-            row.decode = Speedup.from_ratios(
-                [r[setting].decode_tps / r["dense"].decode_tps for r in rounds],
-                decode_ideal(weights, len(ids) + max_tokens // 2, route.skip))
         out.rows.append(row)
     return out
+
+
+def time_prompt(pm: PuddingModel, p: PromptResult, trials: int,
+                facts: tuple[Shape, DecodeBytes]) -> None:
+    """Time `p`'s settings against dense (interleaved rounds) and fill in their speeds."""
+    from pudding_mlx.bench.flops import decode_ideal, prefill_ideal
+
+    shape, weights = facts
+    ids = pm.encode(p.prompt)
+    rounds = time_settings(pm, ids, {r.setting: r.skip for r in p.rows}, p.timed_tokens,
+                           trials)
+    p.dense_prefill_tps = statistics.median(r["dense"].prompt_tps for r in rounds)
+    p.dense_decode_tps = statistics.median(r["dense"].decode_tps for r in rounds)
+    for row in p.rows[1:]:
+        row.prefill = Speedup.from_ratios(
+            [r[row.setting].prompt_tps / r["dense"].prompt_tps for r in rounds],
+            prefill_ideal(shape, len(ids), len(row.skip)))
+        row.decode = Speedup.from_ratios(
+            [r[row.setting].decode_tps / r["dense"].decode_tps for r in rounds],
+            decode_ideal(weights, len(ids) + p.timed_tokens // 2, row.skip))
 
 
 # --- output --------------------------------------------------------------------------------------
@@ -255,16 +263,24 @@ def _vs_dense(s: Speedup) -> str:
     return f"{s.text()} ({s.low:.2f}-{s.high:.2f}x, ideal {s.ideal:.2f}x)"
 
 
-def prompt_text(i: int, n: int, p: PromptResult) -> str:
+def answers_text(i: int, n: int, p: PromptResult) -> str:
+    """The prompt's routes and answers, printed before the timing rounds run."""
     lines = [f"\n[{i}/{n}] {p.kind}", f"> {p.prompt}"]
     for row in p.rows:
         lines.append(f"{row.setting:<8} {row.route}")
         lines.append(f"{'':<8} answer: {row.answer}")
+    return "\n".join(lines)
+
+
+def speeds_text(p: PromptResult, trials: int) -> str:
+    """Each setting's KL and speed against dense, once the rounds are timed."""
+    lines = [f"{'':<8} ({trials} timed rounds)"]
+    for row in p.rows:
         if row.prefill is None:
-            lines.append(f"{'':<8} prefill {p.dense_prefill_tps:.1f} tokens/s, decode "
+            lines.append(f"{row.setting:<8} prefill {p.dense_prefill_tps:.1f} tokens/s, decode "
                          f"{p.dense_decode_tps:.1f} tokens/s (medians)")
         else:
-            lines.append(f"{'':<8} vs dense: KL {row.kl:.3f} nats/token, top-1 "
+            lines.append(f"{row.setting:<8} vs dense: KL {row.kl:.3f} nats/token, top-1 "
                          f"{100 * row.agreement:.0f}%; prefill {_vs_dense(row.prefill)}; "
                          f"decode {_vs_dense(row.decode)}")
     return "\n".join(lines)
@@ -366,9 +382,11 @@ def demo(bundle, rebuild, from_scratch, max_tokens, tolerance, faster, trials, j
                         WARMUP)
     pm.route("Hello")  # a warm router, so its times are those of later requests
     for i, (kind, prompt) in enumerate(PROMPTS, 1):
-        p = run_prompt(pm, kind, prompt, max_tokens, trials, tolerance, fast, facts)
+        p = answer_prompt(pm, kind, prompt, max_tokens, tolerance, fast)
+        click.echo(answers_text(i, len(PROMPTS), p))  # the answers first, then the timing
+        time_prompt(pm, p, trials, facts)
         result.prompts.append(p)
-        click.echo(prompt_text(i, len(PROMPTS), p))
+        click.echo(speeds_text(p, trials))
     click.echo("\n" + summary_table(result))
     result.seconds = round(time.perf_counter() - began, 1)
     if json_path:

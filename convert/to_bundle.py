@@ -142,7 +142,7 @@ def write_bundle(
     settings: ConvertSettings | None = None,
 ) -> Manifest:
     """Convert everything into the bundle folder `out` (atomically); returns its manifest."""
-    from pudding_mlx.files import atomic_folder, check_writable
+    from pudding_mlx.files import atomic_folder
     from pudding_mlx.masking import num_blocks, protected_blocks
     from pudding_mlx.model import load_lm
 
@@ -156,16 +156,7 @@ def write_bundle(
     candidates, search_settings = read_candidates(candidates_path)
     static = resolve_static(settings.static, candidates)
     rcfg = read_router_config(router_dir, candidates)
-    dest = check_writable(out)
-    if dest.exists() and any(dest.iterdir()) and not (dest / MANIFEST).is_file():
-        raise PuddingError(f"{dest}: not empty and not a bundle; refusing to replace it")
-    if settings.coreml:
-        import importlib.util
-
-        if importlib.util.find_spec("coremltools") is None:
-            raise PuddingError("the Core ML export needs coremltools: pip install "
-                               "'pudding-mlx[coreml]', or pass --no-coreml")
-
+    dest = _destination(out, settings)
     torch_model, tokenizer = load_causal_lm(source)
     manifest = Manifest(
         base_model=str(source),
@@ -176,10 +167,7 @@ def write_bundle(
                           outputs=list(rcfg.outputs), pooling=rcfg.pooling, target=rcfg.target,
                           tolerance=settings.tolerance, kind=rcfg.kind, blocks=rcfg.blocks),
     )
-    try:
-        manifest.validate(str(candidates_path))  # indices in range before any work
-    except BundleError as e:
-        raise PuddingError(str(e)) from None
+    _validate(manifest, candidates_path)  # indices in range before any work
     try:
         router = Router.load(router_dir) if rcfg.kind == "encoder" else None
     except (RuntimeError, OSError, ValueError) as e:
@@ -193,10 +181,7 @@ def write_bundle(
             raise PuddingError(f"{source}: MLX model has {num_blocks(mlx_model)} blocks, torch "
                                f"{manifest.num_blocks}")
         manifest.protected = sorted(protected_blocks(mlx_model))
-        try:
-            manifest.validate(str(candidates_path))
-        except BundleError as e:
-            raise PuddingError(str(e)) from None
+        _validate(manifest, candidates_path)
         parity = check_parity(torch_model, tokenizer, mlx_model, mlx_tokenizer,
                               [[], parity_skip(manifest)], settings.mlx.kind,
                               parity_prompts(torch_model, tokenizer),
@@ -222,6 +207,30 @@ def write_bundle(
         }
         write_manifest(tmp, manifest)
     return manifest
+
+
+def _destination(out: str | Path, settings: ConvertSettings) -> Path:
+    """The bundle folder, checked before any work: writable, empty or a bundle; coremltools
+    present when the Core ML export is asked for."""
+    from pudding_mlx.files import check_writable
+
+    dest = check_writable(out)
+    if dest.exists() and any(dest.iterdir()) and not (dest / MANIFEST).is_file():
+        raise PuddingError(f"{dest}: not empty and not a bundle; refusing to replace it")
+    if settings.coreml:
+        import importlib.util
+
+        if importlib.util.find_spec("coremltools") is None:
+            raise PuddingError("the Core ML export needs coremltools: pip install "
+                               "'pudding-mlx[coreml]', or pass --no-coreml")
+    return dest
+
+
+def _validate(manifest: Manifest, candidates_path: str | Path) -> None:
+    try:
+        manifest.validate(str(candidates_path))
+    except BundleError as e:
+        raise PuddingError(str(e)) from None
 
 
 def _router_checks(tmp: Path, router, outputs, prompts, settings: ConvertSettings,
