@@ -209,9 +209,10 @@ def time_settings(pm: PuddingModel, ids: list[int], skips: dict[str, list[int]],
     return [{t.kind: t for t in r} for r in rounds]
 
 
-def answer_prompt(pm: PuddingModel, kind: str, prompt: str, max_tokens: int,
-                  tolerance: float | None, faster: Policy) -> PromptResult:
-    """Route `prompt` for every setting, answer it and compare with dense (no timing yet)."""
+def answer_rows(pm: PuddingModel, prompt: str, max_tokens: int, tolerance: float | None,
+                faster: Policy) -> Iterator[Row]:
+    """Route `prompt` for every setting, answer it and compare with dense (no timing yet),
+    one row at a time as each answer is ready."""
     from pudding_mlx.fidelity import metrics as fidelity
 
     routes = settings_routes(pm, prompt, tolerance, faster)
@@ -220,7 +221,6 @@ def answer_prompt(pm: PuddingModel, kind: str, prompt: str, max_tokens: int,
     ref = fidelity.forced_logprobs(pm, [], ids, dense)
     eos = set(pm.tokenizer.eos_token_ids)
     policies = {"dense": "dense", "default": str(Policy(tolerance)), "faster": str(faster)}
-    out = PromptResult(kind, prompt, len(ids), max_tokens)
     for setting, route in routes.items():
         answer = (fidelity.greedy_continuation(pm, ids, max_tokens, route.skip) if route.skip
                   else dense)
@@ -232,8 +232,7 @@ def answer_prompt(pm: PuddingModel, kind: str, prompt: str, max_tokens: int,
         if setting != "dense":
             row.router_ms = route.seconds * 1e3
             row.predicted = route.predicted
-        out.rows.append(row)
-    return out
+        yield row
 
 
 def time_prompt(pm: PuddingModel, p: PromptResult, trials: int,
@@ -263,13 +262,9 @@ def _vs_dense(s: Speedup) -> str:
     return f"{s.text()} ({s.low:.2f}-{s.high:.2f}x, ideal {s.ideal:.2f}x)"
 
 
-def answers_text(i: int, n: int, p: PromptResult) -> str:
-    """The prompt's routes and answers, printed before the timing rounds run."""
-    lines = [f"\n[{i}/{n}] {p.kind}", f"> {p.prompt}"]
-    for row in p.rows:
-        lines.append(f"{row.setting:<8} {row.route}")
-        lines.append(f"{'':<8} answer: {row.answer}")
-    return "\n".join(lines)
+def answer_text(row: Row) -> str:
+    """A setting's route and answer, printed as soon as it is answered (before any timing)."""
+    return f"{row.setting:<8} {row.route}\n{'':<8} answer: {row.answer}"
 
 
 def speeds_text(p: PromptResult, trials: int) -> str:
@@ -382,8 +377,11 @@ def demo(bundle, rebuild, from_scratch, max_tokens, tolerance, faster, trials, j
                         WARMUP)
     pm.route("Hello")  # a warm router, so its times are those of later requests
     for i, (kind, prompt) in enumerate(PROMPTS, 1):
-        p = answer_prompt(pm, kind, prompt, max_tokens, tolerance, fast)
-        click.echo(answers_text(i, len(PROMPTS), p))  # the answers first, then the timing
+        click.echo(f"\n[{i}/{len(PROMPTS)}] {kind}\n> {prompt}")
+        p = PromptResult(kind, prompt, len(pm.encode(prompt)), max_tokens)
+        for row in answer_rows(pm, prompt, max_tokens, tolerance, fast):
+            p.rows.append(row)
+            click.echo(answer_text(row))  # the answers first, then the timing
         time_prompt(pm, p, trials, facts)
         result.prompts.append(p)
         click.echo(speeds_text(p, trials))
