@@ -36,6 +36,7 @@ from pudding_mlx.errors import PuddingError
 from pudding_mlx.files import read_json, write_json
 
 from .build_status import build_status
+from .identity import content_identity, hash_files, source_identity
 from .profiles import PROFILES, STEPS, Profile, make_profile
 
 
@@ -55,34 +56,6 @@ class StepResult:
     reused: bool
     seconds: float
     fingerprint: str
-
-
-def hash_files(files: Iterable[Path], root: Path) -> str:
-    """sha256 over the relative names and contents of `files`."""
-    h = hashlib.sha256()
-    for f in sorted(files):
-        h.update(str(f.relative_to(root)).encode() + b"\0")
-        with open(f, "rb") as fh:
-            while chunk := fh.read(1 << 20):
-                h.update(chunk)
-    return h.hexdigest()
-
-
-def content_identity(path: Path) -> str:
-    """A file or folder by its files' relative names and contents: the same on any machine and
-    after a reinstall (modification times and install paths change; a resumed build must not
-    discard hours of work for that)."""
-    root = path.parent if path.is_file() else path
-    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
-    return hash_files(files, root)
-
-
-def source_identity(source: str) -> dict:
-    """Identity of a model or backbone: a local file or folder by content, a hub id by name."""
-    path = Path(source)
-    if not path.exists():
-        return {"id": source}
-    return {"name": path.name, "files": content_identity(path)}
 
 
 def data_identity(data_dir: str | None, tasks: Iterable[str]) -> dict:

@@ -139,16 +139,6 @@ def cached_features(path: Path, identity: dict, compute) -> np.ndarray:
     return x
 
 
-def model_identity(source: str) -> str:
-    """A local model file or folder by content, a hub id by name."""
-    from pudding_mlx.bundle import hash_tree, sha256_file
-
-    path = Path(source)
-    if path.is_file():
-        return sha256_file(path)
-    return json.dumps(hash_tree(path), sort_keys=True) if path.is_dir() else source
-
-
 def save_head(folder: Path, head: Head, config: RouterConfig) -> None:
     """router/ of an in-model router: the head as safetensors and router_config.json."""
     from safetensors.numpy import save_file
@@ -165,13 +155,14 @@ def train_in_model(labels_dir: Path, out_dir: Path, data, target: str, inputs: s
                    settings: dict, cfg: InModelConfig) -> dict:
     """Fit, save and report an in-model router on `data` (train_router.TrainData)."""
     from .assets import load_causal_lm
+    from .identity import source_identity
     from .label_store import read_meta
 
     source = cfg.model or read_meta(labels_dir)["settings"].get("model", "")
     if not source:
         raise PuddingError(f"{labels_dir}: the labels do not name their model; pass --model")
     t0 = time.perf_counter()
-    identity = {"model": model_identity(source), "blocks": cfg.blocks,
+    identity = {"model": source_identity(source), "blocks": cfg.blocks,
                 "chat_template": cfg.chat_template, "texts": data.texts}
 
     def compute() -> np.ndarray:
