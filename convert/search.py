@@ -317,7 +317,8 @@ def run_search(model, tokenizer, examples: dict[str, list[Example]], settings: d
                chat: Sequence[ChatPrompt] = (), max_tokens: int = 64) -> dict:
     """Search one candidate per (task, task loss), and one per fidelity loss on the `chat`
     prompts (dense continuations of `max_tokens`), and write `out` (candidates.json) after
-    every phase; a rerun with the same settings continues from the last finished phase.
+    every phase; a rerun with the same settings continues from the last finished phase, and
+    one with a larger k extends a finished run (as SLEB's does).
 
     `settings` records what the result depends on (model, seed, samples, dtype, ...; the
     chat prompts' selection for fidelity); it is stored with tasks, losses and k, and compared
@@ -338,7 +339,7 @@ def run_search(model, tokenizer, examples: dict[str, list[Example]], settings: d
             keep_continuation), True))
     doc = None
     if dist.rank == 0 and Path(out).exists() and not restart:
-        doc = read_run(out, settings)
+        doc = extend_run(read_run(out, settings, ignore=["k"]), k, out)
     doc = dist.broadcast(doc)
     if doc is None:
         calibration = {t: [e.qid for e in exs] for t, exs in examples.items()}
@@ -410,6 +411,21 @@ def merge_runs(paths: Sequence, out, tasks: Sequence[str]) -> dict:
             merged["complete"] = False
     write_json(out, merged)
     return merged
+
+
+def extend_run(doc: dict, k: int, out) -> dict:
+    """An earlier run of this search as the start of one for `k` >= its k blocks: its phases
+    under the new k's names, left to be extended (greedy phases never look ahead)."""
+    old_k = doc["settings"]["k"]
+    if k < old_k:
+        raise PuddingError(f"{out} was made with k={old_k}; pass --restart to start over, or "
+                           f"take its first {k} phases with --from-run")
+    if k == old_k:
+        return doc
+    candidates = [{**c, "name": candidate_name(c["task"], c["loss"], k), "k": k}
+                  for c in doc["candidates"]]
+    return {**doc, "settings": {**doc["settings"], "k": k}, "complete": False,
+            "candidates": candidates}
 
 
 def truncate_run(doc: dict, k: int, out) -> dict:

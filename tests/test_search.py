@@ -177,6 +177,31 @@ def test_run_search_refuses_other_settings(tiny, tmp_path):
                    progress=False)
 
 
+def test_larger_k_extends_a_finished_run(tiny, tmp_path):
+    """A rerun with a larger k continues from the finished phases and ends where a fresh
+    search for that k does; a smaller k is refused (--from-run cuts)."""
+    from pudding_mlx.errors import PuddingError
+
+    model, tok = tiny
+    exs = {"arc_easy": examples()}
+    out = tmp_path / "c.json"
+    small = run_search(model, tok, exs, {"seed": 0}, out, k=1, progress=False)
+    extended = run_search(model, tok, exs, {"seed": 0}, out, k=3, progress=False)
+    fresh = run_search(model, tok, exs, {"seed": 0}, tmp_path / "f.json", k=3, progress=False)
+
+    def strip(doc):
+        return [(c["name"], c["k"], c["skip"], [(p["block"], pytest.approx(p["loss"]))
+                                                for p in c["trajectory"]])
+                for c in doc["candidates"]]
+
+    assert extended["complete"] and strip(extended) == strip(fresh)
+    assert extended["settings"] == fresh["settings"]
+    assert [c["trajectory"][0] for c in extended["candidates"]] == [
+        c["trajectory"][0] for c in small["candidates"]]  # kept, not recomputed
+    with pytest.raises(PuddingError, match="k=3"):
+        run_search(model, tok, exs, {"seed": 0}, out, k=2, progress=False)
+
+
 def _worker(rank, world, port, model_dir, out_file):
     import os
 
