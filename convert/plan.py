@@ -78,7 +78,7 @@ class Device:
 
     name: str
     kind: str  # torch device: cpu, mps, cuda
-    memory: float  # bytes the build may use
+    memory: float  # bytes the torch steps may use (GPU memory on CUDA)
     rate: dict  # dtype -> FLOP/s, all threads
     bandwidth: float  # bytes/s: decoded tokens' weights and element-wise passes
     call_seconds: float  # per block call on a batch (Python, kernel launches)
@@ -86,6 +86,7 @@ class Device:
     default_dtype: str  # what torch dtype "auto" picks there
     train_step_seconds: float  # router step overhead (optimizer, Python)
     fixed_seconds: float  # per step: imports, tokenizer, data
+    host_memory: float = 0.0  # bytes for convert (torch float32 and MLX on the host); 0: memory
 
 
 def cpu_device(threads: int = 1, memory_gb: float = 22.0) -> Device:
@@ -109,8 +110,8 @@ DEVICES = {
     # One H100 80 GB: bf16 at ~30% of its 990 TFLOPS dense peak on 16-row batches, launch-bound
     # below that (the H200 figures of examples/results/cuda/ check it).
     "h100": Device("NVIDIA H100 80 GB (CUDA)", "cuda", 78 * GB,
-                   {"float32": 50e12, "float16": 300e12, "bfloat16": 300e12}, 2.5e12, 1.5e-3,
-                   2 * GB, "bfloat16", 0.03, 10.0),
+                   {"float32": 50e12, "float16": 300e12, "bfloat16": 300e12}, 2.5e12, 0.8e-3,
+                   2 * GB, "bfloat16", 0.03, 10.0, host_memory=128 * GB),
 }
 
 
@@ -361,12 +362,17 @@ def plan_build(config: dict, profile: Profile, device: Device, torch_dtype: str 
 
 def advice(step: StepPlan, device: Device, dtype: str, bundle_dtype: str, params: int) -> str:
     """'' when the step fits the device's memory, else what to change."""
-    if step.peak_bytes <= device.memory:
+    memory = device.host_memory if step.name == "convert" and device.host_memory else (
+        device.memory)
+    if step.peak_bytes <= memory:
         return ""
-    over = (step.peak_bytes - device.memory) / GB
+    over = (step.peak_bytes - memory) / GB
     if step.name in ("search", "labels") and BYTES[dtype] == 4:
         return (f"does not fit ({over:.1f} GB over): --torch-dtype bfloat16 halves the "
                 f"weights ({params * 2 / GB:.1f} GB saved)")
+    if step.name in ("search", "labels") and PROCESS_BYTES + params * BYTES[dtype] > memory:
+        return (f"does not fit: the {dtype} weights alone take {params * BYTES[dtype] / GB:.1f}"
+                f" GB; run the torch steps on a larger device (`pudding build --until router`)")
     if step.name == "convert":
         smaller = ", or a float16 bundle (--dtype float16)" if bundle_dtype == "float32" else ""
         return (f"does not fit ({over:.1f} GB over): the parity gate holds a float32 torch "
@@ -376,8 +382,13 @@ def advice(step: StepPlan, device: Device, dtype: str, bundle_dtype: str, params
     if step.name == "router":
         return (f"does not fit ({over:.1f} GB over): the in-model router loads the LLM in "
                 f"float32; use --router encoder")
-    return (f"does not fit ({over:.1f} GB over): needs a device with "
-            f"{step.peak_bytes / GB:.0f} GB")
+    return (f"does not fit ({over:.1f} GB over): the search keeps up to "
+            f"{STATE_BUDGET / GB:.0f} GB of hidden states; `pudding search --state-budget-gb "
+            f"0` keeps none (slower, same sets; a likelihood build then takes its file with "
+            f"--from-run), or a device with {step.peak_bytes / GB:.0f} GB"
+            if step.name == "search" else
+            f"does not fit ({over:.1f} GB over): a smaller `pudding label --batch-size`, or a "
+            f"device with {step.peak_bytes / GB:.0f} GB")
 
 
 def _duration(seconds: float) -> str:
