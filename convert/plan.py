@@ -28,7 +28,7 @@ import click
 from pudding_mlx.bench.flops import Shape
 from pudding_mlx.errors import PuddingError
 
-from .profiles import PROFILES, Profile
+from .profiles import PROFILES, Profile, make_profile
 
 GB = 1e9
 
@@ -427,17 +427,19 @@ def format_plan(plan: Plan) -> str:
               help="Search/label dtype: auto (the device's), float32, bfloat16, float16.")
 @click.option("--dtype", type=click.Choice(list(BYTES)), help="MLX weights in the bundle.")
 @click.option("--router", type=click.Choice(["encoder", "in-model"]), help="[profile]")
+@click.option("-k", "--k", "k", type=int, help="Blocks skipped per candidate [profile].")
+@click.option("--samples", type=int, help="Calibration examples per task [profile].")
+@click.option("--max-tokens", type=int, help="Fidelity profiles: continuation length.")
 @click.option("--source-bytes", type=float, default=2.0, show_default=True,
               help="Bytes per parameter of the checkpoint read (2: bf16 safetensors).")
-def plan(config, profile_name, device, threads, memory_gb, torch_dtype, dtype, router,
-         source_bytes):
+def plan(config, profile_name, device, threads, memory_gb, torch_dtype, source_bytes,
+         **overrides):
     """Predict a build's time and memory per step, and its bundle size, from CONFIG (a
     config.json file or the folder holding it; no weights needed)."""
     path = Path(config)
     if path.is_dir():
         path = path / "config.json"
-    profile = PROFILES[profile_name]
-    profile = replace(profile, dtype=dtype or profile.dtype, router=router or profile.router)
+    profile = make_profile(profile_name, **overrides)
     result = plan_build(json.loads(path.read_text()), profile,
                         get_device(device, threads, memory_gb), torch_dtype, source_bytes,
                         path.parent.name)
