@@ -123,6 +123,7 @@ MODEL_SOURCES = {
     "search": ["--model"], "sleb": ["--model"], "label": ["--model"],
     "train-router": ["--backbone"],
     "convert": ["--model", "--router"], "build": ["--model", "--backbone"],
+    "plan": ["config"],  # config.json only, read as JSON
 }
 
 
