@@ -112,7 +112,7 @@ def measure(bundle, search_file, name, out, limit, max_tokens, prompt_tokens, ge
                "routes": fid["route_counts_by_row"][row]} for row in fid["routed"]]
     params = sum(v.size for _, v in tree_flatten(pm.model.parameters()))
     result = {"name": name, "base_model": pm.manifest.base_model, "num_blocks": num_blocks,
-              "params": int(params), "dtype": pm.manifest.extra.get("dtype"),
+              "params": int(params), "dtype": pm.manifest.extra.get("mlx", {}).get("dtype"),
               "order": order, "search_settings": search["settings"],
               "heldout_prompts": fid["n"], "max_tokens": max_tokens,
               "mean_tokens": fid["mean_tokens"],
