@@ -196,3 +196,14 @@ def test_queue_bound_counts_the_decode_batch(pm, monkeypatch):
             sock.close()
         wait_idle(engine)
         assert len(engine.rows) == 0 and len(engine.batch) == 0
+
+
+def test_in_model_router_routes_on_the_worker_thread(tmp_path):
+    """The router's head was loaded on another thread than the one that routes."""
+    tb, _ = tiny_in_model_bundle(tmp_path / "b")
+    pm = pudding_mlx.load(tb.path)
+    with serving(pm) as (url, _):
+        status, _, body = request(url, "POST", "/v1/chat/completions",
+                                  chat(pm.path.name, max_tokens=3), key=None)
+    assert status == 200, body
+    assert body["pudding"]["reason"] == "router"
