@@ -49,7 +49,12 @@ class RoutedBatch:
     """Rows decoded together, each without its own skipped blocks."""
 
     def __init__(self, model: nn.Module):
-        check_split(model)  # the lanes run through the model's forward, masks per lane
+        try:
+            check_split(model)  # the lanes run through the model's forward, masks per lane
+        except PuddingError:
+            raise PuddingError(f"{type(model).__module__}: pudding serve decodes requests "
+                               "block by block, which this model's forward does not allow"
+                               ) from None
         self.model = model
         self.lanes = [Lane(block) for block in layer_owner(model).layers]
         self.skips: list[tuple[int, ...]] = []  # each row's skipped blocks
