@@ -81,8 +81,11 @@ def ask(port: int, model: str, prompt: str, max_tokens: int) -> Reply:
                        "stream_options": {"include_usage": True}})
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=900)
     tic = time.perf_counter()
-    conn.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
-    response = conn.getresponse()
+    try:
+        conn.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+        response = conn.getresponse()
+    except ConnectionError:  # mlx_lm.server's listen backlog is 5: more connect attempts reset
+        return Reply(0)
     if response.status != 200:
         response.read()
         return Reply(response.status)
@@ -121,7 +124,8 @@ def burst(port: int, model: str, prompts: list[str], max_tokens: int) -> dict:
             "ttft_median_s": statistics.median(r.ttft_s for r in done if r.ttft_s)
             if done else None,
             "busy_503": sum(r.status == 503 for r in replies),
-            "other_errors": sum(r.status not in (200, 503) for r in replies),
+            "other_errors": sum(r.status not in (0, 200, 503) for r in replies),
+            "connection_refused": sum(r.status == 0 for r in replies),
             "texts": [r.text if r.status == 200 else None for r in replies]}
 
 
