@@ -70,6 +70,9 @@ class InModelRouter:
             raise BundleError(f"{path}: router head reads {w.shape[1]} features but the model's "
                               f"hidden size is {hidden}")
         self.weight, self.bias, self.center = (a.astype(mx.float32) for a in (w, b, c))
+        # now, on this thread's stream: `pudding serve` routes on its worker thread, and MLX
+        # cannot run there a lazy array made on another thread
+        mx.eval(self.weight, self.bias, self.center)
 
     def tokens(self, text: str) -> list[int]:
         """The token ids the router reads for `text` (what it was trained on)."""

@@ -200,6 +200,32 @@ def check_split(model: nn.Module) -> None:
                            "masks built from the first block's cache")
 
 
+@contextmanager
+def running(model: nn.Module, layers: list, final_norm: bool = True) -> Iterator[nn.Module]:
+    """Within this context the model's own forward runs `layers` (blocks, or callables taking
+    a block's arguments) in place of its block list, building its mask from the first cache
+    of the list (`check_split` refuses models where that does not hold); without
+    `final_norm` it returns the hidden states before the final norm. Yields the owner of
+    the block list (the forward that takes `input_embeddings`)."""
+    check_split(model)
+    owner = layer_owner(model)
+    saved_layers, saved_norm = owner.layers, owner.norm
+    attrs = [a for a in _mask_index_attrs(type(owner))[0]
+             if isinstance(getattr(owner, a, None), int)]
+    saved = {a: getattr(owner, a) for a in attrs}
+    owner.layers = layers
+    if not final_norm:
+        owner.norm = nn.Identity()
+    for a in attrs:
+        setattr(owner, a, 0)
+    try:
+        yield owner
+    finally:
+        owner.layers, owner.norm = saved_layers, saved_norm
+        for a, value in saved.items():
+            setattr(owner, a, value)
+
+
 def run_blocks(model: nn.Module, blocks: Sequence[int], cache: list,
                inputs: mx.array | None = None, hidden: mx.array | None = None) -> mx.array:
     """Hidden states before the final norm after the blocks `blocks` (original indices, in
@@ -207,22 +233,9 @@ def run_blocks(model: nn.Module, blocks: Sequence[int], cache: list,
     the output of the blocks before them; `cache` has one entry per block.
 
     mlx-lm's own forward runs, over the shortened block list and with its final norm as the
-    identity. The mask comes from the first cache of the list, whose offset every block of a
-    prefill shares (`check_split` refuses models where that does not hold).
+    identity (`running`). The mask comes from the first cache of the list, whose offset every
+    block of a prefill shares.
     """
-    check_split(model)
-    owner = layer_owner(model)
-    saved_layers, saved_norm = owner.layers, owner.norm
-    attrs = [a for a in _mask_index_attrs(type(owner))[0]
-             if isinstance(getattr(owner, a, None), int)]
-    saved = {a: getattr(owner, a) for a in attrs}
-    owner.layers = [saved_layers[i] for i in blocks]
-    owner.norm = nn.Identity()
-    for a in attrs:
-        setattr(owner, a, 0)
-    try:
+    layers = layer_owner(model).layers
+    with running(model, [layers[i] for i in blocks], final_norm=False) as owner:
         return owner(inputs, cache=cache, input_embeddings=hidden)
-    finally:
-        owner.layers, owner.norm = saved_layers, saved_norm
-        for a, value in saved.items():
-            setattr(owner, a, value)

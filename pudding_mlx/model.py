@@ -6,7 +6,7 @@ import dataclasses
 import json
 import re
 import time
-from collections.abc import Generator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -224,6 +224,25 @@ class PuddingModel:
                                     **kwargs):
             yield dataclasses.replace(r, prompt_tokens=len(tokens),
                                       prompt_tps=len(tokens) / (seconds + 1 / r.prompt_tps))
+
+    def prefill(self, route: Route, tokens: Sequence[int], cache: list, start: int = 0,
+                check: Callable[[], None] | None = None, step: int = 2048) -> None:
+        """Fill `cache` (from `make_cache(route)`, holding `tokens[:start]`) with the rest of
+        `tokens` but the last, in chunks of `step` tokens as mlx-lm's generate_step does; the
+        decoding goes on from the last token. A fresh cache continues from the route's
+        `prefix` when it holds these very tokens (the prefix is used up then). `check` runs
+        before each chunk (it may raise to stop)."""
+        prefix, tokens = route.prefix, list(tokens)
+        if prefix is not None and start == 0 and prefix.tokens == tokens:
+            route.prefix = None
+            self._continue_prefill(route, prefix, cache)
+            return
+        view = self.view(route)
+        for i in range(start, len(tokens) - 1, step):
+            if check is not None:
+                check()
+            view(mx.array(tokens[i:min(i + step, len(tokens) - 1)])[None], cache=cache)
+            mx.eval([c.state for c in cache])
 
     def _continue_prefill(self, route: Route, prefix: Prefix, cache: list) -> None:
         """Fill `cache` (for `route`'s kept blocks) with the prompt but its last token: the

@@ -16,7 +16,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 import torch
-from helpers import CORPUS, tiny_gemma3, tiny_llama, tiny_router
+from helpers import CORPUS, run_cli, tiny_gemma3, tiny_llama, tiny_router
 from mlx_lm.models.cache import KVCache, RotatingKVCache, make_prompt_cache
 
 from pudding_mlx import arch
@@ -198,7 +198,7 @@ def _convert_inputs(root, names: list[str]):
          "k": len(sets[n])} for n in names]}))
 
 
-def test_convert_and_load_a_gemma3_bundle(pair, ids, tmp_path):
+def test_convert_and_load_a_gemma3_bundle(pair, ids, tmp_path, monkeypatch, capsys):
     """`pudding convert` of the tiny Gemma 3: the parity gate passes on a set that skips a
     full-attention block, no block is protected, and routed logits are torch's."""
     import pudding_mlx
@@ -231,6 +231,11 @@ def test_convert_and_load_a_gemma3_bundle(pair, ids, tmp_path):
     for _ in range(6):
         want.append(int(reference(hf, want, [1, 5])[-1].argmax()))
     assert got == want[len(ids):]
+    # `pudding serve` batches block by block, which this forward cannot: refused in one line
+    code, _, err = run_cli(["serve", "-b", str(out), "--router-backend", "mlx"], monkeypatch,
+                           capsys)
+    assert code == 2 and err.splitlines()[-1].startswith("error: ")
+    assert "block by block" in err.splitlines()[-1]
 
 
 def test_convert_refuses_a_position_dependent_architecture(tmp_path):

@@ -248,14 +248,14 @@ def test_second_turn_prefills_only_new_tokens(client, server, pm, name, monkeypa
     output equals a cold run of the whole conversation; under another route it starts over."""
     engine = server[1]
     engine.prompt_cache.entries.clear()
-    prefilled = []
-    real = pm.stream_generate
+    prefilled = []  # tokens each request feeds: its prefill and its first decode step
+    real = pm.prefill
 
-    def counting(prompt, *args, **kwargs):
-        prefilled.append(len(prompt))
-        return real(prompt, *args, **kwargs)
+    def counting(route, tokens, cache, start=0, **kwargs):
+        prefilled.append(len(tokens) - start)
+        return real(route, tokens, cache, start, **kwargs)
 
-    monkeypatch.setattr(pm, "stream_generate", counting)
+    monkeypatch.setattr(pm, "prefill", counting)
     model = f"{name}:static"
     turn1 = [{"role": "user", "content": QUESTION}]
     first = client.chat.completions.create(model=model, messages=turn1, max_tokens=10)
@@ -362,7 +362,8 @@ def wait_idle(engine, seconds: float = 10) -> None:
 
 def test_disconnects_free_the_slot_and_full_queue_gets_503(pm, name, monkeypatch):
     monkeypatch.setattr(pm.tokenizer, "eos_token_ids", set())  # long answers
-    with serving(pm, max_queue=0, max_tokens_limit=100_000) as (url, engine):
+    with serving(pm, max_queue=0, decode_concurrency=1,
+                 max_tokens_limit=100_000) as (url, engine):
         long = chat(f"{name}:dense", max_tokens=100_000, stream=True)
         sock, head = stream_open(url, long)
         assert b"200 OK" in head and engine.pending == 1
@@ -375,7 +376,8 @@ def test_disconnects_free_the_slot_and_full_queue_gets_503(pm, name, monkeypatch
         assert request(url, "POST", "/v1/chat/completions", chat(name, max_tokens=2))[0] == 200
 
         # A non-streamed request whose client leaves mid-generation, and one left waiting.
-        with serving(pm, max_queue=1, max_tokens_limit=100_000) as (url2, engine2):
+        with serving(pm, max_queue=1, decode_concurrency=1,
+                     max_tokens_limit=100_000) as (url2, engine2):
             sock, _ = stream_open(url2, long)
             host, port = url2.removeprefix("http://").split(":")
             waiting = socket.create_connection((host, int(port)), timeout=30)
@@ -404,10 +406,11 @@ def vm_rss() -> int:
 
 
 def test_load_every_request_completes_or_gets_503(pm, name):
-    """8 clients x 5 requests against a queue of 2: each gets 200 or 503, /health answers
-    throughout, and memory returns to its idle level."""
+    """8 clients x 5 requests against 2 decoding and a queue of 2: each gets 200 or 503,
+    /health answers throughout, and memory returns to its idle level."""
     clients, per_client, limit_s = 8, 5, 60
-    with serving(pm, max_queue=2, prompt_cache_bytes=1 << 20) as (url, engine):
+    with serving(pm, max_queue=2, decode_concurrency=2,
+                 prompt_cache_bytes=1 << 20) as (url, engine):
         client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=30)
         client.chat.completions.create(model=name, messages=[{"role": "user", "content": "hi"}],
                                        max_tokens=4)

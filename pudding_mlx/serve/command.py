@@ -28,8 +28,12 @@ def is_loopback(host: str) -> bool:
 @click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535))
 @click.option("--api-key", default=None, envvar="PUDDING_API_KEY",
               help="Require 'Authorization: Bearer KEY' on /v1 (or set PUDDING_API_KEY).")
+@click.option("--decode-concurrency", default=8, show_default=True, type=click.IntRange(1),
+              help="Requests decoded together, each under its own route.")
+@click.option("--prompt-concurrency", default=4, show_default=True, type=click.IntRange(1),
+              help="Waiting prompts prefilled between two decode steps.")
 @click.option("--max-queue", default=8, show_default=True, type=click.IntRange(0),
-              help="Requests that may wait while one generates; more get 503.")
+              help="Requests that may wait while the decode batch is full; more get 503.")
 @click.option("--max-tokens-limit", default=2048, show_default=True, type=click.IntRange(1),
               help="Cap on max_tokens of every request (and its default).")
 @click.option("--max-body-mb", default=4.0, show_default=True, type=click.FloatRange(0),
@@ -38,8 +42,8 @@ def is_loopback(host: str) -> bool:
               help="Memory for KV caches kept between requests (least recently used go).")
 @router_backend_option()
 @no_verify_option()
-def serve(bundle, host, port, api_key, max_queue, max_tokens_limit, max_body_mb,
-          prompt_cache_mb, router_backend, no_verify):
+def serve(bundle, host, port, api_key, decode_concurrency, prompt_concurrency, max_queue,
+          max_tokens_limit, max_body_mb, prompt_cache_mb, router_backend, no_verify):
     """Serve a bundle behind an OpenAI-compatible API (/v1/chat/completions, /v1/completions,
     /v1/models, /health). Model names: the bundle folder's name (routed), NAME:dense,
     NAME:static."""
@@ -47,7 +51,8 @@ def serve(bundle, host, port, api_key, max_queue, max_tokens_limit, max_body_mb,
 
     pm = load(bundle, router_backend=router_backend, verify=not no_verify)
     config = ServeConfig(Path(bundle).resolve().name, host, port, api_key, max_queue,
-                         max_tokens_limit, int(max_body_mb * 2**20), int(prompt_cache_mb * 2**20))
+                         max_tokens_limit, int(max_body_mb * 2**20), int(prompt_cache_mb * 2**20),
+                         decode_concurrency, prompt_concurrency)
     if not is_loopback(host) and not api_key:
         click.echo(f"warning: serving on {host} without --api-key: anyone who can reach this "
                    "port can use the model", err=True)

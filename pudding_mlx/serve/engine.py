@@ -1,24 +1,30 @@
-"""The generation side of `pudding serve`: one worker thread runs one request at a time.
+"""The generation side of `pudding serve`: continuous batching on one worker thread.
 
-MLX generation is not thread-safe (a SkipView shortens the model's block list while it runs),
-so every request is routed, tokenized and generated on the same thread, in turn. The event
-loop hands it `Job`s and reads their events (`Started`, text, then `Finished` or `Failed`)
-from an asyncio queue. A client that leaves cancels its job: a waiting one leaves the queue at
-once, a running one stops at its next token (or prefill step) and frees the model.
+MLX generation is not thread-safe (the model's block list is swapped while it runs), so every
+request is routed, tokenized, prefilled and decoded on the same thread. The event loop hands it
+`Job`s and reads their events (`Started`, text, then `Finished` or `Failed`) from an asyncio
+queue. Between two decode steps the worker takes up to `prompt_concurrency` waiting jobs, each
+routed and prefilled alone (continuing from the prompt cache), and adds them to the decode
+batch (`batch.py`), up to `decode_concurrency` rows; each step then decodes one token for
+every row, under each row's own route. A client that leaves cancels its job: a waiting one
+leaves the queue at the worker's next turn, a running one at its next token (or prefill chunk).
 """
 
 from __future__ import annotations
 
 import asyncio
+import random
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections import deque
+from contextlib import suppress
 from dataclasses import dataclass, field
 
 import mlx.core as mx
-from mlx_lm.sample_utils import make_sampler
+from mlx_lm.sample_utils import apply_top_p
 
 from ..errors import PuddingError
 from ..model import PuddingModel, Route
+from .batch import RoutedBatch
 from .prompt_cache import PromptCache
 
 
@@ -64,7 +70,6 @@ class Job:
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     loop: asyncio.AbstractEventLoop | None = None
-    future: Future | None = None
 
     def emit(self, event: Started | str | Finished | Failed) -> None:
         """From the worker thread."""
@@ -73,8 +78,6 @@ class Job:
     def cancel(self) -> None:
         """From the event loop."""
         self.cancelled.set()
-        if self.future is not None and self.future.cancel():
-            self.events.put_nowait(Finished("cancelled", 0))
 
 
 class StopText:
@@ -122,34 +125,70 @@ def encode_prompt(pm: PuddingModel, prompt: list[dict] | str) -> list[int]:
     return tokens
 
 
-class Engine:
-    """Runs jobs one at a time on a worker thread, with at most `max_queue` waiting."""
+@dataclass
+class Row:
+    """A job in the decode batch."""
 
-    def __init__(self, pm: PuddingModel, max_queue: int, prompt_cache_bytes: int):
+    job: Job
+    route: Route
+    tokens: list[int]  # the prompt, then each generated token
+    prompt_tokens: int
+    detokenizer: object  # mlx-lm's streaming detokenizer
+    stop: StopText
+    key: mx.array | None  # sampling state (temperature > 0)
+
+    @property
+    def generated(self) -> int:
+        return len(self.tokens) - self.prompt_tokens
+
+    def sample(self, logprobs: mx.array) -> mx.array:
+        """The next token from this row's log-probabilities [V] (greedy at temperature 0)."""
+        job = self.job
+        if job.temperature == 0:
+            return mx.argmax(logprobs)
+        if 0 < job.top_p < 1:
+            logprobs = apply_top_p(logprobs, job.top_p)
+        self.key, key = mx.random.split(self.key)
+        return mx.random.categorical(logprobs * (1 / job.temperature), key=key)
+
+
+class Engine:
+    """Decodes up to `decode_concurrency` jobs together on a worker thread, with at most
+    `max_queue` more waiting."""
+
+    def __init__(self, pm: PuddingModel, max_queue: int, prompt_cache_bytes: int,
+                 decode_concurrency: int = 8, prompt_concurrency: int = 4):
         self.pm = pm
         self.max_queue = max_queue
+        self.decode_concurrency = decode_concurrency
+        self.prompt_concurrency = prompt_concurrency
         self.prompt_cache = PromptCache(prompt_cache_bytes)
-        self.pending = 0  # running or waiting; changed on the event loop only
+        self.batch = RoutedBatch(pm.model)
+        self.rows: list[Row] = []  # in batch order; the worker's own
+        self.pending = 0  # decoding or waiting; changed on the event loop only
         self.jobs: set[Job] = set()
         self.stopped = False
-        self._worker = ThreadPoolExecutor(1, thread_name_prefix="pudding-generate")
+        self._waiting: deque[Job] = deque()
+        self._wake = threading.Condition()
+        self._closing = False
+        self._worker = threading.Thread(target=self._loop, name="pudding-generate", daemon=True)
+        self._worker.start()
 
     def submit(self, job: Job) -> bool:
-        """Queue `job` (from the event loop); False when the queue is full."""
-        if self.stopped or self.pending > self.max_queue:
+        """Queue `job` (from the event loop); False when the batch and the queue are full."""
+        if self.stopped or self.pending >= self.decode_concurrency + self.max_queue:
             return False
         self.pending += 1
         self.jobs.add(job)
         job.loop = asyncio.get_running_loop()
-        job.future = self._worker.submit(self._run, job)
-        job.future.add_done_callback(lambda _: job.loop.call_soon_threadsafe(self._done, job))
+        with self._wake:
+            self._waiting.append(job)
+            self._wake.notify()
         return True
 
     def _done(self, job: Job) -> None:
         self.pending -= 1
         self.jobs.discard(job)
-        if self.pending == 0 and not self.stopped:
-            self._worker.submit(mx.clear_cache)  # idle: hand MLX's cached buffers back
 
     def stop(self) -> None:
         """Take no more jobs, and end each one in flight now with ShuttingDown."""
@@ -160,19 +199,58 @@ class Engine:
 
     def close(self) -> None:
         self.stop()
-        self._worker.shutdown(wait=True, cancel_futures=True)
+        with self._wake:
+            self._closing = True
+            self._wake.notify()
+        self._worker.join()
 
-    def _run(self, job: Job) -> None:
-        try:
-            if job.cancelled.is_set():
-                raise Cancelled
-            job.emit(self._generate(job))
-        except Cancelled:
-            job.emit(Finished("cancelled", 0))
-        except Exception as e:
-            job.emit(Failed(e))
+    # --- the worker thread ---------------------------------------------------------------------
 
-    def _generate(self, job: Job) -> Finished:
+    def _end(self, job: Job, event: Finished | Failed) -> None:
+        job.emit(event)
+        with suppress(RuntimeError):  # the event loop has closed: nobody is waiting
+            job.loop.call_soon_threadsafe(self._done, job)
+
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not (self.rows or self._waiting or self._closing):
+                    mx.clear_cache()  # idle: hand MLX's cached buffers back
+                    self._wake.wait()
+                if self._closing:
+                    break
+                room = min(self.prompt_concurrency, self.decode_concurrency - len(self.rows))
+                admitted = []
+                for job in list(self._waiting):
+                    if job.cancelled.is_set():
+                        self._waiting.remove(job)
+                        self._end(job, Finished("cancelled", 0))
+                    elif len(admitted) < room:
+                        self._waiting.remove(job)
+                        admitted.append(job)
+            for job in admitted:
+                try:
+                    self._start(job)
+                except Cancelled:
+                    self._end(job, Finished("cancelled", 0))
+                except Exception as e:
+                    self._end(job, Failed(e))
+            if self.rows:
+                try:
+                    self._step()
+                except Exception as e:  # every row fails with it; the server goes on
+                    for row in self.rows:
+                        self._end(row.job, Failed(e))
+                    self.rows = []
+                    self.batch = RoutedBatch(self.pm.model)
+        for job in [*self._waiting, *(row.job for row in self.rows)]:
+            self._end(job, Finished("cancelled", 0))
+
+    def _start(self, job: Job) -> None:
+        """Route, tokenize and prefill `job` (all of its prompt but the last token, which its
+        first decode step feeds), then add it to the batch."""
+        if job.cancelled.is_set():
+            raise Cancelled
         pm = self.pm
         route = pm.route(job.route_text, job.mode, tolerance=job.tolerance)
         tokens = encode_prompt(pm, job.prompt)
@@ -180,32 +258,49 @@ class Engine:
         if cache is None:
             cache = pm.make_cache(route)
         job.emit(Started(route, len(tokens), cached))
-        if job.seed is not None:
-            mx.random.seed(job.seed)
 
-        def check(processed: int, total: int) -> None:
+        def check() -> None:
             if job.cancelled.is_set():
-                raise Cancelled  # during prefill: the half-filled cache is dropped
+                raise Cancelled  # the half-filled cache is dropped
 
-        stop, generated, reason = StopText(job.stop), [], None
-        responses = pm.stream_generate(
-            tokens[cached:], max_tokens=job.max_tokens, route=route, prompt_cache=cache,
-            sampler=make_sampler(job.temperature, job.top_p), prompt_progress_callback=check)
-        try:
-            for r in responses:
-                if r.generation_tokens > len(generated):  # each token once; all are in the cache
-                    generated.append(r.token)
-                text, hit = stop.feed(r.text)
-                reason = "stop" if hit else r.finish_reason
-                if reason and not hit:
-                    text += stop.flush()
-                if text:
-                    job.emit(text)
-                if reason is None and job.cancelled.is_set():
-                    reason = "cancelled"
-                if reason:
-                    break
-        finally:
-            responses.close()
-        self.prompt_cache.store(route.skip, tokens + generated, cache)
-        return Finished(reason, len(generated))
+        pm.prefill(route, tokens, cache, start=cached, check=check)
+        seed = job.seed if job.seed is not None else random.getrandbits(63)
+        key = mx.random.key(seed) if job.temperature > 0 else None
+        self.batch.add(route.skip, cache)
+        self.rows.append(Row(job, route, tokens, len(tokens), pm.tokenizer.detokenizer,
+                             StopText(job.stop), key))
+
+    def _step(self) -> None:
+        """One token for every row; rows that finish leave the batch (their caches, which hold
+        every token but the last, go to the prompt cache)."""
+        logits = self.batch.step([row.tokens[-1] for row in self.rows])
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        tokens = mx.stack([row.sample(logprobs[i]) for i, row in enumerate(self.rows)])
+        eos = self.pm.tokenizer.eos_token_ids
+        finished = []
+        for i, (row, token) in enumerate(zip(self.rows, tokens.tolist(), strict=True)):
+            row.tokens.append(token)
+            reason = "stop" if token in eos else None
+            if reason is None:
+                row.detokenizer.add_token(token)
+                if row.generated == row.job.max_tokens:
+                    reason = "length"
+            if reason:
+                row.detokenizer.finalize()
+            text, hit = row.stop.feed(row.detokenizer.last_segment)
+            if hit:
+                reason = "stop"
+            elif reason:
+                text += row.stop.flush()
+            if text:
+                row.job.emit(text)
+            if reason is None and row.job.cancelled.is_set():
+                reason = "cancelled"
+            if reason:
+                finished.append((i, Finished(reason, row.generated)))
+        for i, event in reversed(finished):
+            row = self.rows.pop(i)
+            cache = self.batch.remove(i, keep_cache=self.prompt_cache.max_bytes > 0)
+            if cache is not None:
+                self.prompt_cache.store(row.route.skip, row.tokens[:-1], cache)
+            self._end(row.job, event)

@@ -3,9 +3,10 @@
 Model names: the bundle's folder name routes each request with the router; `<name>:dense` and
 `<name>:static` skip no block or the bundle's static set. A chat request is routed on its last
 user message; the route comes back in the `pudding` field and the `x-pudding-route` header.
-Requests are generated one at a time (`engine.py`); up to `max_queue` wait their turn and
-further ones get 503. KV caches are kept between requests (`prompt_cache.py`), so the next turn
-of a chat prefills only its new tokens.
+Up to `decode_concurrency` requests are decoded together, each under its own route
+(`engine.py`, `batch.py`); up to `max_queue` more wait their turn and further ones get 503.
+KV caches are kept between requests (`prompt_cache.py`), so the next turn of a chat prefills
+only its new tokens.
 """
 
 from __future__ import annotations
@@ -38,10 +39,12 @@ class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 8080
     api_key: str | None = None
-    max_queue: int = 8  # requests waiting while one generates; more get 503
+    max_queue: int = 8  # requests waiting while the decode batch is full; more get 503
     max_tokens_limit: int = 2048  # cap on every request; also the default
     max_body_bytes: int = 4 << 20
     prompt_cache_bytes: int = 512 << 20
+    decode_concurrency: int = 8  # requests decoded together
+    prompt_concurrency: int = 4  # waiting prompts prefilled between two decode steps
 
 
 # --- requests ----------------------------------------------------------------------------------
@@ -313,7 +316,8 @@ class Completions:
 
 
 def create_app(pm: PuddingModel, config: ServeConfig) -> FastAPI:
-    engine = Engine(pm, config.max_queue, config.prompt_cache_bytes)
+    engine = Engine(pm, config.max_queue, config.prompt_cache_bytes, config.decode_concurrency,
+                    config.prompt_concurrency)
     api = Completions(engine, config)
 
     @asynccontextmanager
@@ -349,8 +353,9 @@ def create_app(pm: PuddingModel, config: ServeConfig) -> FastAPI:
     @app.get("/health")
     async def health() -> dict:
         cache = engine.prompt_cache  # read while the worker may change it: a snapshot
-        return {"status": "ok", "model": config.name, "generating": min(engine.pending, 1),
-                "waiting": max(engine.pending - 1, 0),
+        busy = config.decode_concurrency
+        return {"status": "ok", "model": config.name,
+                "generating": min(engine.pending, busy), "waiting": max(engine.pending - busy, 0),
                 "prompt_cache": {"entries": len(cache.entries), "bytes": cache.nbytes}}
 
     app.include_router(v1)
