@@ -8,6 +8,9 @@ result back, so a row that skips the block keeps its hidden state (the identity 
 residual stream). Embedding, final norm and head are the model's. A row's caches hold its kept
 blocks only, as in single-request generation: it joins with the caches of its own prefill and
 leaves with them.
+
+A model whose forward cannot run block by block (Gemma 3 picks each block's mask by its index)
+decodes one request at a time instead (`OneRow`, with `decode_concurrency` 1).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import BatchKVCache, KVCache
 
 from ..errors import PuddingError
-from ..masking import check_split, layer_owner, running
+from ..masking import check_split, layer_owner, running, skip_view
 
 
 class Lane:
@@ -45,16 +48,50 @@ class Lane:
         return h
 
 
+def batchable(model: nn.Module) -> bool:
+    """Whether `RoutedBatch` can decode this model (its forward runs over any block list)."""
+    try:
+        check_split(model)
+    except PuddingError:
+        return False
+    return True
+
+
+def decode_batch(model: nn.Module) -> RoutedBatch | OneRow:
+    return RoutedBatch(model) if batchable(model) else OneRow(model)
+
+
+class OneRow:
+    """The decode batch of a model that cannot run block by block: one row, decoded through
+    its route's skip view with its own caches (of any kind, e.g. Gemma 3's rotating ones)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.row: tuple[nn.Module, list] | None = None
+
+    def __len__(self) -> int:
+        return 0 if self.row is None else 1
+
+    def add(self, skip: Sequence[int], cache: list) -> None:
+        if self.row is not None:
+            raise PuddingError("this model decodes one request at a time")
+        self.row = (skip_view(self.model, skip), cache)
+
+    def remove(self, row: int, keep_cache: bool = False) -> list | None:
+        _, cache = self.row
+        self.row = None
+        return cache if keep_cache else None
+
+    def step(self, tokens: Sequence[int]) -> mx.array:
+        view, cache = self.row
+        return view(mx.array(tokens)[:, None], cache=cache)[:, -1]
+
+
 class RoutedBatch:
     """Rows decoded together, each without its own skipped blocks."""
 
     def __init__(self, model: nn.Module):
-        try:
-            check_split(model)  # the lanes run through the model's forward, masks per lane
-        except PuddingError:
-            raise PuddingError(f"{type(model).__module__}: pudding serve decodes requests "
-                               "block by block, which this model's forward does not allow"
-                               ) from None
+        check_split(model)  # the lanes run through the model's forward, masks per lane
         self.model = model
         self.lanes = [Lane(block) for block in layer_owner(model).layers]
         self.skips: list[tuple[int, ...]] = []  # each row's skipped blocks

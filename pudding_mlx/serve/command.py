@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 
 from ..options import no_verify_option, router_backend_option
+from .batch import batchable
 from .server import ServeConfig, Server
 
 
@@ -53,6 +54,9 @@ def serve(bundle, host, port, api_key, decode_concurrency, prompt_concurrency, m
     config = ServeConfig(Path(bundle).resolve().name, host, port, api_key, max_queue,
                          max_tokens_limit, int(max_body_mb * 2**20), int(prompt_cache_mb * 2**20),
                          decode_concurrency, prompt_concurrency)
+    if not batchable(pm.model):
+        click.echo("note: this model's forward cannot run block by block, so requests are "
+                   "decoded one at a time (--decode-concurrency 1)", err=True)
     if not is_loopback(host) and not api_key:
         click.echo(f"warning: serving on {host} without --api-key: anyone who can reach this "
                    "port can use the model", err=True)

@@ -353,7 +353,7 @@ def create_app(pm: PuddingModel, config: ServeConfig) -> FastAPI:
     @app.get("/health")
     async def health() -> dict:
         cache = engine.prompt_cache  # read while the worker may change it: a snapshot
-        busy = config.decode_concurrency
+        busy = engine.decode_concurrency
         return {"status": "ok", "model": config.name,
                 "generating": min(engine.pending, busy), "waiting": max(engine.pending - busy, 0),
                 "prompt_cache": {"entries": len(cache.entries), "bytes": cache.nbytes}}
