@@ -198,7 +198,7 @@ def _convert_inputs(root, names: list[str]):
          "k": len(sets[n])} for n in names]}))
 
 
-def test_convert_and_load_a_gemma3_bundle(pair, ids, tmp_path, monkeypatch, capsys):
+def test_convert_and_load_a_gemma3_bundle(pair, ids, tmp_path):
     """`pudding convert` of the tiny Gemma 3: the parity gate passes on a set that skips a
     full-attention block, no block is protected, and routed logits are torch's."""
     import pudding_mlx
