@@ -430,6 +430,7 @@ def format_plan(plan: Plan) -> str:
 @click.option("-k", "--k", "k", type=int, help="Blocks skipped per candidate [profile].")
 @click.option("--samples", type=int, help="Calibration examples per task [profile].")
 @click.option("--max-tokens", type=int, help="Fidelity profiles: continuation length.")
+@click.option("--label-limit", type=int, help="Fidelity profiles: train prompts labelled.")
 @click.option("--source-bytes", type=float, default=2.0, show_default=True,
               help="Bytes per parameter of the checkpoint read (2: bf16 safetensors).")
 def plan(config, profile_name, device, threads, memory_gb, torch_dtype, source_bytes,
