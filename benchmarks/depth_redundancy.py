@@ -85,6 +85,7 @@ def measure(bundle, search_file, name, out, limit, max_tokens, prompt_tokens, ge
     from mlx.utils import tree_flatten
 
     import pudding_mlx
+    from pudding_mlx.fidelity.pareto import pareto_points
     from pudding_mlx.fidelity.run import FidelitySettings, run_fidelity
 
     search = json.loads(Path(search_file).read_text())
@@ -106,8 +107,11 @@ def measure(bundle, search_file, name, out, limit, max_tokens, prompt_tokens, ge
                      "kl": interval(summary[row], "kl"),
                      "agreement": interval(summary[row], "agreement"),
                      "speed": speed(pm, sets[row], prompt_tokens, gen, trials)})
+    # each routed row against the static curve at its mean skip (paired, as `pudding pareto`)
+    points = {p["row"]: p["metrics"]["kl"] for p in pareto_points(fid, None, {})["points"]}
     routed = [{"row": row, "mean_skipped": fid["mean_skipped"][row],
                "kl": interval(summary[row], "kl"),
+               "kl_vs_static": _vs(points[row].get("vs_static")),
                "agreement": interval(summary[row], "agreement"),
                "routes": fid["route_counts_by_row"][row]} for row in fid["routed"]]
     params = sum(v.size for _, v in tree_flatten(pm.model.parameters()))
@@ -129,11 +133,8 @@ def _search_kl(search: dict, k: int) -> float:
     return runs[0]["trajectory"][k - 1]["loss"]
 
 
-def static_kl_at(greedy: list[dict], skipped: float) -> float | None:
-    """The greedy sets' held-out KL, linearly interpolated at a mean skip (dense: 0 at 0)."""
-    ks = [0] + [r["k"] for r in greedy]
-    kl = [0.0] + [r["kl"]["mean"] for r in greedy]
-    return float(np.interp(skipped, ks, kl)) if skipped <= ks[-1] else None
+def _vs(d: dict | None) -> dict | None:
+    return None if d is None else {"mean": d["diff"], "lo": d["low"], "hi": d["high"]}
 
 
 def _ci(d: dict, digits: int = 3) -> str:
@@ -152,15 +153,16 @@ def markdown(results: list[dict]) -> str:
                 f"({', '.join(g['why'])}) | {g['k'] / r['num_blocks']:.0%} | {_ci(g['kl'])} | "
                 f"{_ci(g['agreement'])} | {s['prefill']:.3f} ({s['prefill_ideal']:.3f}) | "
                 f"{s['decode']:.3f} ({s['decode_ideal']:.3f}) |")
-    lines += ["", "Routed rows (the bundle's router at a tolerance; KL of the greedy sets "
-              "interpolated at the same mean skip beside it):", "",
-              "| model | row | mean skip | KL routed [95% CI] | KL greedy at that skip "
+    lines += ["", "Routed rows (the bundle's router at a tolerance), and their KL minus the "
+              "static curve's at the same mean skip (paired over prompts, as `pudding pareto`: "
+              "the best fixed set of each size, linear between sizes):", "",
+              "| model | row | mean skip | KL routed [95% CI] | minus static curve [95% CI] "
               "| top-1 routed |", "|---|---|---|---|---|---|"]
     for r in results:
         for row in r["routed"]:
-            ref = static_kl_at(r["greedy"], row["mean_skipped"])
+            vs = row["kl_vs_static"]
             lines.append(f"| {r['name']} | {row['row']} | {row['mean_skipped']:.2f} | "
-                         f"{_ci(row['kl'])} | {'-' if ref is None else f'{ref:.3f}'} | "
+                         f"{_ci(row['kl'])} | {'-' if vs is None else _ci(vs)} | "
                          f"{_ci(row['agreement'])} |")
     return "\n".join(lines) + "\n"
 

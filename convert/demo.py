@@ -286,6 +286,15 @@ HEADER = ("prompt", "setting", "skipped", "KL", "top-1", "prefill", "range", "id
 WIDTHS = (22, 8, 7, 6, 5, 13, 10, 6, 13, 10, 6)
 
 
+# Measured in examples/results/scaling/ (held-out KL to dense of the cheapest block).
+NEXT_MODEL = (
+    "\nThis demo's 135M model pays about 0.16 nats/token of KL to dense per skipped block; "
+    "larger models pay less (Qwen2.5-Coder-0.5B: 0.09, see examples/results/scaling/). To see "
+    "routing on one: `make setup-qwen`, then `pudding build --profile demo --model <its GGUF>` "
+    "(`pudding plan` predicts about half an hour on two CPU cores) and "
+    "`pudding demo --bundle <bundle>`.")
+
+
 def summary_table(result: DemoResult) -> str:
     """One line per prompt and setting: blocks skipped, KL and top-1 to dense, and prefill and
     decoding speed against dense (dense's row: its own tokens/s)."""
@@ -360,6 +369,7 @@ def demo(bundle, rebuild, from_scratch, max_tokens, tolerance, faster, trials, j
         raise PuddingError("--rebuild and --from-scratch rebuild the cached bundle; they cannot "
                            "go with --bundle")
     began = time.perf_counter()
+    own = bundle is None
     bundle = Path(bundle) if bundle else demo_bundle(rebuild, from_scratch)
     start = time.perf_counter()
     pm = load(bundle)
@@ -391,6 +401,8 @@ def demo(bundle, rebuild, from_scratch, max_tokens, tolerance, faster, trials, j
         Path(json_path).write_text(json.dumps(asdict(result), indent=1) + "\n")
         click.echo(f"Wrote {json_path}")
     click.echo(f"demo done in {result.seconds:.0f} s")
+    if own:
+        click.echo(NEXT_MODEL)
 
 
 def _rule(pm: PuddingModel, tolerance: float | None) -> str:
