@@ -398,6 +398,19 @@ def torch_route(router, tokenizer, prompt: str) -> TorchRoute:
     return TorchRoute(index, router.config.outputs[index], scores)
 
 
+def real_model(gguf: Path, folder: Path):
+    """A real GGUF checkpoint as (torch model, tokenizer, MLX model, MLX tokenizer): HF torch
+    in float32 and its float32 MLX conversion in `folder`."""
+    from convert.assets import load_causal_lm
+    from convert.to_mlx import MLXSettings, convert_llm_to_mlx
+    from pudding_mlx.model import load_lm
+
+    torch_model, tok = load_causal_lm(gguf)
+    convert_llm_to_mlx(gguf, folder, MLXSettings("float32"), torch_model, tok)
+    mlx_model, mlx_tok, _ = load_lm(folder)
+    return torch_model, tok, mlx_model, mlx_tok
+
+
 def chat_ids(tokenizer, text: str) -> list[int]:
     """The ids the LLM sees for a user message: the HF chat template, generation prompt added."""
     return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=True,

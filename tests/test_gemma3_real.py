@@ -15,7 +15,7 @@ import json
 import mlx.core as mx
 import numpy as np
 import pytest
-from helpers import tiny_router, torch_greedy
+from helpers import real_model, tiny_router, torch_greedy
 
 pytestmark = [
     pytest.mark.slow,
@@ -31,16 +31,10 @@ SKIPS = [[], [5], [0, 7], [1, 2, 5, 9, 13, 16]]
 
 @pytest.fixture(scope="module")
 def real(tmp_path_factory):
-    from convert.assets import gemma3_gguf, load_causal_lm
-    from convert.to_mlx import MLXSettings, convert_llm_to_mlx
-    from pudding_mlx.model import load_lm
+    from convert.assets import gemma3_gguf
 
     gguf = gemma3_gguf()
-    torch_model, tok = load_causal_lm(gguf)
-    folder = tmp_path_factory.mktemp("gemma3-270m") / "mlx"
-    convert_llm_to_mlx(gguf, folder, MLXSettings("float32"), torch_model, tok)
-    mlx_model, mlx_tok, _ = load_lm(folder)
-    return gguf, torch_model, tok, mlx_model, mlx_tok
+    return (gguf, *real_model(gguf, tmp_path_factory.mktemp("gemma3-270m") / "mlx"))
 
 
 def test_layout(real):

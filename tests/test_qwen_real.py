@@ -15,7 +15,7 @@ import json
 import mlx.core as mx
 import numpy as np
 import pytest
-from helpers import tiny_router, torch_greedy
+from helpers import chat_ids, real_model, tiny_router, torch_greedy
 
 pytestmark = [
     pytest.mark.slow,
@@ -30,22 +30,10 @@ QUESTION = "Which gas do plants absorb from the air?"
 
 @pytest.fixture(scope="module")
 def real(tmp_path_factory):
-    from convert.assets import load_causal_lm, qwen25_coder_gguf
-    from convert.to_mlx import MLXSettings, convert_llm_to_mlx
-    from pudding_mlx.model import load_lm
+    from convert.assets import qwen25_coder_gguf
 
     gguf = qwen25_coder_gguf()
-    torch_model, tok = load_causal_lm(gguf)
-    folder = tmp_path_factory.mktemp("qwen2.5-0.5b") / "mlx"
-    convert_llm_to_mlx(gguf, folder, MLXSettings("float32"), torch_model, tok)
-    mlx_model, mlx_tok, _ = load_lm(folder)
-    return gguf, torch_model, tok, mlx_model, mlx_tok
-
-
-def chat_ids(tok, text: str) -> list[int]:
-    return list(tok.apply_chat_template([{"role": "user", "content": text}],
-                                        add_generation_prompt=True, tokenize=True,
-                                        return_dict=False))
+    return (gguf, *real_model(gguf, tmp_path_factory.mktemp("qwen2.5-0.5b") / "mlx"))
 
 
 def test_layout(real):
