@@ -288,8 +288,8 @@ WIDTHS = (22, 8, 7, 6, 5, 13, 10, 6, 13, 10, 6)
 
 # Measured in examples/results/scaling/ (held-out KL to dense of the cheapest block).
 NEXT_MODEL = (
-    "\nThis demo's 135M model pays about 0.16 nats/token of KL to dense per skipped block; "
-    "larger models pay less (Qwen2.5-Coder-0.5B: 0.09, see examples/results/scaling/). To see "
+    "\nThis demo's 135M model pays 0.16-0.18 nats/token of KL to dense for its cheapest "
+    "block; Qwen2.5-Coder-0.5B pays 0.09 (Gemma 3 270M: 0.21; examples/results/scaling/). To see "
     "routing on one: `make setup-qwen`, then `pudding build --profile demo --model <its GGUF>` "
     "(`pudding plan` predicts about half an hour on two CPU cores) and "
     "`pudding demo --bundle <bundle>`.")
