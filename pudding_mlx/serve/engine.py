@@ -24,7 +24,7 @@ from mlx_lm.sample_utils import apply_top_p
 
 from ..errors import PuddingError
 from ..model import PuddingModel, Route
-from .batch import batchable, decode_batch
+from .batch import RoutedBatch, decode_batch
 from .prompt_cache import PromptCache
 
 
@@ -160,11 +160,11 @@ class Engine:
                  decode_concurrency: int = 8, prompt_concurrency: int = 4):
         self.pm = pm
         self.max_queue = max_queue
-        # a model that cannot run block by block decodes one request at a time
-        self.decode_concurrency = decode_concurrency if batchable(pm.model) else 1
+        self.batch = decode_batch(pm.model)
+        # a model that cannot run block by block (OneRow) decodes one request at a time
+        self.decode_concurrency = decode_concurrency if isinstance(self.batch, RoutedBatch) else 1
         self.prompt_concurrency = prompt_concurrency
         self.prompt_cache = PromptCache(prompt_cache_bytes)
-        self.batch = decode_batch(pm.model)
         self.rows: list[Row] = []  # in batch order; the worker's own
         self.pending = 0  # decoding or waiting; changed on the event loop only
         self.jobs: set[Job] = set()
@@ -243,7 +243,7 @@ class Engine:
                     for row in self.rows:
                         self._end(row.job, Failed(e))
                     self.rows = []
-                    self.batch = decode_batch(self.pm.model)
+                    self.batch = type(self.batch)(self.pm.model)
         for job in [*self._waiting, *(row.job for row in self.rows)]:
             self._end(job, Finished("cancelled", 0))
 
