@@ -26,12 +26,12 @@ SIZES = (1, 2, 4, 8)
 TOLERANCES = ("routed@0.1", "routed@0.25", "routed@0.5", "routed@1")
 
 
-def search_order(search: dict) -> list[int]:
-    """The blocks of a fidelity search's chat candidate, in the order the search removed them."""
+def search_phases(search: dict) -> list[dict]:
+    """The phases of a fidelity search's chat candidate (block removed, loss), in order."""
     runs = [c for c in search["candidates"] if c["loss"] == "fidelity"]
     if len(runs) != 1:
         raise click.ClickException("expected one fidelity candidate in the search file")
-    return [step["block"] for step in runs[0]["trajectory"]]
+    return runs[0]["trajectory"]
 
 
 def set_sizes(num_blocks: int, available: int) -> dict[int, list[str]]:
@@ -45,9 +45,9 @@ def set_sizes(num_blocks: int, available: int) -> dict[int, list[str]]:
     return {k: why for k, why in sorted(sizes.items()) if k <= available}
 
 
-def interval(summary: dict, metric: str) -> dict:
-    d = summary[metric]
-    return {"mean": d["diff"], "lo": d["low"], "hi": d["high"]}
+def interval(d: dict | None) -> dict | None:
+    """A paired-bootstrap figure (`PairedDiff` as a dict) as mean and interval."""
+    return None if d is None else {"mean": d["diff"], "lo": d["low"], "hi": d["high"]}
 
 
 def speed(pm, skip: list[int], prompt: int, gen: int, trials: int) -> dict:
@@ -89,7 +89,8 @@ def measure(bundle, search_file, name, out, limit, max_tokens, prompt_tokens, ge
     from pudding_mlx.fidelity.run import FidelitySettings, run_fidelity
 
     search = json.loads(Path(search_file).read_text())
-    order = search_order(search)
+    phases = search_phases(search)
+    order = [step["block"] for step in phases]
     pm = pudding_mlx.load(bundle, router_backend="mlx")
     num_blocks = pm.manifest.num_blocks
     sizes = set_sizes(num_blocks, len(order))
@@ -103,16 +104,16 @@ def measure(bundle, search_file, name, out, limit, max_tokens, prompt_tokens, ge
     for k, why in sizes.items():
         row = f"greedy-k{k}"
         click.echo(f"{name}: timing {row} {sets[row]}")
-        rows.append({"k": k, "why": why, "skip": sets[row], "search_kl": _search_kl(search, k),
-                     "kl": interval(summary[row], "kl"),
-                     "agreement": interval(summary[row], "agreement"),
+        rows.append({"k": k, "why": why, "skip": sets[row], "search_kl": phases[k - 1]["loss"],
+                     "kl": interval(summary[row]["kl"]),
+                     "agreement": interval(summary[row]["agreement"]),
                      "speed": speed(pm, sets[row], prompt_tokens, gen, trials)})
     # each routed row against the static curve at its mean skip (paired, as `pudding pareto`)
     points = {p["row"]: p["metrics"]["kl"] for p in pareto_points(fid, None, {})["points"]}
     routed = [{"row": row, "mean_skipped": fid["mean_skipped"][row],
-               "kl": interval(summary[row], "kl"),
-               "kl_vs_static": _vs(points[row].get("vs_static")),
-               "agreement": interval(summary[row], "agreement"),
+               "kl": interval(summary[row]["kl"]),
+               "kl_vs_static": interval(points[row].get("vs_static")),
+               "agreement": interval(summary[row]["agreement"]),
                "routes": fid["route_counts_by_row"][row]} for row in fid["routed"]]
     params = sum(v.size for _, v in tree_flatten(pm.model.parameters()))
     result = {"name": name, "base_model": pm.manifest.base_model, "num_blocks": num_blocks,
@@ -126,15 +127,6 @@ def measure(bundle, search_file, name, out, limit, max_tokens, prompt_tokens, ge
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1))
     click.echo(f"wrote {path}")
-
-
-def _search_kl(search: dict, k: int) -> float:
-    runs = [c for c in search["candidates"] if c["loss"] == "fidelity"]
-    return runs[0]["trajectory"][k - 1]["loss"]
-
-
-def _vs(d: dict | None) -> dict | None:
-    return None if d is None else {"mean": d["diff"], "lo": d["low"], "hi": d["high"]}
 
 
 def _ci(d: dict, digits: int = 3) -> str:

@@ -1,4 +1,4 @@
-"""benchmarks/depth_redundancy.py: which set sizes a model gets, and the search's order."""
+"""benchmarks/depth_redundancy.py: which set sizes a model gets, and the search's phases."""
 
 import sys
 from pathlib import Path
@@ -25,9 +25,9 @@ def test_set_sizes_by_hand(blocks, available, want):
     assert depth_redundancy.set_sizes(blocks, available) == want
 
 
-def test_search_order_is_the_removal_order():
+def test_search_phases_in_removal_order():
     search = {"candidates": [{"loss": "fidelity", "skip": [3, 7, 9],
                               "trajectory": [{"block": 9}, {"block": 3}, {"block": 7}]}]}
-    assert depth_redundancy.search_order(search) == [9, 3, 7]
+    assert [p["block"] for p in depth_redundancy.search_phases(search)] == [9, 3, 7]
     with pytest.raises(click.ClickException):
-        depth_redundancy.search_order({"candidates": []})
+        depth_redundancy.search_phases({"candidates": []})
